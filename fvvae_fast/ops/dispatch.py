@@ -1,0 +1,113 @@
+"""The one dispatcher: which implementation of ``fisher_accumulate`` runs.
+
+Backends are implementations of the same op, each a (forward, backward) pair with
+the signatures of :mod:`fvvae_fast.ops.reference`:
+
+- ``"reference"``: plain torch (:mod:`fvvae_fast.ops.reference`), any device.
+- ``"cpu"``: the compiled C++ kernel (``fvvae_fast._C``, sources in ``csrc/``), CPU tensors.
+- ``"triton"``: the fused Triton kernel (``fvvae_fast.kernels``), CUDA tensors, or CPU
+  tensors when ``TRITON_INTERPRET=1`` (how CI runs it).
+
+``backend=None`` picks the fastest available for the device and says once when it
+has to fall back to the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+BACKENDS = ("reference", "cpu", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable[..., torch.Tensor]
+    backward: Callable[..., tuple[torch.Tensor, ...]]
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here (not built, not installed, wrong device)."""
+
+
+@functools.cache
+def _load(name: str) -> Backend | str:
+    """The backend, or a string saying why it is unavailable (cached: imports run once)."""
+    if name == "reference":
+        return Backend("reference", reference.forward, reference.backward)
+    if name == "cpu":
+        try:
+            importlib.import_module("fvvae_fast._C")
+        except ImportError as err:
+            return f"the C++ extension fvvae_fast._C is not built ({err}); reinstall with a C++ compiler"
+        ops = torch.ops.fvvae_fast
+        return Backend("cpu", ops.fisher_accumulate_cpu, ops.fisher_accumulate_backward_cpu)
+    if name == "triton":
+        try:
+            kernels = importlib.import_module("fvvae_fast.kernels.fisher_accumulate")
+        except ImportError as err:
+            return f"Triton is not importable ({err})"
+        return Backend("triton", kernels.fisher_accumulate_fwd, kernels.fisher_accumulate_bwd)
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` can run on ``device``, else the reason it cannot."""
+    loaded = _load(name)
+    if isinstance(loaded, str):
+        return loaded
+    if name == "cpu" and device.type != "cpu":
+        return f"backend 'cpu' runs on CPU tensors, got tensors on {device}"
+    if name == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        return f"backend 'triton' runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
+    return None
+
+
+@functools.cache
+def _say_fallback_once(device_type: str, reason: str) -> None:
+    warnings.warn(
+        f"fvvae_fast: no fast fisher_accumulate kernel for {device_type} tensors ({reason}); "
+        "using the reference implementation",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The concrete backend name for ``backend`` (None = fastest available) on ``device``."""
+    if backend is None:
+        preferred = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
+        if preferred is None:
+            return "reference"
+        reason = available(preferred, device)
+        if reason is None:
+            return preferred
+        _say_fallback_once(device.type, reason)
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"fisher_accumulate: backend must be one of {BACKENDS} or None, got {backend!r}")
+    reason = available(backend, device)
+    if reason is not None:
+        raise BackendUnavailable(f"fisher_accumulate: backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def get(name: str) -> Backend:
+    """The loaded backend ``name`` (call :func:`resolve` first)."""
+    loaded = _load(name)
+    if isinstance(loaded, str):
+        raise BackendUnavailable(f"fisher_accumulate: backend {name!r} is unavailable: {loaded}")
+    return loaded

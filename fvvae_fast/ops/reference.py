@@ -1,0 +1,96 @@
+"""The float64-capable reference of ``fisher_accumulate``: plain torch, the oracle.
+
+Reads like the paper. For descriptor t of set X with latent z_t (Eq. 10, 11):
+
+    a_t  = W z_t + b,        mu_x,t = ReLU(a_t)
+    r_t  = (mu_x,t - x_t) * inv_var * [a_t > 0]             dL_rec/d mu_x, masked (Eq. 11)
+    G_X  = sum_t r_t [z_t ; 1]^T                            (C, d+1)        (Eq. 13, before F)
+
+Rows are processed per set in chunks, so peak memory stays near inputs + output:
+nothing of size (N, C, d+1) is ever formed. Half inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validate import output_dtype
+
+# Rows per chunk: keeps each (rows, C) temporary to about 4 M elements.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _chunks(offsets: torch.Tensor, c: int):
+    step = max(1, _CHUNK_ELEMS // max(c, 1))
+    bounds = offsets.tolist()
+    for s in range(len(bounds) - 1):
+        for lo in range(bounds[s], bounds[s + 1], step):
+            yield s, lo, min(lo + step, bounds[s + 1])
+
+
+def _pre_activation(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.addmm(bias, z, weight.t())  # a_t = W z_t + b   (Eq. 10)
+
+
+def forward(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    inv_var: torch.Tensor,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
+    """G: (S, C, d+1) in float32 (float64 for float64 inputs). Inputs already validated."""
+    dt = output_dtype(x.dtype)
+    c, d = weight.shape
+    w, b, v = weight.to(dt), bias.to(dt), inv_var.to(dt)
+    out = torch.zeros((offsets.shape[0] - 1, c, d + 1), dtype=dt, device=x.device)
+    for s, lo, hi in _chunks(offsets, c):
+        xc, zc = x[lo:hi].to(dt), z[lo:hi].to(dt)
+        a = _pre_activation(zc, w, b)
+        r = (a.clamp_min(0) - xc) * v * (a > 0)  # Eq. 11
+        out[s, :, :d] += r.t() @ zc  # sum_t r_t z_t^T   (Eq. 13)
+        out[s, :, d] += r.sum(0)  # sum_t r_t         (the bias column)
+    return out
+
+
+def backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    inv_var: torch.Tensor,
+    offsets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (x, z, weight, bias, inv_var) of <grad, G>, each in its input's dtype.
+
+    With P = grad[s] (C, d+1), q_t = P [z_t; 1] = dL/dr_t and m_t = [a_t > 0]:
+        dx_t   = -inv_var * m_t * q_t
+        da_t   =  inv_var * m_t * q_t            (d ReLU(a)/da = 1 where m_t = 1)
+        dz_t   =  W^T da_t + P[:, :d]^T r_t      (through a_t, and through the outer product)
+        dW     =  sum_t da_t z_t^T,   db = sum_t da_t
+        dinv_var = sum_t (mu_x,t - x_t) * m_t * q_t
+    """
+    dt = output_dtype(x.dtype)
+    c, d = weight.shape
+    w, b, v = weight.to(dt), bias.to(dt), inv_var.to(dt)
+    g = grad.to(dt)
+    gx = torch.zeros(x.shape, dtype=dt, device=x.device)
+    gz = torch.zeros(z.shape, dtype=dt, device=x.device)
+    gw = torch.zeros((c, d), dtype=dt, device=x.device)
+    gb = torch.zeros((c,), dtype=dt, device=x.device)
+    gv = torch.zeros((c,), dtype=dt, device=x.device)
+    for s, lo, hi in _chunks(offsets, c):
+        xc, zc = x[lo:hi].to(dt), z[lo:hi].to(dt)
+        a = _pre_activation(zc, w, b)
+        m = (a > 0).to(dt)
+        diff = (a.clamp_min(0) - xc) * m
+        q = torch.addmm(g[s, :, d], zc, g[s, :, :d].t())  # q_t = P [z_t; 1]
+        da = v * m * q
+        gx[lo:hi] = -da
+        gv += (diff * q).sum(0)
+        gb += da.sum(0)
+        gw += da.t() @ zc
+        gz[lo:hi] = da @ w + (diff * v) @ g[s, :, :d]
+    return gx.to(x.dtype), gz.to(z.dtype), gw.to(weight.dtype), gb.to(bias.dtype), gv.to(inv_var.dtype)

@@ -1,0 +1,108 @@
+"""Input checks for ``fisher_accumulate``.
+
+Shape, dtype and device checks run in the Python wrapper (they only read
+metadata, so they are free under ``torch.compile``). Checks that read tensor
+*values* (offsets monotone, NaN policy) run inside the op's implementation,
+which always executes eagerly, so a compiled graph never breaks on them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAN_POLICIES = ("propagate", "raise")
+_FLOAT_NAMES = ("x", "z", "weight", "bias", "inv_var")
+
+
+def output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation ("opmath") dtype, which is also the output dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}"
+
+
+def check_inputs(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    inv_var: torch.Tensor,
+    offsets: torch.Tensor,
+    nan_policy: str,
+) -> None:
+    """Raise TypeError/ValueError naming the argument when metadata is wrong."""
+    tensors = dict(zip(_FLOAT_NAMES, (x, z, weight, bias, inv_var)), offsets=offsets)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"fisher_accumulate: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name in _FLOAT_NAMES:
+        t = tensors[name]
+        if not t.is_floating_point():
+            raise TypeError(f"fisher_accumulate: {name} must be a floating tensor, got dtype {t.dtype}")
+        if t.dtype != x.dtype:
+            raise TypeError(
+                f"fisher_accumulate: {name} has dtype {t.dtype} but x has dtype {x.dtype}; "
+                "all floating inputs must share one dtype"
+            )
+        if t.device != x.device:
+            raise ValueError(
+                f"fisher_accumulate: {name} is on {t.device} but x is on {x.device}; "
+                "all inputs must be on one device"
+            )
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"fisher_accumulate: offsets must be an int64 tensor, got dtype {offsets.dtype}")
+    if offsets.device != x.device:
+        raise ValueError(
+            f"fisher_accumulate: offsets is on {offsets.device} but x is on {x.device}; "
+            "all inputs must be on one device"
+        )
+    if x.dim() != 2:
+        raise ValueError(f"fisher_accumulate: x must be (N, C), got {_describe(x)}")
+    if z.dim() != 2:
+        raise ValueError(f"fisher_accumulate: z must be (N, d), got {_describe(z)}")
+    n, c = x.shape
+    d = z.shape[1]
+    if z.shape[0] != n:
+        raise ValueError(f"fisher_accumulate: z must have N={n} rows like x, got {_describe(z)}")
+    if c < 1 or d < 1:
+        raise ValueError(f"fisher_accumulate: need C >= 1 and d >= 1, got x {_describe(x)}, z {_describe(z)}")
+    if tuple(weight.shape) != (c, d):
+        raise ValueError(f"fisher_accumulate: weight must be (C, d) = ({c}, {d}), got {_describe(weight)}")
+    if tuple(bias.shape) != (c,):
+        raise ValueError(f"fisher_accumulate: bias must be (C,) = ({c},), got {_describe(bias)}")
+    if tuple(inv_var.shape) != (c,):
+        raise ValueError(f"fisher_accumulate: inv_var must be (C,) = ({c},), got {_describe(inv_var)}")
+    if offsets.dim() != 1 or offsets.shape[0] < 1:
+        raise ValueError(f"fisher_accumulate: offsets must be (S+1,) with S >= 0, got {_describe(offsets)}")
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"fisher_accumulate: nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+
+
+def check_values(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    inv_var: torch.Tensor,
+    offsets: torch.Tensor,
+    nan_policy: str,
+) -> None:
+    """Data-dependent checks: offsets form a valid partition of the N rows; NaN policy."""
+    n = x.shape[0]
+    first, last = offsets[0].item(), offsets[-1].item()
+    if first != 0:
+        raise ValueError(f"fisher_accumulate: offsets[0] must be 0, got {first}")
+    if last != n:
+        raise ValueError(f"fisher_accumulate: offsets[-1] must equal N = x.shape[0] = {n}, got {last}")
+    if offsets.shape[0] > 1 and bool((offsets[1:] < offsets[:-1]).any()):
+        bad = int(torch.nonzero(offsets[1:] < offsets[:-1])[0, 0])
+        raise ValueError(
+            f"fisher_accumulate: offsets must be non-decreasing, but offsets[{bad + 1}] = "
+            f"{offsets[bad + 1].item()} < offsets[{bad}] = {offsets[bad].item()}"
+        )
+    if nan_policy == "raise":
+        for name, t in zip(_FLOAT_NAMES, (x, z, weight, bias, inv_var)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"fisher_accumulate: {name} contains NaN or Inf (nan_policy='raise')")

@@ -1,0 +1,1 @@
+"""Triton kernels of fvvae_fast, shipped as ``fvvae_fast.kernels`` (imported lazily: Triton is optional)."""
