@@ -32,6 +32,17 @@ def _pre_activation(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return torch.addmm(bias, z, weight.t())  # a_t = W z_t + b   (Eq. 10)
 
 
+def residual(
+    x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, inv_var: torch.Tensor
+) -> torch.Tensor:
+    """r_t = (ReLU(W z_t + b) - x_t) * inv_var * [W z_t + b > 0] (Eq. 11): (n, C) from x (n, C), z (n, d).
+
+    Computed in the dtype of the inputs; callers cast first (no chunking here).
+    """
+    a = _pre_activation(z, weight, bias)
+    return (a.clamp_min(0) - x) * inv_var * (a > 0)
+
+
 def forward(
     x: torch.Tensor,
     z: torch.Tensor,
@@ -47,8 +58,7 @@ def forward(
     out = torch.zeros((offsets.shape[0] - 1, c, d + 1), dtype=dt, device=x.device)
     for s, lo, hi in _chunks(offsets, c):
         xc, zc = x[lo:hi].to(dt), z[lo:hi].to(dt)
-        a = _pre_activation(zc, w, b)
-        r = (a.clamp_min(0) - xc) * v * (a > 0)  # Eq. 11
+        r = residual(xc, zc, w, b, v)
         out[s, :, :d] += r.t() @ zc  # sum_t r_t z_t^T   (Eq. 13)
         out[s, :, d] += r.sum(0)  # sum_t r_t         (the bias column)
     return out
