@@ -1,0 +1,79 @@
+"""Fisher vectors from a trained FV-VAE (paper section 3.4, Eq. 9-13; DESIGN section 2)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .model import FVVAE
+from .ops import fisher_accumulate
+
+
+class Whitener(Protocol):
+    """Anything with ``whiten(G)``: (S, C, d+1) -> (S, D) = F^(-1/2) vec(G) (e.g. FisherInformation)."""
+
+    def whiten(self, G: Tensor) -> Tensor: ...
+
+
+def as_sets(x: Tensor, offsets: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Sets given as (N, C) + offsets (S+1,), or dense (S, T, C) with offsets None -> (N, C), offsets."""
+    if offsets is not None:
+        return x, offsets
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be (S, T, C) when offsets is None, got {getattr(x, 'shape', type(x).__name__)}")
+    s, t, c = x.shape
+    return x.reshape(s * t, c), torch.arange(s + 1, device=x.device, dtype=torch.int64) * t
+
+
+def fisher_gradients(model: FVVAE, x: Tensor, offsets: Tensor | None = None, *, backend: str | None = None) -> Tensor:
+    """Raw per-set gradient sums G_X (Eq. 11, summed over the set): (S, C, d+1) float32/float64.
+
+    x: raw descriptors (N, C) with offsets (S+1,) int64, or dense (S, T, C) with offsets None.
+    """
+    x, offsets = as_sets(x, offsets)
+    xp = model.preprocess(x)
+    z = model.encoder(xp)  # mu_z: no dropout, no sampling at extraction (section 3.4)
+    dec = model.decoder
+    return fisher_accumulate(xp, z, dec.weight, dec.bias, model.inv_var(), offsets, backend=backend)
+
+
+def power_l2_normalize(v: Tensor, eps: float = 1e-12) -> Tensor:
+    """Signed square root then row L2 normalisation of (S, D); zero rows stay zero."""
+    v = v.sign() * v.abs().sqrt()
+    return v / v.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+def fisher_encode(
+    model: FVVAE,
+    x: Tensor,
+    offsets: Tensor | None = None,
+    fim: Whitener | None = None,
+    normalize: bool = True,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """FV-VAE Fisher vectors, one per set: (S, C*(d+1)) float32 (float64 for float64 input).
+
+    FV_X = -F^(-1/2) vec(G_X) (Eq. 13) with vec row-major over (C, d+1); ``fim=None`` is
+    F = I. With ``normalize=True`` the signed square root and L2 normalisation follow.
+
+    Args:
+        model: a (trained) :class:`FVVAE`; it preprocesses the raw descriptors itself.
+        x: raw descriptors (N, C) with ``offsets`` (S+1,) int64, or dense (S, T, C) with ``offsets=None``.
+        fim: None or any object with ``whiten(G)`` (e.g. :class:`fvvae_fast.FisherInformation`).
+        normalize: apply signed sqrt + L2.
+        backend: forwarded to :func:`fvvae_fast.fisher_accumulate`.
+
+    Gradients flow through when autograd is enabled; wrap extraction in ``torch.inference_mode()``.
+
+    Example:
+        >>> model = FVVAE(in_dim=8, latent_dim=3).eval()
+        >>> fisher_encode(model, torch.rand(2, 5, 8)).shape
+        torch.Size([2, 32])
+    """
+    G = fisher_gradients(model, x, offsets, backend=backend)
+    vec = G.reshape(G.shape[0], -1) if fim is None else fim.whiten(G)
+    fv = -vec
+    return power_l2_normalize(fv) if normalize else fv

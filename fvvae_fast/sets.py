@@ -1,0 +1,71 @@
+"""Sets of descriptors in memory: (N, C) rows, (S+1,) offsets, (S,) labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DescriptorSets:
+    """Descriptors of S sets: ``x`` (N, C) float tensor or array (a NumPy memmap works),
+    ``offsets`` (S+1,) int64, optional ``labels`` (S,) int64.
+    """
+
+    x: Tensor | np.ndarray
+    offsets: Tensor
+    labels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.offsets = torch.as_tensor(np.asarray(self.offsets), dtype=torch.int64)
+        if self.x.ndim != 2:
+            raise ValueError(f"DescriptorSets: x must be (N, C), got shape {tuple(self.x.shape)}")
+        if self.offsets.dim() != 1 or self.offsets.numel() < 1:
+            raise ValueError(f"DescriptorSets: offsets must be (S+1,), got shape {tuple(self.offsets.shape)}")
+        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != self.x.shape[0]:
+            raise ValueError(
+                f"DescriptorSets: offsets must start at 0 and end at N={self.x.shape[0]}, "
+                f"got {int(self.offsets[0])}..{int(self.offsets[-1])}"
+            )
+        if bool((self.offsets[1:] < self.offsets[:-1]).any()):
+            raise ValueError("DescriptorSets: offsets must be non-decreasing")
+        if self.labels is not None:
+            self.labels = torch.as_tensor(np.asarray(self.labels), dtype=torch.int64)
+            if self.labels.shape != (len(self),):
+                raise ValueError(f"DescriptorSets: labels must be (S={len(self)},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def dim(self) -> int:
+        return int(self.x.shape[1])
+
+    @classmethod
+    def from_dense(cls, x: Tensor | np.ndarray, labels: Tensor | None = None) -> DescriptorSets:
+        """From (S, T, C): S sets of T descriptors each."""
+        s, t, c = x.shape
+        return cls(x.reshape(s * t, c), torch.arange(s + 1, dtype=torch.int64) * t, labels)
+
+    def gather(
+        self, set_ids: Tensor, per_set: int | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Rows of the sets ``set_ids`` (optionally ``per_set`` random rows of each, like the
+        paper's one-frame-per-video training): x (n, C) float32, offsets (k+1,), set index of each row (n,).
+        """
+        starts, ends = self.offsets[set_ids], self.offsets[set_ids + 1]
+        pieces, owners = [], []
+        for i, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist())):
+            rows = torch.arange(lo, hi)
+            if per_set is not None and hi - lo > per_set:
+                rows = rows[torch.randperm(hi - lo, generator=generator)[:per_set]]
+            pieces.append(rows)
+            owners.append(torch.full((len(rows),), i, dtype=torch.int64))
+        rows = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+        x = torch.as_tensor(np.asarray(self.x[rows.numpy()]) if isinstance(self.x, np.ndarray) else self.x[rows])
+        counts = torch.tensor([len(p) for p in pieces], dtype=torch.int64)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        return x.float(), offsets, torch.cat(owners) if owners else rows

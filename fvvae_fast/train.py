@@ -1,0 +1,182 @@
+"""Training FV-VAE (Algorithm 1): AdaDelta on Eq. 8, resumable, seeded, logged."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .io import atomic_torch_save
+from .model import FVVAE
+from .sets import DescriptorSets
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    """Training settings; defaults are the paper's (section 5.2) and the release's loss weight.
+
+    ``descriptors_per_set``: None trains on every descriptor of each sampled set; an int
+    samples that many per set (the paper trains on one frame of each video: 50 descriptors).
+    AdaDelta's rho and eps follow Caffe's AdaDelta example solver (momentum 0.95, delta 1e-6).
+    """
+
+    iterations: int = 5000
+    batch_sets: int = 128
+    lr: float = 1.0
+    rho: float = 0.95
+    eps: float = 1e-6
+    lambda1: float = 1.0
+    lambda2: float = 1.0
+    lambda3: float = 1000.0
+    descriptors_per_set: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every: int = 500
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_sets", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    """What training produced: the model and the logged loss terms per logged iteration."""
+
+    model: FVVAE
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer=None, iteration: int = 0,
+                    generator: torch.Generator | None = None, config: TrainConfig | None = None,
+                    history: list | None = None) -> None:
+    """Write a training checkpoint atomically (model config + weights, optimizer, RNG, progress)."""
+    atomic_torch_save(
+        {
+            "version": CHECKPOINT_VERSION,
+            "model_config": model.config(),
+            "model_state": model.state_dict(),
+            "optimizer_state": None if optimizer is None else optimizer.state_dict(),
+            "iteration": iteration,
+            "generator_state": None if generator is None else generator.get_state(),
+            "train_config": None if config is None else dataclasses.asdict(config),
+            "history": history or [],
+        },
+        path,
+    )
+
+
+def _read_checkpoint(path: str | os.PathLike) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: not an fvvae_fast checkpoint of version {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FVVAE:
+    """The FVVAE stored in a checkpoint written by :func:`save_checkpoint` or :func:`train` (eval mode)."""
+    ckpt = _read_checkpoint(path)
+    model = FVVAE(**ckpt["model_config"])
+    model.load_state_dict(ckpt["model_state"])
+    return model.to(map_location).eval()
+
+
+def _check_labels(model: FVVAE, data: DescriptorSets, config: TrainConfig) -> bool:
+    use = model.classifier is not None and config.lambda3 != 0.0
+    if use and data.labels is None:
+        raise ValueError("train: data.labels are needed for the classification loss (or set lambda3=0)")
+    if use and len(data) and int(data.labels.max()) >= model.num_classes:
+        raise ValueError(f"train: labels must be < num_classes={model.num_classes}, got {int(data.labels.max())}")
+    return use
+
+
+def train(
+    model: FVVAE,
+    data: DescriptorSets,
+    config: TrainConfig | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    log_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` on ``data`` (Algorithm 1) and return it with the loss history.
+
+    Each iteration samples ``batch_sets`` sets (without replacement within the batch), gives
+    every descriptor its set's label (Algorithm 1), and minimises
+    lambda1 L_rec + lambda2 L_reg + lambda3 L_cls (Eq. 8) with AdaDelta. Dropout, sampling of
+    z and of sets come from one generator seeded by ``config.seed``.
+
+    If ``checkpoint`` names an existing file, training resumes from it (weights, optimizer,
+    RNG, iteration, history), so an interrupted run continues exactly as if uninterrupted;
+    the file is rewritten atomically every ``checkpoint_every`` iterations and at the end.
+    ``log_dir`` writes TensorBoard scalars (needs the ``tensorboard`` package).
+    """
+    config = config or TrainConfig()
+    if data.dim != model.in_dim:
+        raise ValueError(f"train: descriptors have C={data.dim} but the model expects in_dim={model.in_dim}")
+    if len(data) == 0:
+        raise ValueError("train: data has no sets")
+    use_labels = _check_labels(model, data, config)
+    device = torch.device(config.device)
+    model.to(device).train()
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=config.lr, rho=config.rho, eps=config.eps)
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    noise = torch.Generator(device=device).manual_seed(config.seed + 1)
+    history: list[dict[str, float]] = []
+    start = 0
+    if checkpoint is not None and Path(checkpoint).exists():
+        ckpt = _read_checkpoint(checkpoint)
+        if ckpt["model_config"] != model.config():
+            raise ValueError(f"{checkpoint}: checkpoint is for a model {ckpt['model_config']}, not {model.config()}")
+        model.load_state_dict(ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        generator.set_state(ckpt["generator_state"][0])
+        noise.set_state(ckpt["generator_state"][1])
+        start, history = ckpt["iteration"], ckpt["history"]
+    writer = None
+    if log_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(log_dir))
+    lambdas = (config.lambda1, config.lambda2, config.lambda3)
+    batch = min(config.batch_sets, len(data))
+
+    def save(iteration: int) -> None:
+        if checkpoint is not None:
+            states = (generator.get_state(), noise.get_state())
+            save_checkpoint(checkpoint, model, optimizer, iteration, states, config, history)
+
+    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress,
+               desc="train FV-VAE", unit="it")
+    for it in bar:
+        set_ids = torch.randperm(len(data), generator=generator)[:batch]
+        x, _, owner = data.gather(set_ids, config.descriptors_per_set, generator)
+        labels = data.labels[set_ids][owner].to(device) if use_labels else None
+        losses = model.loss(x.to(device), labels, lambdas, generator=noise)
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        optimizer.step()
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            row = {"iteration": it + 1, **losses.as_floats()}
+            history.append(row)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "iteration"})
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "iteration":
+                        writer.add_scalar(f"loss/{k}", v, it + 1)
+        if (it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations:
+            save(it + 1)
+    if writer is not None:
+        writer.close()
+    model.eval()
+    return TrainResult(model=model, history=history, resumed_from=start)
