@@ -26,6 +26,7 @@ import torch
 from . import reference
 
 BACKENDS = ("reference", "cpu", "triton")
+AUTO = "auto"  # the op's spelling of backend=None: resolved when the op runs, never while tracing
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,7 @@ def _load(name: str) -> Backend | str:
             importlib.import_module("fvvae_fast._C")
         except ImportError as err:
             return f"the C++ extension fvvae_fast._C is not built ({err}); reinstall with a C++ compiler"
-        ops = torch.ops.fvvae_fast
-        return Backend("cpu", ops.fisher_accumulate_cpu, ops.fisher_accumulate_backward_cpu)
+        return Backend("cpu", _cpu_forward, _cpu_backward)
     if name == "triton":
         try:
             kernels = importlib.import_module("fvvae_fast.kernels.fisher_accumulate")
@@ -58,6 +58,21 @@ def _load(name: str) -> Backend | str:
             return f"Triton is not importable ({err})"
         return Backend("triton", kernels.fisher_accumulate_fwd, kernels.fisher_accumulate_bwd)
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+
+
+def _float32_or_64(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The C++ kernel computes in float32/float64 only; half inputs are widened (the output is float32 anyway)."""
+    return [t.float() if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64) else t for t in tensors]
+
+
+def _cpu_forward(x, z, weight, bias, inv_var, offsets):
+    return torch.ops.fvvae_fast.fisher_accumulate_cpu(*_float32_or_64(x, z, weight, bias, inv_var), offsets)
+
+
+def _cpu_backward(grad, x, z, weight, bias, inv_var, offsets):
+    inputs = (x, z, weight, bias, inv_var)
+    grads = torch.ops.fvvae_fast.fisher_accumulate_backward_cpu(grad, *_float32_or_64(*inputs), offsets)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
 
 
 def _interpreting() -> bool:
@@ -87,8 +102,8 @@ def _say_fallback_once(device_type: str, reason: str) -> None:
 
 
 def resolve(backend: str | None, device: torch.device) -> str:
-    """The concrete backend name for ``backend`` (None = fastest available) on ``device``."""
-    if backend is None:
+    """The concrete backend name for ``backend`` (None or "auto" = fastest available) on ``device``."""
+    if backend is None or backend == AUTO:
         preferred = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
         if preferred is None:
             return "reference"

@@ -1,7 +1,7 @@
 """``fvvae_fast::fisher_accumulate``: schema, fake, autograd, and the public wrapper.
 
-One op in the ``fvvae_fast`` torch.library namespace. Its implementation asks the
-dispatcher (:mod:`fvvae_fast.ops.dispatch`) for a backend; the fake sizes the output
+One op in the ``fvvae_fast`` torch.library namespace. Its implementation (always eager,
+even inside a compiled graph) asks the dispatcher (:mod:`fvvae_fast.ops.dispatch`) for a backend; the fake sizes the output
 from ``offsets.shape[0] - 1`` so ``torch.compile`` traces through it without a
 graph break. The backward is an op of its own (fused in every backend), never
 autograd through the forward's internals.
@@ -40,7 +40,7 @@ def _fisher_accumulate_op(
     s, (c, d) = offsets.shape[0] - 1, weight.shape
     if s == 0 or x.shape[0] == 0:
         return _empty_result(x, s, c, d)
-    return dispatch.get(backend).forward(x, z, weight, bias, inv_var, offsets)
+    return dispatch.get(dispatch.resolve(backend, x.device)).forward(x, z, weight, bias, inv_var, offsets)
 
 
 @_fisher_accumulate_op.register_fake
@@ -55,7 +55,8 @@ def _fisher_accumulate_backward_op(
     if offsets.shape[0] == 1 or x.shape[0] == 0:
         return (torch.zeros_like(x), torch.zeros_like(z), torch.zeros_like(weight), torch.zeros_like(bias),
                 torch.zeros_like(inv_var))
-    return tuple(dispatch.get(backend).backward(grad.contiguous(), x, z, weight, bias, inv_var, offsets))
+    impl = dispatch.get(dispatch.resolve(backend, x.device))
+    return tuple(impl.backward(grad.contiguous(), x, z, weight, bias, inv_var, offsets))
 
 
 @_fisher_accumulate_backward_op.register_fake
@@ -117,8 +118,9 @@ def fisher_accumulate(
         torch.Size([3, 4, 4])
     """
     check_inputs(x, z, weight, bias, inv_var, offsets, nan_policy)
-    name = dispatch.resolve(backend, x.device)
+    if backend is not None and backend not in dispatch.BACKENDS:
+        raise ValueError(f"fisher_accumulate: backend must be one of {dispatch.BACKENDS} or None, got {backend!r}")
     return torch.ops.fvvae_fast.fisher_accumulate(
         x.contiguous(), z.contiguous(), weight.contiguous(), bias.contiguous(), inv_var.contiguous(),
-        offsets.contiguous(), name, nan_policy,
+        offsets.contiguous(), backend or dispatch.AUTO, nan_policy,
     )

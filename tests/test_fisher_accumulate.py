@@ -1,0 +1,205 @@
+"""fisher_accumulate: every backend against the float64 reference; the reference against autograd;
+registration (opcheck, torch.compile), validation, and property-based fuzzing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fvvae_fast as fv
+from fvvae_fast.ops import naive, reference
+
+from .cases import CASE_IDS, CASES, Case, assert_matches_reference, generator, make_inputs
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
+
+
+def _ref64(inputs):
+    return reference.forward(*[t.double() if t.is_floating_point() else t for t in inputs])
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("recipe", [naive.autograd_accumulate, naive.vmap_accumulate, naive.padded_bmm_accumulate],
+                         ids=["autograd", "vmap", "padded-bmm"])
+def test_reference_equals_autograd_of_reconstruction_nll(case: Case, recipe):
+    inputs = make_inputs(case, torch.float64)
+    torch.testing.assert_close(reference.forward(*inputs), recipe(*inputs), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_matches_reference(backend, case: Case, dtype: torch.dtype):
+    name, device = backend
+    inputs = make_inputs(case, dtype, device)
+    out = fv.fisher_accumulate(*inputs, backend=name)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out.shape == (len(case.lengths), case.c, case.d + 1)
+    assert out.device.type == torch.device(device).type
+    assert_matches_reference(out, _ref64(inputs), dtype, f"{name} forward")
+    lengths = torch.tensor(case.lengths, dtype=torch.int64)
+    assert bool((out[(lengths == 0).to(out.device)] == 0).all()), "empty sets must give exact zeros"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_backward_matches_reference(backend, case: Case, dtype: torch.dtype):
+    name, device = backend
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(case, dtype, device)]
+    grad = torch.randn((len(case.lengths), case.c, case.d + 1), generator=generator(7), dtype=torch.float64)
+    out = fv.fisher_accumulate(*inputs, backend=name)
+    grads = torch.autograd.grad(out, inputs[:5], grad.to(out), allow_unused=True)
+    expected = reference.backward(grad, *[t.detach().double() if t.is_floating_point() else t for t in inputs])
+    for what, g, e, t in zip(("x", "z", "weight", "bias", "inv_var"), grads, expected, inputs):
+        assert g is not None and g.shape == t.shape and g.dtype == t.dtype, what
+        assert_matches_reference(g, e, dtype, f"{name} d{what}")
+
+
+def test_gradcheck(backend):
+    name, device = backend
+    inputs = [t.requires_grad_() if t.is_floating_point() else t
+              for t in make_inputs(Case("small", 4, 3, (2, 0, 3)), torch.float64, device)]
+    assert torch.autograd.gradcheck(lambda *a: fv.fisher_accumulate(*a, inputs[5], backend=name), inputs[:5])
+
+
+def test_zero_rows_forward_and_backward(backend):
+    name, device = backend
+    x, z, w, b, v, _ = [t.requires_grad_() if t.is_floating_point() else t
+                        for t in make_inputs(Case("zero", 5, 3, ()), torch.float32, device)]
+    offsets = torch.zeros(4, dtype=torch.int64, device=device)  # three empty sets
+    out = fv.fisher_accumulate(x, z, w, b, v, offsets, backend=name)
+    assert out.shape == (3, 5, 4) and bool((out == 0).all())
+    out.sum().backward()
+    assert x.grad.shape == (0, 5) and bool((w.grad == 0).all()) and bool((v.grad == 0).all())
+
+
+def test_non_contiguous_inputs(backend):
+    name, device = backend
+    x, z, w, b, v, off = make_inputs(CASES[4], torch.float32, device)
+    out = fv.fisher_accumulate(x.t().contiguous().t(), z.t().contiguous().t(), w.t().contiguous().t(),
+                               b, v, off, backend=name)
+    assert_matches_reference(out, _ref64((x, z, w, b, v, off)), torch.float32, "non-contiguous")
+
+
+def test_default_backend_is_fastest_available():
+    x, z, w, b, v, off = make_inputs(CASES[1], torch.float32)
+    expected = "cpu" if fv.ops.dispatch.available("cpu", x.device) is None else "reference"
+    assert fv.ops.dispatch.resolve(None, x.device) == expected
+    assert_matches_reference(fv.fisher_accumulate(x, z, w, b, v, off), _ref64((x, z, w, b, v, off)), torch.float32)
+
+
+def test_opcheck_registration(backend):
+    name, device = backend
+    inputs = make_inputs(CASES[1], torch.float64, device)
+    args = (*[t.requires_grad_() if t.is_floating_point() else t for t in inputs], name, "propagate")
+    torch.library.opcheck(torch.ops.fvvae_fast.fisher_accumulate.default, args)
+
+
+def test_torch_compile_has_no_graph_break():
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(CASES[4], torch.float32)]
+
+    def f(x, z, w, b, v, off):
+        return (fv.fisher_accumulate(x, z, w, b, v, off) * 2).sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    out.backward()
+    torch.testing.assert_close(out, f(*[t.detach() if t.is_floating_point() else t for t in inputs]))
+    assert inputs[0].grad is not None
+
+
+# ---- validation: every bad input of the contract is refused with a clear error ----
+
+def _good():
+    return list(make_inputs(Case("v", 6, 3, (2, 0, 3)), torch.float32))
+
+
+def _set(i, value):
+    def edit(args):
+        args[i] = value(args) if callable(value) else value
+        return args
+    return edit
+
+
+BAD_INPUTS = [
+    ("x-not-tensor", _set(0, lambda a: a[0].tolist()), TypeError, "x must be a torch.Tensor"),
+    ("x-int", _set(0, lambda a: a[0].long()), TypeError, "x must be a floating tensor"),
+    ("z-dtype-mismatch", _set(1, lambda a: a[1].double()), TypeError, "z has dtype torch.float64"),
+    ("x-rank", _set(0, lambda a: a[0][None]), ValueError, r"x must be \(N, C\)"),
+    ("z-rows", _set(1, lambda a: a[1][:-1]), ValueError, "z must have N=5 rows"),
+    ("weight-shape", _set(2, lambda a: a[2].t()), ValueError, r"weight must be \(C, d\) = \(6, 3\)"),
+    ("bias-shape", _set(3, lambda a: a[3][:-1]), ValueError, r"bias must be \(C,\)"),
+    ("inv-var-shape", _set(4, lambda a: a[4][None]), ValueError, r"inv_var must be \(C,\)"),
+    ("offsets-float", _set(5, lambda a: a[5].float()), TypeError, "offsets must be an int64 tensor"),
+    ("offsets-int32", _set(5, lambda a: a[5].int()), TypeError, "offsets must be an int64 tensor"),
+    ("offsets-2d", _set(5, lambda a: a[5][None]), ValueError, r"offsets must be \(S\+1,\)"),
+    ("offsets-empty", _set(5, torch.zeros(0, dtype=torch.int64)), ValueError, r"offsets must be \(S\+1,\)"),
+    ("offsets-start", _set(5, torch.tensor([1, 2, 5])), ValueError, r"offsets\[0\] must be 0"),
+    ("offsets-end", _set(5, torch.tensor([0, 2, 4])), ValueError, r"offsets\[-1\] must equal N"),
+    ("offsets-decreasing", _set(5, torch.tensor([0, 3, 2, 5])), ValueError, "non-decreasing"),
+    ("zero-latent", lambda a: [a[0], a[1][:, :0], a[2][:, :0], *a[3:]], ValueError, "d >= 1"),
+]
+
+
+@pytest.mark.parametrize("edit,error,match", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_refused(edit, error, match):
+    with pytest.raises(error, match=match):
+        fv.fisher_accumulate(*edit(_good()))
+
+
+def test_nan_policy():
+    args = _good()
+    args[0][1, 2] = float("nan")
+    assert torch.isnan(fv.fisher_accumulate(*args)).any()
+    with pytest.raises(ValueError, match="x contains NaN"):
+        fv.fisher_accumulate(*args, nan_policy="raise")
+    with pytest.raises(ValueError, match="nan_policy must be one of"):
+        fv.fisher_accumulate(*_good(), nan_policy="omit")
+
+
+def test_bad_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fv.fisher_accumulate(*_good(), backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs two devices")
+def test_mismatched_devices():
+    args = _good()
+    args[2] = args[2].cuda()
+    with pytest.raises(ValueError, match="weight is on cuda"):
+        fv.fisher_accumulate(*args)
+
+
+@st.composite
+def _fuzzed_inputs(draw):
+    c, d = draw(st.integers(0, 9)), draw(st.integers(0, 6))
+    lengths = draw(st.lists(st.integers(0, 7), max_size=5))
+    n = sum(lengths)
+    offsets = [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()] if lengths else [0]
+    corrupt = draw(st.sampled_from(["none", "offsets", "shape", "dtype"]))
+    if corrupt == "offsets" and len(offsets) > 1:
+        offsets[draw(st.integers(0, len(offsets) - 1))] += draw(st.sampled_from([-3, -1, 1, 2]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**30)))
+    x, z = torch.rand(n, c, generator=g), torch.randn(n, d, generator=g)
+    w, b, v = torch.randn(c, d, generator=g), torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5
+    if corrupt == "shape":
+        w = torch.randn(c + 1, d, generator=g)
+    args = [t.to(dtype) for t in (x, z, w, b, v)] + [torch.tensor(offsets, dtype=torch.int64)]
+    if corrupt == "dtype":
+        args[draw(st.integers(0, 4))] = args[0].to(torch.float64 if dtype != torch.float64 else torch.float32)
+    return args, dtype
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_fuzzed_inputs(), st.sampled_from(["reference", None]))
+def test_fuzz_computed_correctly_or_refused(case, backend):
+    args, dtype = case
+    try:
+        out = fv.fisher_accumulate(*args, backend=backend)
+    except (ValueError, TypeError):
+        return
+    assert out.shape == (args[5].numel() - 1, args[0].shape[1], args[1].shape[1] + 1)
+    assert_matches_reference(out, _ref64(args), dtype, "fuzz")
