@@ -57,10 +57,10 @@ class TrainResult:
     resumed_from: int = 0
 
 
-def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer=None, iteration: int = 0,
-                    generator: torch.Generator | None = None, config: TrainConfig | None = None,
-                    history: list | None = None) -> None:
-    """Write a training checkpoint atomically (model config + weights, optimizer, RNG, progress)."""
+def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer: torch.optim.Optimizer | None = None,
+                    iteration: int = 0, generators: tuple[torch.Generator, ...] = (),
+                    config: TrainConfig | None = None, history: list | None = None) -> None:
+    """Write a training checkpoint atomically (model config + weights, optimizer, RNG states, progress)."""
     atomic_torch_save(
         {
             "version": CHECKPOINT_VERSION,
@@ -68,7 +68,7 @@ def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer=None, itera
             "model_state": model.state_dict(),
             "optimizer_state": None if optimizer is None else optimizer.state_dict(),
             "iteration": iteration,
-            "generator_state": None if generator is None else generator.get_state(),
+            "generator_states": [g.get_state() for g in generators],
             "train_config": None if config is None else dataclasses.asdict(config),
             "history": history or [],
         },
@@ -140,8 +140,8 @@ def train(
             raise ValueError(f"{checkpoint}: checkpoint is for a model {ckpt['model_config']}, not {model.config()}")
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
-        generator.set_state(ckpt["generator_state"][0])
-        noise.set_state(ckpt["generator_state"][1])
+        for g, state in zip((generator, noise), ckpt["generator_states"]):
+            g.set_state(state)
         start, history = ckpt["iteration"], ckpt["history"]
     writer = None
     if log_dir is not None:
@@ -153,8 +153,7 @@ def train(
 
     def save(iteration: int) -> None:
         if checkpoint is not None:
-            states = (generator.get_state(), noise.get_state())
-            save_checkpoint(checkpoint, model, optimizer, iteration, states, config, history)
+            save_checkpoint(checkpoint, model, optimizer, iteration, (generator, noise), config, history)
 
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress,
                desc="train FV-VAE", unit="it")

@@ -1,0 +1,44 @@
+// CPU kernels of fvvae_fast::fisher_accumulate (forward and backward), on raw pointers.
+//
+// The op entry points (argument checks, dtype handling, registration) are in
+// csrc/fisher_accumulate.cpp; this header is the contract between the two files.
+#pragma once
+
+#include <cstdint>
+
+namespace fvvae_fast::cpu {
+
+// Shapes of one call. Every array is dense row-major; all pointers are valid for
+// the sizes below (the caller has checked them).
+struct Problem {
+  int64_t n;  // rows of x and z (N)
+  int64_t c;  // descriptor dim (C)
+  int64_t d;  // latent dim (d)
+  int64_t s;  // number of sets (S); offsets has s + 1 entries, 0 = o[0] <= ... <= o[s] = n
+};
+
+// G[s] = sum_t r_t [z_t; 1]^T for every set.
+//   x (N, C), z (N, d), weight (C, d), bias (C,), inv_var (C,), offsets (S+1,)
+//   out (S, C, d+1): every element is written (empty sets get zeros).
+template <typename T>
+void forward(const Problem& p, const T* x, const T* z, const T* weight, const T* bias, const T* inv_var,
+             const int64_t* offsets, T* out);
+
+// Gradients of <grad, G>; grad (S, C, d+1).
+//   gx (N, C) and gz (N, d): every element is written.
+//   gw (C, d), gb (C,), gv (C,): every element is written.
+template <typename T>
+void backward(const Problem& p, const T* grad, const T* x, const T* z, const T* weight, const T* bias,
+              const T* inv_var, const int64_t* offsets, T* gx, T* gz, T* gw, T* gb, T* gv);
+
+// Debug and test hooks (process-wide):
+// - use the BLAS that torch links (MKL sgemm_/dgemm_) when it exports one, or tensor
+//   views through at::addmm_ (always available; used when forced or when no BLAS symbol).
+bool blas_available();
+void set_force_torch_gemm(bool force);
+// - fill every output and scratch buffer with NaN before computing, so an element the
+//   kernel forgot to write shows up as NaN.
+void set_poison(bool poison);
+bool poison_enabled();
+
+}  // namespace fvvae_fast::cpu

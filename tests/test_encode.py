@@ -1,0 +1,64 @@
+"""fisher_encode: minus the reference for normalize=False, signed sqrt + L2, dense vs offsets, FIM hook."""
+
+from __future__ import annotations
+
+import torch
+
+import fvvae_fast as fv
+from fvvae_fast.ops import reference
+
+from .cases import generator
+
+
+def _model_and_sets():
+    torch.manual_seed(5)
+    model = fv.FVVAE(10, 4).double().eval()
+    with torch.no_grad():
+        model.log_sigma_x.normal_(generator=generator(21))
+    x = torch.rand(3, 6, 10, generator=generator(22), dtype=torch.float64)
+    return model, x
+
+
+def test_unnormalized_is_minus_the_reference():
+    model, x = _model_and_sets()
+    flat = x.reshape(-1, 10)
+    offsets = torch.tensor([0, 6, 6, 18])
+    fvs = fv.fisher_encode(model, flat, offsets, normalize=False)
+    xp = flat / flat.norm(dim=1, keepdim=True)
+    z = model.encoder(xp)
+    G = reference.forward(xp, z, model.decoder.weight, model.decoder.bias, model.inv_var(), offsets)
+    torch.testing.assert_close(fvs, -G.reshape(3, -1))
+    assert fvs.shape == (3, 10 * 5) and bool((fvs[1] == 0).all())
+
+
+def test_normalized_is_signed_sqrt_then_l2():
+    model, x = _model_and_sets()
+    raw = fv.fisher_encode(model, x, normalize=False)
+    out = fv.fisher_encode(model, x)
+    expected = raw.sign() * raw.abs().sqrt()
+    torch.testing.assert_close(out, expected / expected.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3, dtype=torch.float64))
+
+
+def test_dense_and_offsets_forms_agree():
+    model, x = _model_and_sets()
+    offsets = torch.arange(4) * 6
+    torch.testing.assert_close(fv.fisher_encode(model, x), fv.fisher_encode(model, x.reshape(-1, 10), offsets))
+
+
+def test_empty_set_gives_zero_vector():
+    model, x = _model_and_sets()
+    out = fv.fisher_encode(model, x[0], torch.tensor([0, 0, 6]))
+    assert bool((out[0] == 0).all()) and torch.isfinite(out).all()
+
+
+def test_fim_whiten_is_applied_before_the_sign():
+    model, x = _model_and_sets()
+
+    class Scale:
+        def whiten(self, G):
+            return 2.0 * G.reshape(G.shape[0], -1) + 1.0
+
+    G = fv.fisher_gradients(model, x)
+    torch.testing.assert_close(fv.fisher_encode(model, x, fim=Scale(), normalize=False),
+                               -(2.0 * G.reshape(3, -1) + 1.0))

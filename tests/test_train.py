@@ -1,0 +1,77 @@
+"""Training (Algorithm 1): losses go down, checkpoints resume exactly, logging, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fvvae_fast as fv
+
+from .cases import generator
+
+
+def _problem(s: int = 48, t: int = 10, c: int = 16, classes: int = 3) -> fv.DescriptorSets:
+    g = generator(11)
+    centers = torch.rand(classes, c, generator=g)
+    labels = torch.randint(0, classes, (s,), generator=g)
+    x = (centers[labels][:, None, :] + 0.3 * torch.rand(s, t, c, generator=g)).clamp_min(0)
+    return fv.DescriptorSets.from_dense(x, labels)
+
+
+def _config(**kw) -> fv.TrainConfig:
+    return fv.TrainConfig(**{"iterations": 60, "batch_sets": 12, "lambda3": 1.0, "log_every": 5, "seed": 3, **kw})
+
+
+def test_training_lowers_each_loss_term():
+    torch.manual_seed(0)
+    result = fv.train(fv.FVVAE(16, 5, num_classes=3), _problem(), _config(iterations=150), progress=False)
+    hist = result.history
+    assert len(hist) == 30
+    for term in ("rec", "reg", "cls", "total"):
+        first = sum(h[term] for h in hist[:5]) / 5
+        last = sum(h[term] for h in hist[-5:]) / 5
+        assert last < first, f"{term} did not go down: {first} -> {last}"
+
+
+def test_resume_mid_run_equals_uninterrupted(tmp_path):
+    data = _problem()
+    torch.manual_seed(1)
+    init = fv.FVVAE(16, 5, num_classes=3).state_dict()
+
+    def fresh() -> fv.FVVAE:
+        model = fv.FVVAE(16, 5, num_classes=3)
+        model.load_state_dict(init)
+        return model
+
+    whole = fv.train(fresh(), data, _config(), checkpoint=tmp_path / "a.pt", progress=False)
+    fv.train(fresh(), data, _config(iterations=25, checkpoint_every=25), checkpoint=tmp_path / "b.pt", progress=False)
+    resumed = fv.train(fresh(), data, _config(), checkpoint=tmp_path / "b.pt", progress=False)
+    assert resumed.resumed_from == 25
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert resumed.history == whole.history
+    loaded = fv.load_model(tmp_path / "a.pt")
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value)
+    assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_descriptor_subsampling_and_tensorboard(tmp_path):
+    result = fv.train(fv.FVVAE(16, 5, num_classes=3), _problem(), _config(iterations=10, descriptors_per_set=3),
+                      log_dir=tmp_path / "tb", progress=False)
+    assert result.history and list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_training_errors(tmp_path):
+    data = _problem()
+    with pytest.raises(ValueError, match="in_dim=8"):
+        fv.train(fv.FVVAE(8, 2), data, _config(), progress=False)
+    unlabeled = fv.DescriptorSets(data.x, data.offsets)
+    with pytest.raises(ValueError, match="labels are needed"):
+        fv.train(fv.FVVAE(16, 2, num_classes=3), unlabeled, _config(), progress=False)
+    fv.train(fv.FVVAE(16, 2), unlabeled, _config(iterations=2), progress=False)  # no classifier: fine
+    with pytest.raises(ValueError, match="iterations must be >= 1"):
+        fv.TrainConfig(iterations=0)
+    fv.train(fv.FVVAE(16, 5), data, _config(iterations=2), checkpoint=tmp_path / "c.pt", progress=False)
+    with pytest.raises(ValueError, match="checkpoint is for a model"):
+        fv.train(fv.FVVAE(16, 6), data, _config(iterations=4), checkpoint=tmp_path / "c.pt", progress=False)
