@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (the main job on built-in data) and `make test`.
+# Each creates or refreshes the virtual environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*.h csrc/*/*.h)
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# --no-build-isolation: build the C++ extension against the torch installed here (an isolated
+# build would fetch another multi-GB torch).
+$(STAMP): $(SOURCES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(PY) -m fvvae_fast demo
+
+test: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m pytest bench -q --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info fvvae_fast/*.so
