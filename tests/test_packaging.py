@@ -1,0 +1,33 @@
+"""The package imports and works without Triton and without the compiled extension."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_works_without_triton_and_extension():
+    script = textwrap.dedent(
+        """
+        import sys, warnings
+        sys.modules["triton"] = None          # import triton -> ImportError
+        sys.modules["fvvae_fast._C"] = None   # the extension is not built
+        import torch
+        import fvvae_fast as fv
+        from fvvae_fast.ops import dispatch
+        assert dispatch.available("triton", torch.device("cpu")) is not None
+        x, z = torch.rand(5, 4), torch.randn(5, 3)
+        w, b, v = torch.randn(4, 3), torch.randn(4), torch.ones(4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                G = fv.fisher_accumulate(x, z, w, b, v, torch.tensor([0, 2, 5]))
+        assert G.shape == (2, 4, 4)
+        said = [w for w in caught if "using the reference implementation" in str(w.message)]
+        assert len(said) == 1, said
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
