@@ -1,0 +1,606 @@
+"""Fused Triton kernels of ``fisher_accumulate`` (forward and backward) and their launchers.
+
+Loaded by :mod:`fvvae_fast.ops.dispatch` as the ``"triton"`` backend: CUDA tensors, or CPU
+tensors under ``TRITON_INTERPRET=1`` (how CI runs it). Inputs arrive validated and contiguous,
+all in one floating dtype; ``offsets`` is (S+1,) int64. No host synchronisation: every grid is
+sized from shapes alone, so the launchers are safe under CUDA graphs.
+
+Math (DESIGN section 2; set s = rows offsets[s]:offsets[s+1], inv_var = v):
+
+    a_t = W z_t + b,   m_t = [a_t > 0],   diff_t = (ReLU(a_t) - x_t) * m_t,   r_t = v * diff_t
+    G[s] = sum_t r_t [z_t ; 1]^T = v[:, None] * [ sum_t diff_t z_t^T | sum_t diff_t ]   (C, d+1)
+
+``v`` is a per-row (per-c) factor of G, so it multiplies the fp32 accumulator once instead of
+every r_t: the on-chip GEMM operand is ``diff`` (the magnitude of x and mu_x), which does not
+overflow float16 even when 1/sigma_x^2 is large. The bias column is a row sum, not a GEMM column.
+
+Forward decomposition. A set is cut into *chunks*; a program owns (chunk, tile of C, tile of d).
+Orientation [C, rows], like flash attention with Q = a W tile and K = V = z: per BLOCK_T rows it
+computes a^T = W_tile z^T over all of d (tensor cores, fp32), the mask and diff on chip, and
+accumulates diff^T-tile @ z into an fp32 [BLOCK_C, BLOCK_J] accumulator; mu_x and r never reach
+global memory. With d <= BLOCK_J ("one pass": d = 255 and BLOCK_J = 256) the W tile stays on chip
+for the whole chunk and each z tile is loaded once for both GEMMs, so the kernel does exactly the
+4 N C d flops of the two GEMMs and reads x once and z once per C tile; a larger d is streamed in
+BLOCK_K slices and the decoder GEMM is recomputed per d tile. Why this grid: G's tiles are the
+natural parallelism, and a chunk's partial G tile stays in registers for all of its rows.
+Long sets: the launcher picks ``chunk_rows`` so that the grid has about 4 programs per SM; a set
+of n rows gets max(1, ceil(n / chunk_rows)) equal chunks. A one-chunk set (and an empty set, one
+zero-row chunk that writes zeros) is stored straight into G; the chunks of a longer set store fp32
+partials into a scratch buffer and ``_combine_kernel`` adds them in chunk order: deterministic,
+no atomics.
+
+Backward (two fused kernels; nothing of size (N, C, d+1), and of size (N, C) only dx itself).
+With P = grad[s] = [P_z | p_b] (C, d+1) and q_t = P [z_t ; 1] = P_z z_t + p_b:
+
+    dx_t      = -v * m_t * q_t                          (C,)      row kernel
+    da_t      =  v * m_t * q_t                          (C,)
+    dz_t      = W^T da_t + P_z^T (v * diff_t)           (d,)      row kernel, reduction over C on chip
+    [dW | db] = sum_t da_t [z_t ; 1]^T                  (C, d+1)  param kernel, as v * sum_t (m q)_t [z_t ; 1]^T
+    dv        = sum_t diff_t * q_t                      (C,)      param kernel
+
+Row kernel: program (chunk, tile of d), orientation [rows, C] (flash-attention dQ-like): the z
+tile stays on chip while it loops over C tiles; each W and P_z tile feeds both the decoder GEMM
+(a, q) and the dz GEMM; dx is stored per C tile, dz once. Param kernel: program (group of chunks,
+tile of C, tile of d), orientation [C, rows] as in the forward (W tile on chip, P_z tile on chip
+per set); each group stores one fp32 partial of [dW | db] and dv and the launcher sums them with
+one ``torch.sum`` over groups (Liger-style: deterministic, no atomics). a and q are recomputed in
+both kernels instead of being stored (2 x 4 N C d extra flops, no (N, C) round trip).
+
+Dtypes. Accumulation is fp32 (fp64 for float64). fp16/bf16: the GEMM operands computed on chip
+(diff, m*q, da, v*diff) and the upstream grad are rounded to the input dtype for ``tl.dot``, as in
+any half-precision GEMM (backward: |v q| or |grad| beyond the fp16 range overflows, as fp16
+autograd would). fp32: ``tl.dot`` with ``input_precision=FP32_PRECISION``, default ``"tf32x3"``
+(3xTF32 on tensor cores, about fp32 accuracy: meant to hold the float32 tolerance of
+tests/cases.py, atol 2e-5 x max|G|, rtol 1e-4); ``FVVAE_TRITON_FP32_PRECISION=tf32`` is faster
+but its ~1e-3 relative error per product exceeds that tolerance, so it is opt-in; ``"ieee"`` is
+plain fp32 FMA. float64: ``tl.dot`` has no portable fp64 tensor-core path, so the same kernels run
+with ``USE_DOT=False``, a broadcast multiply + ``tl.sum`` on small tiles (fp64 FMA: correct on
+any GPU, not fast); the interpreter runs that very path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["fisher_accumulate_fwd", "fisher_accumulate_bwd", "FP32_PRECISION"]
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The interpreter keeps bf16 as raw uint16 and its tl.dot multiplies those bits: feed it fp32.
+_UPCAST_BF16_DOT = tl.constexpr(_INTERPRET)
+
+_FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")  # all exist in Triton 3.6 and 3.8
+FP32_PRECISION = os.environ.get("FVVAE_TRITON_FP32_PRECISION", "tf32x3")
+if FP32_PRECISION not in _FP32_PRECISIONS:
+    raise ValueError(
+        f"fvvae_fast.kernels: FVVAE_TRITON_FP32_PRECISION must be one of {_FP32_PRECISIONS}, got {FP32_PRECISION!r}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Autotune configs, keyed on (C, d, typical set length). The GPU lists were checked by compiling
+# every kernel ahead of time for sm_90 with Triton 3.8 at d = 255 (ptxas resource usage: no or
+# few-byte register spills in bf16/fp16; fp32 runs 3xTF32, about three times the operand
+# registers, so only the small tiles are kept for it, see _prune). Timings on an H100/H200 are
+# still to be taken. The interpreter gets one config (its speed is per op, not per element).
+# ----------------------------------------------------------------------------------------------
+def _cfg(bt: int, bc: int, bj: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_T": bt, "BLOCK_C": bc, "BLOCK_J": bj, "BLOCK_K": bk}, num_warps=warps, num_stages=stages
+    )
+
+
+if _INTERPRET:
+    _FWD_CONFIGS = _BWD_CONFIGS = _FWD_FMA_CONFIGS = _BWD_FMA_CONFIGS = [_cfg(32, 64, 64, 64, 4, 1)]
+else:
+    _FWD_CONFIGS = [
+        _cfg(64, 64, 256, 64, 8, 3),  # d <= 256: one pass, W tile on chip, each z tile feeds both GEMMs
+        _cfg(128, 64, 256, 64, 8, 2),
+        _cfg(64, 128, 256, 64, 8, 3),
+        _cfg(32, 64, 64, 32, 4, 3),  # small d or C; fp32
+        _cfg(32, 32, 128, 32, 4, 2),  # fp32
+    ]
+    # The backward keeps two [.., BLOCK_J] operand tiles (W and P_z) and two GEMM results (a, q) live.
+    _BWD_CONFIGS = [
+        _cfg(32, 32, 256, 64, 4, 2),
+        _cfg(64, 32, 256, 64, 4, 2),
+        _cfg(64, 64, 128, 64, 8, 2),
+        _cfg(32, 32, 128, 32, 4, 2),  # fp32
+        _cfg(32, 32, 64, 32, 4, 2),  # small d; fp32
+    ]
+    # float64 broadcast-FMA path: the 3-D temporaries [M, K, N] of _mm must fit in registers.
+    _FWD_FMA_CONFIGS = [_cfg(16, 16, 16, 16, 4, 1), _cfg(16, 32, 32, 8, 8, 1)]
+    _BWD_FMA_CONFIGS = [_cfg(16, 16, 16, 16, 4, 1)]
+
+_TUNE_KEY = ["C", "D", "LEN_KEY"]
+# fp32 (3xTF32) keeps configs with BLOCK_J * (BLOCK_T + BLOCK_C) at most this (fits registers and shared memory).
+_FP32_TILE_BUDGET = 128 * 64
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs with tiles far larger than the problem (small d or C) or too big for fp32."""
+    c, d = named_args["C"], named_args["D"]
+    cap_c = max(16, triton.next_power_of_2(c))
+    cap_j = max(16, triton.next_power_of_2(d))
+    fp32 = named_args["z_ptr"].dtype == torch.float32 and not _INTERPRET
+
+    def fits(cf: triton.Config) -> bool:
+        kw = cf.kwargs
+        small = not fp32 or kw["BLOCK_J"] * (kw["BLOCK_T"] + kw["BLOCK_C"]) <= _FP32_TILE_BUDGET
+        return kw["BLOCK_C"] <= cap_c and kw["BLOCK_J"] <= cap_j and small
+
+    return [cf for cf in configs if fits(cf)] or [
+        min(configs, key=lambda cf: cf.kwargs["BLOCK_J"] * (cf.kwargs["BLOCK_T"] + cf.kwargs["BLOCK_C"]))
+    ]
+
+
+def _autotune(configs):
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _mm(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b for a [M, K], b [K, N]: tensor cores, or (float64) a broadcast FMA sum."""
+    if USE_DOT:
+        if _UPCAST_BF16_DOT:
+            if a.dtype == tl.bfloat16:  # exact: bf16 products are exact in fp32, accumulation is fp32
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        return acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)  # [M, K, N] -> [M, N]
+
+
+@triton.jit
+def _tile(ptr, i, i_ok, si, j, j_ok, sj):
+    """Masked 2-D load ptr[i * si + j * sj] -> [len(i), len(j)], 0 outside."""
+    return tl.load(ptr + i[:, None] * si + j[None, :] * sj, mask=i_ok[:, None] & j_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T: tl.constexpr):
+    """(set, chunk index in the set, chunks of the set, first row, end row) of chunk-table entry e.
+
+    A set of n rows cut into n_chunks = max(1, ceil(n / chunk_rows)) chunks gets equal chunks of
+    ceil(n / n_chunks) rows rounded up to BLOCK_T (balanced work; a trailing chunk may be empty).
+    The set is S for an unused entry (callers skip it); the loads then read set S - 1, in bounds.
+    """
+    s = tl.load(chunk_set_ptr + e)
+    sc = tl.minimum(s, S - 1)
+    first = tl.load(chunk_ptr_ptr + sc)
+    n_chunks = tl.load(chunk_ptr_ptr + sc + 1) - first
+    k = e - first
+    set_lo = tl.load(off_ptr + sc)
+    set_hi = tl.load(off_ptr + sc + 1)
+    per = tl.cdiv(tl.cdiv(set_hi - set_lo, n_chunks), BLOCK_T) * BLOCK_T
+    lo = set_lo + k * per
+    hi = tl.minimum(lo + per, set_hi)
+    return s, k, n_chunks, lo, hi
+
+
+@triton.jit
+def _relu_diff(a, x, ACC: tl.constexpr):
+    """m = [a > 0] and diff = (ReLU(a) - x) * m, elementwise in ACC.
+
+    Written like the reference (clamp, then multiply by the 0/1 mask) so NaN propagates alike.
+    """
+    m = (a > 0).to(ACC)
+    return m, (tl.where(a < 0, 0.0, a) - x.to(ACC)) * m
+
+
+@triton.jit
+def _decode_t(w_ptr, p_ptr, z_ptr, cols, col_ok, rows, row_ok, D: tl.constexpr,
+              WITH_Q: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Transposed decoder GEMM tile over all of d, streaming d in BLOCK_K slices (d > BLOCK_J):
+    a^T = W z^T and (WITH_Q) q^T = P_z z^T, each [BLOCK_C, BLOCK_T], bias not added.
+    ``p_ptr`` is P = grad[s] (C, d+1) in the GEMM dtype."""
+    a = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
+    q = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        zk = _tile(z_ptr, ks, k_ok, 1, rows, row_ok, D)  # [BLOCK_K, BLOCK_T]
+        a = _mm(_tile(w_ptr, cols, col_ok, D, ks, k_ok, 1), zk, a, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_K] @
+        if WITH_Q:
+            q = _mm(_tile(p_ptr, cols, col_ok, D + 1, ks, k_ok, 1), zk, q, USE_DOT, PRECISION)
+    return a, q
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward. Orientation [C, rows] like flash attention's S = Q K^T with Q = a W tile, K = V = z:
+# a^T = W_tile z^T, then G += diff^T-tile @ z, both GEMMs on chip. With d <= BLOCK_J ("one pass",
+# d = 255 with BLOCK_J = 256) the W tile stays on chip for the whole chunk and each z tile is
+# loaded once and feeds both GEMMs; otherwise d is streamed in BLOCK_K slices per (d tile).
+# The bias column of G (j = d) is sum_t r_t: a row sum, no GEMM.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, off_ptr,  # inputs
+    chunk_set_ptr, chunk_ptr_ptr, slot_ptr_ptr,  # chunk table (see _chunk_table)
+    out_ptr, part_ptr,  # (S, C, D+1) output, (slots, C, D+1) fp32 partials of split sets
+    S, C, D: tl.constexpr, LEN_KEY,
+    ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    e = tl.program_id(0)
+    pid_j = tl.program_id(2)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    js = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_ok = cols < C
+    j_ok = js < D
+    s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
+    if s < S:  # entries past the last chunk (the grid is an upper bound) do nothing
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]
+        if D <= BLOCK_J:
+            w_res = _tile(w_ptr, cols, col_ok, D, js, j_ok, 1)  # [BLOCK_C, BLOCK_J] resident
+        acc = tl.zeros((BLOCK_C, BLOCK_J), ACC)  # [BLOCK_C, BLOCK_J]  sum_t diff_t z_t^T
+        acc_b = tl.zeros((BLOCK_C,), ACC)  # [BLOCK_C]  sum_t diff_t
+        zero_ct = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
+        for t0 in range(lo, hi, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            row_ok = rows < hi
+            zt = _tile(z_ptr, rows, row_ok, D, js, j_ok, 1)  # [BLOCK_T, BLOCK_J]
+            if D <= BLOCK_J:
+                a = _mm(w_res, tl.trans(zt), zero_ct, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_T]
+            else:
+                a, _ = _decode_t(w_ptr, w_ptr, z_ptr, cols, col_ok, rows, row_ok, D, False,
+                                 ACC, USE_DOT, PRECISION, BLOCK_T, BLOCK_C, BLOCK_K)  # [BLOCK_C, BLOCK_T]
+            xt = _tile(x_ptr, cols, col_ok, 1, rows, row_ok, C)  # [BLOCK_C, BLOCK_T]
+            _, diff = _relu_diff(a + b[:, None], xt, ACC)  # [BLOCK_C, BLOCK_T]
+            diff = tl.where(row_ok[None, :], diff, 0.0)
+            acc = _mm(diff.to(zt.dtype), zt, acc, USE_DOT, PRECISION)
+            acc_b += tl.sum(diff, axis=1)
+        v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]; r_t = v * diff_t
+        if n_chunks == 1:
+            dst = out_ptr + s * C * (D + 1)
+        else:
+            dst = part_ptr + (tl.load(slot_ptr_ptr + s) + k) * C * (D + 1)
+        tl.store(dst + cols[:, None] * (D + 1) + js[None, :], acc * v[:, None], mask=col_ok[:, None] & j_ok[None, :])
+        if pid_j == 0:
+            tl.store(dst + cols * (D + 1) + D, acc_b * v, mask=col_ok)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, out_ptr, split_set_ptr, chunk_ptr_ptr, slot_ptr_ptr, S, E,
+                    ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """out[s] = sum over the chunks of split set s of their partials, in chunk order."""
+    s = tl.load(split_set_ptr + tl.program_id(0))
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] over the C*(D+1) elements
+    ok = idx < E
+    if s < S:
+        n_chunks = tl.load(chunk_ptr_ptr + s + 1) - tl.load(chunk_ptr_ptr + s)
+        slot0 = tl.load(slot_ptr_ptr + s)
+        acc = tl.zeros((BLOCK,), ACC)
+        for k in range(0, n_chunks):
+            acc += tl.load(part_ptr + (slot0 + k) * E + idx, mask=ok, other=0.0)
+        tl.store(out_ptr + s * E + idx, acc, mask=ok)
+
+
+_fwd_mma = _autotune(_FWD_CONFIGS)(_fwd_kernel)
+_fwd_fma = _autotune(_FWD_FMA_CONFIGS)(_fwd_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_rows_kernel(
+    x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, p_ptr, off_ptr,
+    chunk_set_ptr, chunk_ptr_ptr,
+    dx_ptr, dz_ptr,
+    S, C, D: tl.constexpr, LEN_KEY,
+    ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Rows of one chunk, one d tile; orientation [rows, C] (flash-attention dQ-like: z tile on chip,
+    loop over C tiles, the W and P_z tiles feed both the decoder GEMM and dz):
+
+        a_t = W z_t + b,  q_t = P_z z_t + p_b                [BLOCK_T, BLOCK_C] per C tile
+        da_t = v m_t q_t,   dx_t = -da_t                     stored per C tile
+        dz_t = sum over C tiles of W^T da_t + P_z^T (v diff_t)   [BLOCK_T, BLOCK_J] accumulator
+    """
+    e = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    js = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = js < D
+    s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
+    if s < S:
+        p_set = p_ptr + s * C * (D + 1)
+        zero_tc = tl.zeros((BLOCK_T, BLOCK_C), ACC)  # [BLOCK_T, BLOCK_C]
+        for t0 in range(lo, hi, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            row_ok = rows < hi
+            if D <= BLOCK_J:
+                zt = _tile(z_ptr, rows, row_ok, D, js, j_ok, 1)  # [BLOCK_T, BLOCK_J] resident over C
+            dz = tl.zeros((BLOCK_T, BLOCK_J), ACC)  # [BLOCK_T, BLOCK_J]
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                col_ok = cols < C
+                w_cj = _tile(w_ptr, cols, col_ok, D, js, j_ok, 1)  # [BLOCK_C, BLOCK_J]
+                p_cj = _tile(p_set, cols, col_ok, D + 1, js, j_ok, 1)  # [BLOCK_C, BLOCK_J]
+                if D <= BLOCK_J:
+                    a = _mm(zt, tl.trans(w_cj), zero_tc, USE_DOT, PRECISION)  # [BLOCK_T, BLOCK_C]
+                    q = _mm(zt, tl.trans(p_cj), zero_tc, USE_DOT, PRECISION)  # [BLOCK_T, BLOCK_C]
+                else:
+                    a_t, q_t = _decode_t(w_ptr, p_set, z_ptr, cols, col_ok, rows, row_ok, D, True,
+                                         ACC, USE_DOT, PRECISION, BLOCK_T, BLOCK_C, BLOCK_K)  # [BLOCK_C, BLOCK_T]
+                    a = tl.trans(a_t)
+                    q = tl.trans(q_t)
+                b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]  # [1, BLOCK_C]
+                p_b = tl.load(p_set + cols * (D + 1) + D, mask=col_ok, other=0.0).to(ACC)[None, :]  # [1, BLOCK_C]
+                v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]  # [1, BLOCK_C]
+                q = q + p_b
+                m, diff = _relu_diff(a + b, _tile(x_ptr, rows, row_ok, C, cols, col_ok, 1), ACC)  # [BLOCK_T, BLOCK_C]
+                da = v * m * q  # [BLOCK_T, BLOCK_C]; rows past the chunk only reach their own (unstored) dz row
+                if pid_j == 0:
+                    tl.store(dx_ptr + rows[:, None] * C + cols[None, :], (-da).to(dx_ptr.dtype.element_ty),
+                             mask=row_ok[:, None] & col_ok[None, :])
+                dz = _mm(da.to(w_cj.dtype), w_cj, dz, USE_DOT, PRECISION)
+                dz = _mm((diff * v).to(p_cj.dtype), p_cj, dz, USE_DOT, PRECISION)
+            tl.store(dz_ptr + rows[:, None] * D + js[None, :], dz.to(dz_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _bwd_params_kernel(
+    x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, p_ptr, off_ptr,
+    chunk_set_ptr, chunk_ptr_ptr,
+    pw_ptr, pv_ptr,  # fp32 partials: (groups, C, D+1) of [dW | db], (groups, C) of dv
+    S, C, D: tl.constexpr, N_ENTRIES, PER_GROUP, LEN_KEY,
+    ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One group of chunks, one (C, d) tile; orientation [C, rows] as in the forward:
+
+        [dW | db] = v * sum_t (m q)_t [z_t ; 1]^T     [BLOCK_C, BLOCK_J] + [BLOCK_C] (row sum)
+        dv        = sum_t diff_t q_t                  [BLOCK_C]
+    """
+    g = tl.program_id(0)
+    pid_j = tl.program_id(2)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    js = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_ok = cols < C
+    j_ok = js < D
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[:, None]  # [BLOCK_C, 1]
+    if D <= BLOCK_J:
+        w_res = _tile(w_ptr, cols, col_ok, D, js, j_ok, 1)  # [BLOCK_C, BLOCK_J] resident
+    acc = tl.zeros((BLOCK_C, BLOCK_J), ACC)  # [BLOCK_C, BLOCK_J]  sum_t (m q)_t z_t^T
+    acc_b = tl.zeros((BLOCK_C,), ACC)  # [BLOCK_C]  sum_t (m q)_t
+    acc_v = tl.zeros((BLOCK_C,), ACC)  # [BLOCK_C]  sum_t diff_t q_t
+    zero_ct = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
+    e_end = tl.minimum((g + 1) * PER_GROUP, N_ENTRIES)
+    for e in range(g * PER_GROUP, e_end):
+        s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
+        if s < S:
+            p_set = p_ptr + s * C * (D + 1)
+            p_b = tl.load(p_set + cols * (D + 1) + D, mask=col_ok, other=0.0).to(ACC)[:, None]  # [BLOCK_C, 1]
+            if D <= BLOCK_J:
+                p_res = _tile(p_set, cols, col_ok, D + 1, js, j_ok, 1)  # [BLOCK_C, BLOCK_J] on chip for the chunk
+            for t0 in range(lo, hi, BLOCK_T):
+                rows = t0 + tl.arange(0, BLOCK_T)
+                row_ok = rows < hi
+                zt = _tile(z_ptr, rows, row_ok, D, js, j_ok, 1)  # [BLOCK_T, BLOCK_J]
+                if D <= BLOCK_J:
+                    a = _mm(w_res, tl.trans(zt), zero_ct, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_T]
+                    q = _mm(p_res, tl.trans(zt), zero_ct, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_T]
+                else:
+                    a, q = _decode_t(w_ptr, p_set, z_ptr, cols, col_ok, rows, row_ok, D, True,
+                                     ACC, USE_DOT, PRECISION, BLOCK_T, BLOCK_C, BLOCK_K)  # [BLOCK_C, BLOCK_T]
+                q = q + p_b
+                m, diff = _relu_diff(a + b, _tile(x_ptr, cols, col_ok, 1, rows, row_ok, C), ACC)  # [BLOCK_C, BLOCK_T]
+                mq = tl.where(row_ok[None, :], m * q, 0.0)  # [BLOCK_C, BLOCK_T]
+                acc = _mm(mq.to(zt.dtype), zt, acc, USE_DOT, PRECISION)
+                acc_b += tl.sum(mq, axis=1)
+                acc_v += tl.sum(tl.where(row_ok[None, :], diff * q, 0.0), axis=1)
+    v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]
+    dst = pw_ptr + g.to(tl.int64) * C * (D + 1)
+    tl.store(dst + cols[:, None] * (D + 1) + js[None, :], acc * v[:, None], mask=col_ok[:, None] & j_ok[None, :])
+    if pid_j == 0:
+        tl.store(dst + cols * (D + 1) + D, acc_b * v, mask=col_ok)
+        tl.store(pv_ptr + g.to(tl.int64) * C + cols, acc_v, mask=col_ok)
+
+
+_bwd_rows_mma = _autotune(_BWD_CONFIGS)(_bwd_rows_kernel)
+_bwd_rows_fma = _autotune(_BWD_FMA_CONFIGS)(_bwd_rows_kernel)
+_bwd_params_mma = _autotune(_BWD_CONFIGS)(_bwd_params_kernel)
+_bwd_params_fma = _autotune(_BWD_FMA_CONFIGS)(_bwd_params_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """About 4 resident programs per SM; a handful under the interpreter (so long sets still split)."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 8
+
+
+def _len_key(n: int, s: int) -> int:
+    """Typical set length bucketed to a power of two (autotune key)."""
+    return min(triton.next_power_of_2(max(1, n // max(s, 1))), 4096)
+
+
+def _default_chunk(n: int, tiles: int, device: torch.device) -> int:
+    """Rows per program so that all chunks x ``tiles`` give about the target number of programs."""
+    step, least = (16, 16) if _INTERPRET else (64, 256)
+    rows = triton.cdiv(n * tiles, _target_programs(device))
+    return max(least, triton.cdiv(rows, step) * step)
+
+
+def _chunk_table(offsets: torch.Tensor, chunk: int, n: int):
+    """Device-side chunk table (no host sync; the grid is sized by an upper bound).
+
+    Returns (chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split):
+    set s has max(1, ceil(len_s / chunk)) chunks, entries chunk_ptr[s] : chunk_ptr[s+1] of
+    chunk_set (value s; S marks the unused tail). n_entries = S + n // chunk bounds the number of
+    chunks. A *split* set (more than one chunk) owns partial slots slot_ptr[s] + k; there are fewer
+    than 2 n / chunk slots and at most n // (chunk + 1) split sets, listed first in split_set.
+    """
+    s = offsets.shape[0] - 1
+    lengths = offsets[1:] - offsets[:-1]
+    counts = torch.clamp_min((lengths + chunk - 1) // chunk, 1)
+    zero = offsets.new_zeros(1)
+    chunk_ptr = torch.cat([zero, torch.cumsum(counts, 0)])
+    n_entries = s + n // chunk
+    chunk_set = torch.searchsorted(chunk_ptr[1:], torch.arange(n_entries, device=offsets.device), right=True)
+    split = counts > 1
+    slot_ptr = torch.cat([zero, torch.cumsum(torch.where(split, counts, 0), 0)])
+    n_split = n // (chunk + 1)
+    split_set = torch.searchsorted(torch.cumsum(split.to(torch.int64), 0),
+                                   torch.arange(1, n_split + 1, device=offsets.device))
+    n_slots = (2 * n) // chunk + 1 if n_split else 0
+    return chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split
+
+
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised scratch; NaN-filled under the interpreter so an unwritten element shows in tests."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device) if _INTERPRET else torch.empty(
+        shape, dtype=dtype, device=device)
+
+
+def _modes(dtype: torch.dtype):
+    """(accumulator dtype, tl accumulator, use tl.dot, dot input precision) for an input dtype."""
+    if dtype == torch.float64:
+        return torch.float64, tl.float64, False, "ieee"
+    return torch.float32, tl.float32, True, FP32_PRECISION if dtype == torch.float32 else "tf32"
+
+
+def _contiguous(*ts: torch.Tensor):
+    return tuple(t.contiguous() for t in ts)
+
+
+def _check_out(name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not t.is_contiguous():
+        raise ValueError(
+            f"fisher_accumulate (triton): {name} must be a contiguous {shape} {dtype} tensor on {device}, "
+            f"got {tuple(t.shape)} {t.dtype} on {t.device} (contiguous={t.is_contiguous()})"
+        )
+
+
+def fisher_accumulate_fwd(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    inv_var: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """G: (S, C, d+1) fp32 (fp64 for float64 input) from x (N, C), z (N, d), weight (C, d),
+    bias (C,), inv_var (C,), offsets (S+1,) int64. Deterministic (no atomics).
+
+    ``out``: optional preallocated (S, C, d+1) contiguous result (every element is overwritten).
+    ``chunk_rows``: rows per program (default: chosen to fill the device); sets longer than it
+    are split across programs and their fp32 partials summed in order.
+    """
+    x, z, weight, bias, inv_var, offsets = _contiguous(x, z, weight, bias, inv_var, offsets)
+    n, c = x.shape
+    d = z.shape[1]
+    s = offsets.shape[0] - 1
+    acc_dtype, acc_tl, use_dot, precision = _modes(x.dtype)
+    if out is None:
+        out = torch.empty((s, c, d + 1), dtype=acc_dtype, device=x.device)
+    _check_out("out", out, (s, c, d + 1), acc_dtype, x.device)
+    if s == 0:
+        return out
+    chunk = chunk_rows or _default_chunk(n, triton.cdiv(c, 128) * triton.cdiv(d, 256), x.device)
+    chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split = _chunk_table(offsets, chunk, n)
+    part = _scratch((max(n_slots, 1), c, d + 1), acc_dtype, x.device)
+    kernel = _fwd_mma if use_dot else _fwd_fma
+
+    def grid(meta):
+        return (n_entries, triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(d, meta["BLOCK_J"]))
+
+    kernel[grid](
+        x, z, weight, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, out, part,
+        s, c, d, _len_key(n, s), ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision,
+    )
+    if n_split:
+        e = c * (d + 1)
+        block = 1024
+        _combine_kernel[(n_split, triton.cdiv(e, block))](
+            part, out, split_set, chunk_ptr, slot_ptr, s, e, ACC=acc_tl, BLOCK=block
+        )
+    return out
+
+
+def fisher_accumulate_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    inv_var: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    out: tuple[torch.Tensor, ...] | None = None,
+    chunk_rows: int | None = None,
+    groups: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dz, dweight, dbias, dinv_var) of <grad, G>, each in its input's dtype.
+
+    ``grad``: (S, C, d+1) upstream gradient of G. ``out``: optional preallocated
+    (dx, dz, dweight, dbias, dinv_var), every element overwritten. ``chunk_rows``: rows per
+    program of the row kernel and the unit of work of the param kernel; ``groups``: programs
+    along the rows of the param kernel (one fp32 partial each, summed by ``torch.sum``).
+    Deterministic (no atomics).
+    """
+    x, z, weight, bias, inv_var, offsets, grad = _contiguous(x, z, weight, bias, inv_var, offsets, grad)
+    n, c = x.shape
+    d = z.shape[1]
+    s = offsets.shape[0] - 1
+    acc_dtype, acc_tl, use_dot, precision = _modes(x.dtype)
+    inputs = (x, z, weight, bias, inv_var)
+    if out is None:
+        out = tuple(torch.empty_like(t) for t in inputs)
+    for name, o, t in zip(("dx", "dz", "dweight", "dbias", "dinv_var"), out, inputs):
+        _check_out(f"out {name}", o, tuple(t.shape), t.dtype, t.device)
+    dx, dz, dw, db, dv = out
+    if s == 0 or n == 0:
+        for t in out:
+            t.zero_()
+        return out
+    # P in the GEMM dtype: fp32 / fp64 as is, rounded once to fp16 / bf16 for half inputs.
+    p = grad.to(x.dtype)
+    chunk = chunk_rows or (48 if _INTERPRET else 128)
+    chunk_set, chunk_ptr, _, _, n_entries, _, _ = _chunk_table(offsets, chunk, n)
+    len_key = _len_key(n, s)
+    meta_args = dict(ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision)
+    rows_kernel, params_kernel = (_bwd_rows_mma, _bwd_params_mma) if use_dot else (_bwd_rows_fma, _bwd_params_fma)
+
+    rows_kernel[lambda meta: (n_entries, triton.cdiv(d, meta["BLOCK_J"]))](
+        x, z, weight, bias, inv_var, p, offsets, chunk_set, chunk_ptr, dx, dz,
+        s, c, d, len_key, **meta_args,
+    )
+
+    tiles = triton.cdiv(c, 64) * triton.cdiv(d, 256)  # (C, d) tiles of the param kernel, about
+    n_groups = groups or max(1, min(n_entries, triton.cdiv(_target_programs(x.device), tiles)))
+    per_group = triton.cdiv(n_entries, n_groups)
+    n_groups = triton.cdiv(n_entries, per_group)
+    pw = _scratch((n_groups, c, d + 1), acc_dtype, x.device)
+    pv = _scratch((n_groups, c), acc_dtype, x.device)
+    params_kernel[lambda meta: (n_groups, triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(d, meta["BLOCK_J"]))](
+        x, z, weight, bias, inv_var, p, offsets, chunk_set, chunk_ptr, pw, pv,
+        s, c, d, n_entries, per_group, len_key, **meta_args,
+    )
+    gw = pw.sum(0)  # (C, d+1) fixed-order reduction over groups: deterministic
+    dw.copy_(gw[:, :d])
+    db.copy_(gw[:, d])
+    dv.copy_(pv.sum(0))
+    return dx, dz, dw, db, dv

@@ -1,0 +1,182 @@
+"""The fused Triton kernels of fisher_accumulate, called directly (kernels/fisher_accumulate.py).
+
+Runs on CUDA when present, else on CPU tensors under TRITON_INTERPRET=1 (set by conftest.py
+before anything imports Triton). Every output is poisoned with NaN before the launch, so an
+element a kernel forgot to write fails. Oracle: the float64 reference (fvvae_fast.ops.reference)
+on float64 copies of the (rounded) inputs; tolerances from tests/cases.py.
+Reproduce a failure with FVVAE_TEST_SEED=<seed from the pytest header>.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from fvvae_fast.ops import dispatch, reference
+
+from .cases import CASE_IDS, CASES, SEED, TOLERANCES, Case, assert_matches_reference, make_inputs
+from .conftest import DEVICE
+
+_reason = dispatch.available("triton", DEVICE)
+pytestmark = pytest.mark.skipif(_reason is not None, reason=str(_reason))
+if _reason is None:
+    from fvvae_fast.kernels import fisher_accumulate as K
+else:  # pragma: no cover
+    K = None
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
+GRAD_NAMES = ("dx", "dz", "dweight", "dbias", "dinv_var")
+
+
+def _block(name: str, pick=max) -> int:
+    """A block size over every tensor-core config (there is one under the interpreter)."""
+    return pick(cf.kwargs[name] for cf in (*K._FWD_CONFIGS, *K._BWD_CONFIGS))
+
+
+def _awkward_case() -> Case:
+    """Fresh random sizes with more than one tile and a tail in every tiled dimension (C, d, rows)
+    for every config, empty and 1-row sets, and one set several chunks long."""
+    rng = random.Random(SEED + 4)
+    bc, bj, bk, bt = (_block(n) for n in ("BLOCK_C", "BLOCK_J", "BLOCK_K", "BLOCK_T"))
+    c = bc + rng.randrange(1, bc)
+    d = max(bj, bk) + rng.randrange(1, min(bj, bk) - 1)  # d > BLOCK_K and d > BLOCK_J, both with tails
+    long = 3 * bt + rng.randrange(1, bt)
+    lengths = [0, 1, long, rng.randrange(2, bt), 0, 1]
+    rng.shuffle(lengths)
+    return Case(f"awkward-c{c}-d{d}", c, d, tuple(lengths))
+
+
+def _inputs(case: Case, dtype: torch.dtype, salt: int = 0):
+    inputs = make_inputs(case, dtype, DEVICE, salt=salt)
+    as64 = tuple(t.double().cpu() if t.is_floating_point() else t.cpu() for t in inputs)
+    return inputs, as64
+
+
+def _poisoned(shape, dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_forward(case: Case, dtype: torch.dtype, **kw) -> None:
+    inputs, as64 = _inputs(case, dtype)
+    s = len(case.lengths)
+    out = _poisoned((s, case.c, case.d + 1), _out_dtype(dtype))
+    got = K.fisher_accumulate_fwd(*inputs, out=out, **kw)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == _out_dtype(dtype)
+    assert_matches_reference(got, reference.forward(*as64), dtype, f"forward {case.id} {dtype}")
+
+
+def _check_backward(case: Case, dtype: torch.dtype, **kw) -> None:
+    inputs, as64 = _inputs(case, dtype)
+    g = torch.Generator().manual_seed(SEED + 7)
+    grad = torch.randn((len(case.lengths), case.c, case.d + 1), generator=g, dtype=torch.float64)
+    out = tuple(_poisoned(t.shape, t.dtype) for t in inputs[:5])
+    got = K.fisher_accumulate_bwd(grad.to(device=DEVICE, dtype=_out_dtype(dtype)), *inputs, out=out, **kw)
+    want = reference.backward(grad, *as64)
+    for name, o, r, t, inp in zip(GRAD_NAMES, got, want, out, inputs):
+        assert o.data_ptr() == t.data_ptr() and o.dtype == inp.dtype
+        assert_matches_reference(o, r, dtype, f"backward {name} {case.id} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_cases(case, dtype):
+    _check_forward(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_backward_cases(case, dtype):
+    _check_backward(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("split", ["split", "default"])
+def test_forward_awkward(dtype, split):
+    """Several tiles and tails in C, d, d+1; 'split': the long set cut into chunks summed by the combine kernel."""
+    kw = {"chunk_rows": _block("BLOCK_T", min)} if split == "split" else {}
+    _check_forward(_awkward_case(), dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("split", ["split", "default"])
+def test_backward_awkward(dtype, split):
+    """'split': one-tile chunks and three row groups, each writing its partial of dW, db, dinv_var."""
+    kw = {"chunk_rows": _block("BLOCK_T", min), "groups": 3} if split == "split" else {}
+    _check_backward(_awkward_case(), dtype, **kw)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="model sizes are too slow for the interpreter")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_model_sizes_cuda(dtype):
+    """The paper's sizes (d = 255: the one-pass tiles), frame and image sets, forward and backward."""
+    case = Case("model", 512, 255, (50, 784, 0, 1, 50, 1250))
+    _check_forward(case, dtype)
+    _check_backward(case, dtype)
+
+
+def test_long_set_split_many_ways():
+    """A set far longer than a tile, split into 1..many chunks: the same G up to fp32 rounding."""
+    bt = _block("BLOCK_T", min)
+    case = Case("very-long", 9, 5, (2, 11 * bt + 3, 0, 1))
+    inputs, as64 = _inputs(case, torch.float32)
+    want = reference.forward(*as64)
+    for chunk in (1, bt, 3 * bt + 1, 100 * bt):
+        out = _poisoned((4, 9, 6), torch.float32)
+        assert_matches_reference(K.fisher_accumulate_fwd(*inputs, out=out, chunk_rows=chunk), want,
+                                 torch.float32, f"chunk_rows={chunk}")
+
+
+def test_deterministic():
+    """No atomics: a second run is bitwise identical, forward and backward, split or not."""
+    case = _awkward_case()
+    inputs, _ = _inputs(case, torch.float32)
+    kw = {"chunk_rows": _block("BLOCK_T", min)}
+    a, b = K.fisher_accumulate_fwd(*inputs, **kw), K.fisher_accumulate_fwd(*inputs, **kw)
+    assert torch.equal(a, b)
+    grad = torch.randn_like(a)
+    ga = K.fisher_accumulate_bwd(grad, *inputs, groups=3, **kw)
+    gb = K.fisher_accumulate_bwd(grad, *inputs, groups=3, **kw)
+    assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+
+
+def test_fp16_large_inv_var_does_not_overflow():
+    """r = v * diff exceeds the fp16 range; the kernel multiplies by v after the fp32 accumulation."""
+    case = Case("big-inv-var", 6, 4, (30, 2))
+    inputs, as64 = _inputs(case, torch.float16)
+    x, z, w, b, v, off = inputs
+    v = torch.full_like(v, 6.0e4)
+    b = b + 4.0  # active ReLUs with |mu_x - x| > 1, so |r| > 6e4 > fp16 max
+    as64 = (*as64[:3], b.double().cpu(), v.double().cpu(), as64[5])
+    got = K.fisher_accumulate_fwd(x, z, w, b, v, off)
+    assert torch.isfinite(got).all()
+    assert_matches_reference(got, reference.forward(*as64), torch.float16, "fp16 large inv_var")
+
+
+def test_nan_propagates_like_reference():
+    """A NaN in x (even where the ReLU is off) poisons its set's row of G, as in the reference."""
+    case = Case("nan", 5, 3, (4, 3))
+    inputs, as64 = _inputs(case, torch.float32)
+    x = inputs[0].clone()
+    x[5, 2] = float("nan")
+    x64 = as64[0].clone()
+    x64[5, 2] = float("nan")
+    got = K.fisher_accumulate_fwd(x, *inputs[1:])
+    want = reference.forward(x64, *as64[1:])
+    assert torch.isnan(got[1, 2]).all() and not torch.isnan(got[0]).any()
+    atol, rtol = TOLERANCES[torch.float32]
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol * max(1.0, float(want.nan_to_num().abs().max())),
+                               rtol=rtol, equal_nan=True)
+
+
+def test_rejects_bad_out():
+    case = Case("bad-out", 4, 3, (2,))
+    inputs, _ = _inputs(case, torch.float32)
+    with pytest.raises(ValueError, match="out"):
+        K.fisher_accumulate_fwd(*inputs, out=torch.empty((1, 4, 3), device=DEVICE))
