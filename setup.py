@@ -10,21 +10,32 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
+PIPELINES = ["torchvision", "av", "pillow", "scikit-learn"]
 ext_modules = []
 cmdclass = {}
 sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
 if sources and os.environ.get("FVVAE_NO_EXTENSION", "0") != "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
+    # The kernels parallelise with OpenMP (the runtime torch already loads). Apple clang has
+    # no -fopenmp: there the kernels build and run on one thread. The build stays portable
+    # (no -march=native): the element-wise loops carry their own AVX2/AVX-512 clones.
+    if sys.platform == "win32":
+        compile_args, link_args = ["/O2", "/openmp"], []
+    elif sys.platform == "darwin":
+        compile_args, link_args = ["-O3", "-ffp-contract=fast"], []
+    else:
+        compile_args, link_args = ["-O3", "-fopenmp", "-ffp-contract=fast"], ["-fopenmp"]
     ext_modules.append(
         CppExtension(
             "fvvae_fast._C",
             sources,
-            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"],
-            extra_link_args=["-fopenmp"],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
             optional=True,
         )
     )
@@ -35,19 +46,15 @@ setup(
     version="0.1.0",
     description="Fast Fisher vectors with a variational auto-encoder (FV-VAE, Qiu et al., CVPR 2017)",
     python_requires=">=3.10",
-    packages=["fvvae_fast", "fvvae_fast.ops", "fvvae_fast.kernels"],
+    packages=["fvvae_fast", "fvvae_fast.ops", "fvvae_fast.kernels", "fvvae_fast.fim", "fvvae_fast.pipelines"],
     package_dir={"fvvae_fast.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "tqdm", "packaging"],
+    install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "packaging", 'tomli; python_version < "3.11"'],
     extras_require={
-        "dev": [
-            "pytest",
-            "pytest-benchmark",
-            "hypothesis",
-            "scikit-learn",
-            "scipy",
-            "tensorboard",
-            "matplotlib",
-        ],
+        # Descriptor sources, backbones and evaluation. torchvision is not a hard requirement: an
+        # unpinned torchvision can pull in another torch; install the one matching your torch.
+        "pipelines": PIPELINES,
+        "yaml": ["pyyaml"],
+        "dev": [*PIPELINES, "pytest", "pytest-benchmark", "hypothesis", "tensorboard", "matplotlib"],
     },
     entry_points={"console_scripts": ["fvvae = fvvae_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -1,0 +1,51 @@
+// CPU kernels of fvvae_fast::fisher_accumulate (forward and backward), on raw pointers.
+//
+// The op entry points (argument checks, dtype handling, registration) are in
+// csrc/fisher_accumulate.cpp; this header is the contract between the two files.
+#pragma once
+
+#include <cstdint>
+
+namespace fvvae_fast::cpu {
+
+// Shapes of one call. Every array is dense row-major; all pointers are valid for
+// the sizes below (the caller has checked them).
+struct Problem {
+  int64_t n;  // rows of x and z (N)
+  int64_t c;  // descriptor dim (C)
+  int64_t d;  // latent dim (d)
+  int64_t s;  // number of sets (S); offsets has s + 1 entries, 0 = o[0] <= ... <= o[s] = n
+};
+
+// G[s] = sum_t r_t [z_t; 1]^T for every set.
+//   x (N, C), z (N, d), weight (C, d), bias (C,), inv_var (C,), offsets (S+1,)
+//   out (S, C, d+1): every element is written (empty sets get zeros).
+template <typename T>
+void forward(const Problem& p, const T* x, const T* z, const T* weight, const T* bias, const T* inv_var,
+             const int64_t* offsets, T* out);
+
+// Gradients of <grad, G>; grad (S, C, d+1).
+//   gx (N, C) and gz (N, d): every element is written.
+//   gw (C, d), gb (C,), gv (C,): every element is written.
+template <typename T>
+void backward(const Problem& p, const T* grad, const T* x, const T* z, const T* weight, const T* bias,
+              const T* inv_var, const int64_t* offsets, T* gx, T* gz, T* gw, T* gb, T* gv);
+
+// Debug and test hooks (process-wide):
+// - the tile GEMMs: kAuto calls the BLAS that torch links (MKL sgemm_/dgemm_) when torch
+//   exports it, else at::addmm_ on tensor views (kTorch); kNaive runs plain loops in this
+//   library (slow; lets AddressSanitizer or valgrind see every access the GEMMs make).
+enum class Gemm { kAuto = 0, kTorch = 1, kNaive = 2 };
+bool blas_available();
+void set_gemm(Gemm mode);
+Gemm gemm_mode();
+// - fill every output and scratch buffer with NaN before computing, so an element the
+//   kernel forgot to write shows up as NaN.
+void set_poison(bool poison);
+bool poison_enabled();
+// - advise transparent huge pages on outputs of at least 32 MiB (on by default on Linux):
+//   their first-touch page faults otherwise cost as much as the GEMMs of short sets.
+void set_huge_pages(bool on);
+void advise_huge_pages(void* ptr, int64_t bytes);
+
+}  // namespace fvvae_fast::cpu
