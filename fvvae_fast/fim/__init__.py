@@ -1,0 +1,13 @@
+"""Streaming, mergeable Fisher information estimates (paper Eq. 12-13; DESIGN sections 2-3).
+
+    fim = FisherInformation(mode="diagonal")          # or mode="lowrank", rank=k; mode="kronecker"
+    fim.estimate(model, loader)                        # one pass over the training sets
+    W = fim.whiten(G)                                  # (S, D) = F^(-1/2) vec(G)
+
+Modules: :mod:`.estimator` (the API), :mod:`.diagonal`, :mod:`.lowrank` (Frequent
+Directions), :mod:`.kronecker`.
+"""
+
+from .estimator import DEFAULT_DAMPING, FisherInformation
+
+__all__ = ["DEFAULT_DAMPING", "FisherInformation"]

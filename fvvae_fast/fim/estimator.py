@@ -1,0 +1,541 @@
+"""``FisherInformation``: streaming, mergeable estimates of F (paper Eq. 12) and its F^(-1/2) (Eq. 13).
+
+    F = mean over training sets X of vec(G_X) vec(G_X)^T        (D, D), D = C (d+1)   (Eq. 12)
+    whiten(G_X) = F^(-1/2) vec(G_X)                                                  (Eq. 13, before the minus sign)
+
+F is never formed: three modes estimate it in O(k D) memory or less.
+
+- ``"diagonal"``: exact diag F (float64 running sum of squares).
+- ``"lowrank"``: exact diag F plus a Frequent Directions sketch of the vec(G_X) rows;
+  F_hat = U L U^T + diag(max(diag F - diag(U L U^T), floor)) (see :mod:`.lowrank`).
+- ``"kronecker"``: F ~ T_bar * B (x) A from per-descriptor residuals and latents
+  (see :mod:`.kronecker`); it needs the descriptors, so it is fed by
+  :meth:`FisherInformation.update_descriptors` / :meth:`FisherInformation.estimate`.
+
+``damping`` is a floor relative to the mean diagonal of F, default 1e-4: no
+direction of F is taken to have less than 0.01 % of the average per-coordinate
+variance, which caps the gain of F^(-1/2) at 100x that of an average coordinate.
+Decoder units that the ReLU mask of Eq. 11 (almost) never lets through give
+coordinates with (almost) no training variance; unfloored, their test-time values,
+mostly noise, would be blown up. The low-rank and Kronecker spectra decay fast
+(on generated data the 60th eigenvalue of F is below 1e-4 of the mean diagonal),
+so they need a floor most. 1e-4 keeps the diagonal mode close to the paper's
+exact normalisation (on generated data it floors 3 % of the live coordinates,
+where 1e-3 floors 28 %) and gave lowrank k=128 its best held-out whitening among
+0, 1e-6 ... 1e-2 (bench/bench_fim.py --quality). In lowrank mode the floor is
+also never below the resolution of the sketch's float64 eigenproblem.
+``damping=0.0`` is exact: in the diagonal mode it gives the release's
+``normalize_raw_fv`` after signed sqrt + L2, dead coordinates mapping to 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import kronecker
+from .diagonal import inverse_sqrt, sum_of_squares
+from .lowrank import FrequentDirections, LowRankWhitener
+
+FORMAT = "fvvae_fast.FisherInformation"
+VERSION = 1
+MODES = ("diagonal", "lowrank", "kronecker")
+DEFAULT_DAMPING = 1e-4
+# The lowrank whitening needs an invertible diagonal term: its floor is never below this
+# (relative to the mean diagonal), even with damping = 0.
+_LOWRANK_MIN_FLOOR = 1e-12
+
+
+class _ClassOrInstanceMethod:
+    """``FisherInformation.load(path)`` builds a new estimator; ``fim.load(path)`` loads into ``fim``."""
+
+    def __init__(self, func):
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, obj, cls):
+        return functools.partial(self.func, cls, obj)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class FisherInformation:
+    """A streaming estimate of the Fisher information F of the FV-VAE decoder (Eq. 12).
+
+    Args:
+        mode: ``"diagonal"``, ``"lowrank"`` or ``"kronecker"`` (module docstring).
+        rank: k, the rank of the low-rank part; required by (and only valid for)
+            ``mode="lowrank"`` (``None`` or 0 for the other modes).
+        damping: floor relative to the mean diagonal of F (default 1e-4, see the module
+            docstring); 0.0 = no floor (pseudo-inverse of dead coordinates).
+        sketch: l, the Frequent Directions sketch size (lowrank only; default 2k, >= k).
+            Memory is a (2l, D) buffer in the dtype of the first update.
+        dim: D, optional: checked against every input (otherwise set by the first update).
+
+    Example:
+        >>> fim = FisherInformation(mode="lowrank", rank=4)
+        >>> G = torch.randn(100, 8, 5, dtype=torch.float64)
+        >>> fim.update(G).whiten(G).shape
+        torch.Size([100, 40])
+    """
+
+    def __init__(
+        self,
+        mode: str = "diagonal",
+        rank: int | None = None,
+        *,
+        damping: float = DEFAULT_DAMPING,
+        sketch: int | None = None,
+        dim: int | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"FisherInformation: mode must be one of {MODES}, got {mode!r}")
+        for name, value in (("rank", rank), ("sketch", sketch), ("dim", dim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise TypeError(f"FisherInformation: {name} must be an int or None, got {type(value).__name__}")
+        rank, sketch, dim = (None if v is None else int(v) for v in (rank, sketch, dim))
+        if mode == "lowrank":
+            if rank is None or rank < 1:
+                raise ValueError(f"FisherInformation: mode='lowrank' needs rank=k >= 1, got rank={rank}")
+            sketch = 2 * rank if sketch is None else sketch
+            if sketch < rank:
+                raise ValueError(f"FisherInformation: sketch must be >= rank={rank}, got sketch={sketch}")
+        else:
+            if rank not in (None, 0):
+                raise ValueError(f"FisherInformation: rank={rank} needs mode='lowrank', got mode={mode!r}")
+            if sketch is not None:
+                raise ValueError(f"FisherInformation: sketch={sketch} needs mode='lowrank', got mode={mode!r}")
+        if dim is not None and dim < 1:
+            raise ValueError(f"FisherInformation: dim must be >= 1, got {dim}")
+        self.mode = mode
+        self.rank = rank or 0
+        self.sketch_rows = sketch or 0
+        self.damping = damping
+        self.dim: int | None = dim
+        self.shape: tuple[int, int] | None = None  # (C, d+1) once an input showed it
+        self.num_sets = 0
+        self.num_descriptors = 0  # kronecker only
+        self._sumsq: Tensor | None = None  # (D,) float64: sum_X vec(G_X)^2
+        self._fd: FrequentDirections | None = None
+        self._b_sum: Tensor | None = None  # (C, C) float64: sum_t r_t r_t^T
+        self._a_sum: Tensor | None = None  # (d+1, d+1) float64: sum_t z~_t z~_t^T
+        self._factors: Any = None  # float64 whitening factors, built lazily
+        self._cast: dict[tuple[torch.dtype, torch.device], Any] = {}
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def damping(self) -> float:
+        """Floor relative to the mean diagonal of F (a float >= 0); setting it rebuilds the whitening."""
+        return self._damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"FisherInformation: damping must be a float, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"FisherInformation: damping must be finite and >= 0, got {value}")
+        self._damping = float(value)
+        self._invalidate()
+
+    @property
+    def device(self) -> torch.device | None:
+        """Device of the statistics (that of the first update), None before any data."""
+        for t in (self._sumsq, self._b_sum):
+            if t is not None:
+                return t.device
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the statistics (the sketch buffer included), not counting cached whitening factors."""
+        tensors = [self._sumsq, self._b_sum, self._a_sum, self._fd.buffer if self._fd is not None else None]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def __repr__(self) -> str:
+        extra = f", rank={self.rank}, sketch={self.sketch_rows}" if self.mode == "lowrank" else ""
+        return (f"FisherInformation(mode={self.mode!r}{extra}, damping={self.damping}, dim={self.dim}, "
+                f"num_sets={self.num_sets})")
+
+    def _invalidate(self) -> None:
+        self._factors = None
+        self._cast = {}
+
+    # ------------------------------------------------------------------ input checks
+
+    def _rows(self, G: Tensor, where: str, *, allow_empty: bool) -> Tensor:
+        """G (S, C, d+1) or (S, D) -> (S, D) view, checked against this estimator's D and (C, d+1)."""
+        if not isinstance(G, Tensor):
+            raise TypeError(f"FisherInformation.{where}: G must be a torch.Tensor, got {type(G).__name__}")
+        if not G.is_floating_point():
+            raise TypeError(f"FisherInformation.{where}: G must be a floating tensor, got dtype {G.dtype}")
+        want = self._expected_shape()
+        if G.dim() not in (2, 3):
+            raise ValueError(f"FisherInformation.{where}: G must be (S, C, d+1) or (S, D), expected {want}, "
+                             f"got shape {tuple(G.shape)}")
+        s, dim = G.shape[0], math.prod(G.shape[1:])
+        if s == 0 and not allow_empty:
+            raise ValueError(f"FisherInformation.{where}: G is empty (S=0 sets, shape {tuple(G.shape)}); "
+                             f"an update needs at least one set")
+        if dim == 0:
+            raise ValueError(f"FisherInformation.{where}: G has D=0 (shape {tuple(G.shape)}), expected {want}")
+        if self.dim is not None and dim != self.dim:
+            raise ValueError(f"FisherInformation.{where}: G has D={dim} (shape {tuple(G.shape)}) but this "
+                             f"estimator holds D={self.dim}, expected {want}")
+        if G.dim() == 3 and self.shape is not None and tuple(G.shape[1:]) != self.shape:
+            raise ValueError(f"FisherInformation.{where}: G has (C, d+1)={tuple(G.shape[1:])} but this "
+                             f"estimator holds {self.shape}, expected {want}")
+        if self.mode == "lowrank" and self.rank > dim:
+            raise ValueError(f"FisherInformation.{where}: rank={self.rank} exceeds D={dim} of G (shape "
+                             f"{tuple(G.shape)})")
+        return G.reshape(s, dim)
+
+    def _expected_shape(self) -> str:
+        if self.shape is not None:
+            return f"(S, {self.shape[0]}, {self.shape[1]}) or (S, {self.dim})"
+        return f"(S, C, d+1) or (S, {self.dim})" if self.dim is not None else "(S, C, d+1) or (S, D)"
+
+    def _learn_shape(self, G: Tensor, dim: int) -> None:
+        self.dim = dim
+        if G.dim() == 3:
+            self.shape = (int(G.shape[1]), int(G.shape[2]))
+
+    # ------------------------------------------------------------------ streaming updates
+
+    @torch.no_grad()
+    def update(self, G: Tensor) -> FisherInformation:
+        """Add a batch of training sets: G (S, C, d+1) or (S, D) float, raw gradient sums of any sign.
+
+        Reads G once (float64 chunks for the diagonal; lowrank also copies its rows into
+        the sketch buffer). Non-finite values are rejected before anything changes.
+        Not available in ``mode="kronecker"``: G has no per-descriptor statistics there;
+        use :meth:`update_descriptors` or :meth:`estimate`. Returns self.
+        """
+        if self.mode == "kronecker":
+            raise ValueError(
+                "FisherInformation.update: mode='kronecker' needs per-descriptor statistics (residuals r_t "
+                "and latents z_t), which G (S, C, d+1) does not contain; use update_descriptors(model, x, "
+                "offsets) or estimate(model, loader)"
+            )
+        rows = self._rows(G, "update", allow_empty=False)
+        sq = sum_of_squares(rows)  # sum_X vec(G_X)^2 of this batch   (diagonal of Eq. 12)
+        if not math.isfinite(float(sq.sum())):
+            raise ValueError("FisherInformation.update: G has NaN or Inf values")
+        if self._sumsq is None:
+            self._learn_shape(G, rows.shape[1])
+            self._sumsq = torch.zeros_like(sq)
+            if self.mode == "lowrank":
+                self._fd = FrequentDirections(self.dim, self.sketch_rows, _opmath(rows.dtype), rows.device)
+        if self.shape is None and G.dim() == 3:
+            self.shape = (int(G.shape[1]), int(G.shape[2]))
+        self._sumsq += sq.to(self._sumsq.device)
+        if self._fd is not None:
+            self._fd.update(rows.to(self._fd.buffer.device))
+        self.num_sets += rows.shape[0]
+        self._invalidate()
+        return self
+
+    @torch.no_grad()
+    def update_descriptors(
+        self, model: Any, x: Tensor, offsets: Tensor, *, backend: str | None = None
+    ) -> FisherInformation:
+        """Add the training sets of raw descriptors x (N, C) float with offsets (S+1,) int64.
+
+        ``diagonal``/``lowrank``: G = :func:`fvvae_fast.fisher_gradients` then :meth:`update`.
+        ``kronecker``: r_t (Eq. 11, :func:`fvvae_fast.ops.reference.residual`) and
+        z~_t = [mu_z(x_t); 1] give sums of r r^T (C, C) and z~ z~^T (d+1, d+1);
+        no per-descriptor gradient is formed. ``model`` follows :class:`fvvae_fast.FVVAE`
+        (``preprocess``, ``encode``, ``decoder``, ``inv_var``). Returns self.
+        """
+        if not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.numel() < 1:
+            raise ValueError(f"FisherInformation.update_descriptors: offsets must be (S+1,) int64, got "
+                             f"{tuple(offsets.shape) if isinstance(offsets, Tensor) else type(offsets).__name__}")
+        if offsets.numel() == 1:
+            raise ValueError("FisherInformation.update_descriptors: offsets describe no set (S=0); an update "
+                             "needs at least one set")
+        weight = model.decoder.weight
+        x, offsets = x.to(weight.device), offsets.to(weight.device)
+        if self.mode != "kronecker":
+            from ..encode import fisher_gradients
+
+            return self.update(fisher_gradients(model, x, offsets, backend=backend))
+        from ..ops.reference import residual
+
+        c, d = weight.shape
+        if (self.shape is not None and self.shape != (c, d + 1)) or (self.dim is not None and self.dim != c * (d + 1)):
+            raise ValueError(f"FisherInformation.update_descriptors: the model has (C, d+1)=({c}, {d + 1}), "
+                             f"D={c * (d + 1)}, but this estimator holds {self.shape}, D={self.dim}")
+        if x.dim() != 2 or x.shape[1] != c or int(offsets[-1]) != x.shape[0] or int(offsets[0]) != 0:
+            raise ValueError(f"FisherInformation.update_descriptors: x must be (N, C={c}) with offsets[0]=0 and "
+                             f"offsets[-1]=N; got x {tuple(x.shape)}, offsets {int(offsets[0])}..{int(offsets[-1])}")
+        xp, z = model.preprocess(x), model.encode(x)
+        r = residual(xp, z, weight, model.decoder.bias, model.inv_var())  # (N, C)   Eq. 11
+        b_sum, a_sum = kronecker.descriptor_moments(r, z)
+        if not (math.isfinite(float(b_sum.sum())) and math.isfinite(float(a_sum.sum()))):
+            raise ValueError("FisherInformation.update_descriptors: NaN or Inf in the residuals or latents")
+        if self._b_sum is None:
+            self.dim, self.shape = c * (d + 1), (c, d + 1)
+            self._b_sum, self._a_sum = torch.zeros_like(b_sum), torch.zeros_like(a_sum)
+        self._b_sum += b_sum.to(self._b_sum.device)
+        self._a_sum += a_sum.to(self._a_sum.device)
+        self.num_sets += offsets.numel() - 1
+        self.num_descriptors += x.shape[0]
+        self._invalidate()
+        return self
+
+    def estimate(
+        self, model: Any, loader: Iterable, *, backend: str | None = None, progress: bool = True
+    ) -> FisherInformation:
+        """One pass over a training loader with a progress bar; returns self.
+
+        loader: yields batches whose first two items are raw x (N, C) float and offsets
+        (S+1,) int64 (labels etc. may follow). Each batch goes to :meth:`update_descriptors`.
+        """
+        from tqdm.auto import tqdm
+
+        total = len(loader) if hasattr(loader, "__len__") else None
+        with tqdm(loader, total=total, desc=f"FIM ({self.mode})", unit="batch", disable=not progress) as bar:
+            for batch in bar:
+                self.update_descriptors(model, batch[0], batch[1], backend=backend)
+                bar.set_postfix(sets=self.num_sets, refresh=False)
+        if self.num_sets == 0:
+            raise ValueError("FisherInformation.estimate: the loader yielded no sets")
+        return self
+
+    # ------------------------------------------------------------------ merging
+
+    @torch.no_grad()
+    def merge(self, other: FisherInformation) -> FisherInformation:
+        """Absorb ``other``'s data: self becomes the estimator over the union; returns self.
+
+        Diagonal and Kronecker sums add exactly; the sketch of ``other`` is appended to
+        this one's and shrunk, so the Frequent Directions bound holds over the union
+        (:attr:`sketch_error`). ``other`` is unchanged; this estimator's damping is kept.
+        """
+        if not isinstance(other, FisherInformation):
+            raise TypeError(f"FisherInformation.merge: other must be a FisherInformation, got {type(other).__name__}")
+        if (other.mode, other.rank, other.sketch_rows) != (self.mode, self.rank, self.sketch_rows):
+            raise ValueError(
+                f"FisherInformation.merge: other has mode={other.mode!r}, rank={other.rank}, sketch="
+                f"{other.sketch_rows}; this estimator has mode={self.mode!r}, rank={self.rank}, "
+                f"sketch={self.sketch_rows}"
+            )
+        if self.dim is not None and other.dim is not None and self.dim != other.dim:
+            raise ValueError(f"FisherInformation.merge: other holds D={other.dim}, this estimator D={self.dim}")
+        if self.shape is not None and other.shape is not None and self.shape != other.shape:
+            raise ValueError(f"FisherInformation.merge: other holds (C, d+1)={other.shape}, "
+                             f"this estimator {self.shape}")
+        if other.num_sets == 0:
+            return self
+        if self.num_sets == 0:
+            state = other.state_dict()
+            state["damping"] = self.damping
+            return self.load_state_dict(state, device=other.device)
+        dev = self.device
+        if self.mode == "kronecker":
+            self._b_sum += other._b_sum.to(dev)
+            self._a_sum += other._a_sum.to(dev)
+        else:
+            self._sumsq += other._sumsq.to(dev)
+            if self._fd is not None:
+                self._fd.merge(other._fd)
+        self.num_sets += other.num_sets
+        self.num_descriptors += other.num_descriptors
+        self.shape = self.shape or other.shape
+        self._invalidate()
+        return self
+
+    # ------------------------------------------------------------------ the estimate
+
+    def _require_data(self, where: str) -> None:
+        if self.num_sets == 0:
+            raise RuntimeError(f"FisherInformation.{where}: no data yet; call update(), update_descriptors() "
+                               f"or estimate() first")
+
+    def diagonal(self) -> Tensor:
+        """diag F: (D,) float64: the exact mean of vec(G_X)^2 over the training sets (diagonal, lowrank),
+        or the diagonal of T_bar B (x) A (kronecker)."""
+        self._require_data("diagonal")
+        if self.mode == "kronecker":
+            b, a, t_bar = self.kronecker_factors()
+            return t_bar * torch.outer(b.diagonal(), a.diagonal()).reshape(-1)  # diag(T_bar B (x) A)
+        return self._sumsq / self.num_sets
+
+    def low_rank(self) -> tuple[Tensor, Tensor]:
+        """The low-rank part U L U^T of F_hat (lowrank mode): U (D, k') orthonormal, L (k',), float64, k' <= k."""
+        self._require_data("low_rank")
+        if self.mode != "lowrank":
+            raise ValueError(f"FisherInformation.low_rank: needs mode='lowrank', this estimator is {self.mode!r}")
+        u, e, _ = self._fd.top(self.rank)
+        return u, e / self.num_sets
+
+    @property
+    def sketch_error(self) -> float:
+        """Delta / n: 0 <= F - B^T B / n <= sketch_error * I for the sketch B (lowrank; 0 otherwise)."""
+        return self._fd.shrunk / self.num_sets if self._fd is not None and self.num_sets else 0.0
+
+    def kronecker_factors(self) -> tuple[Tensor, Tensor, float]:
+        """B = E[r r^T] (C, C), A = E[z~ z~^T] (d+1, d+1) float64 and T_bar: F ~ T_bar B (x) A (kronecker)."""
+        self._require_data("kronecker_factors")
+        if self.mode != "kronecker":
+            raise ValueError(f"FisherInformation.kronecker_factors: needs mode='kronecker', this is {self.mode!r}")
+        n = max(self.num_descriptors, 1)
+        return self._b_sum / n, self._a_sum / n, self.num_descriptors / self.num_sets
+
+    def _build_factors(self) -> Any:
+        """float64 whitening factors of the current statistics and damping."""
+        if self.mode == "kronecker":
+            b, a, t_bar = self.kronecker_factors()
+            return kronecker.KroneckerWhitener.build(b, a, t_bar, self.damping)
+        diag = self.diagonal()
+        floor = self.damping * float(diag.mean())  # damping x mean diagonal
+        if self.mode == "diagonal":
+            return inverse_sqrt(diag, floor)  # F^(-1/2) = diag(F)^(-1/2), floored
+        u, e, tol = self._fd.top(self.rank)
+        lam = e / self.num_sets
+        # Never below what the float64 Gram resolves (directions under it are not in U L U^T).
+        floor = max(floor, tol / self.num_sets, _LOWRANK_MIN_FLOOR * float(diag.mean()))
+        whitener = LowRankWhitener.build(diag, u, lam, floor)
+        if self.damping == 0:  # pseudo-inverse, as in the diagonal mode: dead coordinates map to 0
+            whitener.scale[diag == 0] = 0
+        return whitener
+
+    def _factors_for(self, dtype: torch.dtype, device: torch.device) -> Any:
+        if self._factors is None:
+            self._factors = self._build_factors()
+        key = (dtype, device)
+        if key not in self._cast:
+            f = self._factors
+            self._cast[key] = f.to(device=device, dtype=dtype) if self.mode == "diagonal" else f.to(dtype, device)
+        return self._cast[key]
+
+    def whiten(self, G: Tensor) -> Tensor:
+        """F^(-1/2) vec(G) per set: G (S, C, d+1) or (S, D) float -> (S, D), row-major vec over (C, d+1).
+
+        float64 in -> float64 out, else float32; on G's device. O(k D) time and memory
+        per set for diagonal (k = 0) and lowrank; O((C + d + 1) D) for kronecker. No sign
+        is applied (:func:`fvvae_fast.fisher_encode` adds the minus of Eq. 13).
+        Differentiable in G (F is a constant), so gradients pass through ``fisher_encode``.
+        """
+        self._require_data("whiten")
+        rows = self._rows(G, "whiten", allow_empty=True)
+        rows = rows.to(_opmath(rows.dtype))
+        f = self._factors_for(rows.dtype, rows.device)
+        if self.mode == "diagonal":
+            return rows * f
+        if self.mode == "lowrank":
+            return f.apply(rows)
+        return f.apply(rows.reshape(rows.shape[0], *self.shape))
+
+    # ------------------------------------------------------------------ state, save, load
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this estimator: plain values and CPU tensors (the file format)."""
+        state: dict[str, Any] = {
+            "format": FORMAT, "version": VERSION, "mode": self.mode, "rank": self.rank,
+            "sketch": self.sketch_rows, "damping": self.damping, "dim": self.dim,
+            "shape": list(self.shape) if self.shape is not None else None,
+            "num_sets": self.num_sets, "num_descriptors": self.num_descriptors,
+        }
+        if self._sumsq is not None:
+            state["sumsq"] = self._sumsq.cpu()
+        if self._fd is not None:
+            state["sketch_rows"] = self._fd.sketch.cpu().clone()
+            state["sketch_shrunk"] = self._fd.shrunk
+        if self._b_sum is not None:
+            state["b_sum"], state["a_sum"] = self._b_sum.cpu(), self._a_sum.cpu()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], *, device: torch.device | str | None = None) -> FisherInformation:
+        """Restore from :meth:`state_dict` (checks format, version, mode, rank and D); returns self."""
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"FisherInformation: not a {FORMAT} state (format={found!r})")
+        if not isinstance(state.get("version"), int) or not 1 <= state["version"] <= VERSION:
+            raise ValueError(f"FisherInformation: state version {state.get('version')!r} is not one this "
+                             f"fvvae_fast reads (1..{VERSION})")
+        if (state["mode"], state["rank"], state["sketch"]) != (self.mode, self.rank, self.sketch_rows):
+            raise ValueError(
+                f"FisherInformation: the state is for mode={state['mode']!r}, rank={state['rank']}, sketch="
+                f"{state['sketch']}; this estimator has mode={self.mode!r}, rank={self.rank}, sketch={self.sketch_rows}"
+            )
+        if self.dim is not None and state["dim"] is not None and state["dim"] != self.dim:
+            raise ValueError(f"FisherInformation: the state is for D={state['dim']}, this estimator holds D={self.dim}")
+        shape = tuple(state["shape"]) if state["shape"] is not None else None
+        if self.shape is not None and shape is not None and shape != self.shape:
+            raise ValueError(f"FisherInformation: the state is for (C, d+1)={shape}, this estimator holds {self.shape}")
+        device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
+        self.damping = state["damping"]
+        self.dim, self.shape = state["dim"], shape
+        self.num_sets, self.num_descriptors = state["num_sets"], state["num_descriptors"]
+        self._sumsq = state["sumsq"].to(device).clone() if "sumsq" in state else None
+        self._fd = None
+        if "sketch_rows" in state:
+            rows = state["sketch_rows"]
+            self._fd = FrequentDirections(self.dim, self.sketch_rows, rows.dtype, device)
+            self._fd.update(rows.to(device))
+            self._fd.shrunk = float(state["sketch_shrunk"])
+        self._b_sum = state["b_sum"].to(device).clone() if "b_sum" in state else None
+        self._a_sum = state["a_sum"].to(device).clone() if "a_sum" in state else None
+        self._invalidate()
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the estimator to ``path`` atomically (temp file in the same folder, then os.replace).
+
+        Versioned format (``format``/``version`` keys, tensors on CPU), readable with
+        ``torch.load(weights_only=True)``.
+        """
+        from ..io import atomic_torch_save
+
+        atomic_torch_save(self.state_dict(), path)
+
+    @_ClassOrInstanceMethod
+    def load(
+        cls,
+        self: FisherInformation | None,
+        path: str | os.PathLike,
+        *,
+        mode: str | None = None,
+        dim: int | None = None,
+        map_location: torch.device | str = "cpu",
+    ) -> FisherInformation:
+        """Read a file written by :meth:`save`.
+
+        ``FisherInformation.load(path, mode=..., dim=...)`` returns a new estimator;
+        ``fim.load(path)`` loads into ``fim`` (keeping its mode, rank and, once known, D).
+        Either way a file made for another mode, rank or D (or with an unknown format or a
+        newer version) raises ValueError. The file's statistics and damping are restored.
+        """
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"FisherInformation.load: {os.fspath(path)!r} is not a {FORMAT} file")
+        if self is None:
+            if mode is not None and state["mode"] != mode:
+                raise ValueError(f"FisherInformation.load: {os.fspath(path)!r} holds mode={state['mode']!r}, "
+                                 f"expected mode={mode!r}")
+            self = cls(state["mode"], state["rank"] or None, damping=state["damping"],
+                       sketch=state["sketch"] or None, dim=dim)
+        elif mode is not None and mode != self.mode:
+            raise ValueError(f"FisherInformation.load: mode={mode!r} but this estimator has mode={self.mode!r}")
+        elif dim is not None and self.dim is not None and dim != self.dim:
+            raise ValueError(f"FisherInformation.load: dim={dim} but this estimator holds D={self.dim}")
+        else:
+            self.dim = self.dim if dim is None else dim
+        try:
+            return self.load_state_dict(state, device=map_location)
+        except ValueError as err:
+            raise ValueError(f"FisherInformation.load: {os.fspath(path)!r}: {err}") from None
+
+    def to(self, device: torch.device | str) -> FisherInformation:
+        """Move the statistics to ``device`` (whitening also follows G's device by itself); returns self."""
+        return self.load_state_dict(self.state_dict(), device=device) if self.num_sets else self
