@@ -1,0 +1,136 @@
+"""End-to-end videos per second: the descriptor stage (decode 25 frames, backbone, SPP, store)
+and the encoding stage (FV-VAE Fisher vectors of each video's 1250 descriptors, store)
+measured separately, and the encoding share of the total.
+
+    python -m pytest bench/bench_pipeline.py --benchmark-only -s
+
+Inputs (generated, nothing downloads): ``FVVAE_BENCH_VIDEOS`` videos (default 4) of 320 x 240,
+50 frames (UCF101-like), through a random-weight ``FVVAE_BENCH_BACKBONE`` (default
+``resnet18`` ``layer4``: C = 512 like VGG-19 pool5; set ``vgg19-pool5`` for the paper's) at
+``FVVAE_BENCH_SIZE`` (default 112; 224 is the paper's) input; FV-VAE with d = 255.
+Each timed round runs a stage from scratch into a fresh store (store creation and atomic
+shard writes included). Warm-up first; median and p20/p80 in the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from common import machine_line, record, run_benchmark
+
+av = pytest.importorskip("av")
+
+from fvvae_fast.model import FVVAE  # noqa: E402
+from fvvae_fast.pipelines import (  # noqa: E402
+    Dataset,
+    Item,
+    VideoSource,
+    build_backbone,
+    encode_store,
+    extract_descriptors,
+)
+from fvvae_fast.store import Store  # noqa: E402
+
+VIDEOS = int(os.environ.get("FVVAE_BENCH_VIDEOS", "4"))
+BACKBONE = os.environ.get("FVVAE_BENCH_BACKBONE", "resnet18")
+LAYER = os.environ.get("FVVAE_BENCH_LAYER", "layer4" if BACKBONE == "resnet18" else "") or None
+SIZE = int(os.environ.get("FVVAE_BENCH_SIZE", "112"))
+FRAMES, LATENT = 25, 255
+WORKERS = max(0, min(4, (os.cpu_count() or 1) - 1))
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SHAPE = f"{VIDEOS} videos x {FRAMES} frames, {BACKBONE} @ {SIZE}px"
+MEDIANS: dict[str, float] = {}
+
+
+def _make_video(path: Path, seed: int, frames: int = 50, width: int = 320, height: int = 240) -> None:
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        base = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+        for i in range(frames):
+            img = np.kron(np.roll(base, i, axis=1), np.ones((8, 8, 1), np.uint8))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="fvvae-bench-") as tmp:
+        root = Path(tmp)
+        items = []
+        for i in range(VIDEOS):
+            path = root / "videos" / f"v{i}.mp4"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_video(path, seed=i)
+            items.append(Item(path.name, path, label=i % 2))
+        yield root, Dataset("bench", items, ["a", "b"])
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return build_backbone(BACKBONE, LAYER, random_weights=True, device=DEVICE)
+
+
+def _backbone_flops(backbone) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        backbone(torch.zeros(1, 3, SIZE, SIZE, device=DEVICE))
+    return counter.get_total_flops() * FRAMES * VIDEOS
+
+
+def test_descriptor_stage(benchmark, workdir, backbone):
+    root, dataset = workdir
+    source = VideoSource(frames=FRAMES, size=SIZE, resize=round(SIZE * 256 / 224))
+
+    def run():
+        return extract_descriptors(source, dataset, root / "desc", backbone, workers=WORKERS, device=DEVICE,
+                                   overwrite=True, progress=False)
+
+    run_benchmark(benchmark, run, DEVICE, rounds=3, warmup=1)
+    record(benchmark, op="pipeline", method="descriptors", shape=SHAPE, dtype=torch.float32,
+           flops=_backbone_flops(backbone), nbytes=VIDEOS * FRAMES * 50 * backbone.output_shape(SIZE, SIZE)[0] * 4)
+    MEDIANS["descriptors"] = benchmark.stats.stats.median
+    benchmark.extra_info["videos_per_s"] = VIDEOS / MEDIANS["descriptors"]
+
+
+def test_encoding_stage(benchmark, workdir, backbone):
+    root, dataset = workdir
+    if not (root / "desc" / "manifest.sqlite").is_file():
+        extract_descriptors(VideoSource(frames=FRAMES, size=SIZE, resize=round(SIZE * 256 / 224)), dataset,
+                            root / "desc", backbone, workers=WORKERS, device=DEVICE, progress=False)
+    src = Store.open(root / "desc")
+    c = src.dim
+    torch.manual_seed(0)
+    model = FVVAE(in_dim=c, latent_dim=LATENT).to(DEVICE).eval()
+
+    def run():
+        return encode_store(model, src, root / "fisher", device=DEVICE, overwrite=True, progress=False)
+
+    run_benchmark(benchmark, run, DEVICE, rounds=5, warmup=1)
+    n = src.summary().rows
+    flops = 2 * n * c * c + 2 * n * c * LATENT + 2 * n * c * LATENT + 2 * n * c * (LATENT + 1)  # encoder, decoder, G
+    record(benchmark, op="pipeline", method="encode", shape=SHAPE, dtype=torch.float32, flops=flops,
+           nbytes=4 * n * c + 4 * VIDEOS * c * (LATENT + 1))
+    MEDIANS["encode"] = benchmark.stats.stats.median
+    benchmark.extra_info["videos_per_s"] = VIDEOS / MEDIANS["encode"]
+    _print_share()
+
+
+def _print_share() -> None:
+    """videos/s of each stage and the encoding share of descriptors + encoding (needs both stages)."""
+    if set(MEDIANS) != {"descriptors", "encode"}:
+        return
+    d, e = MEDIANS["descriptors"], MEDIANS["encode"]
+    print(f"\n{machine_line()}\n{SHAPE}, {WORKERS} decode workers, device {DEVICE}\n"
+          f"descriptor stage: {VIDEOS / d:.2f} videos/s; encoding stage: {VIDEOS / e:.2f} videos/s; "
+          f"end to end: {VIDEOS / (d + e):.2f} videos/s; encoding share: {100 * e / (d + e):.1f}%")
+

@@ -1,0 +1,65 @@
+"""From videos, images or precomputed arrays to descriptor sets and Fisher vectors in a store.
+
+- :mod:`.datasets`: readers of UCF101, CUB-200-2011, ActivityNet v1.3 and one-folder-per-class layouts.
+- :mod:`.backbones`: torchvision CNNs truncated at a layer, weights from a local file.
+- :mod:`.sources`: video (PyAV, 25 frames, SPP: 50 descriptors/frame), image (448 x 448, dense
+  28 x 28 conv5_4 descriptors, optional box crop), precomputed arrays.
+- :mod:`.extract`: the batched, overlapped, resumable descriptor stage.
+- :mod:`.stages`: FIM estimation, encoding into a Fisher-vector store, a linear-SVM evaluation.
+"""
+
+from .backbones import PRESETS, Backbone, BackboneError, build_backbone
+from .datasets import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Dataset,
+    DatasetError,
+    Item,
+    read_activitynet,
+    read_cub,
+    read_folder,
+    read_ucf101,
+)
+from .extract import StageReport, descriptors_of, extract_descriptors
+from .sources import (
+    ImageSource,
+    PrecomputedSource,
+    SourceError,
+    VideoSource,
+    array_items,
+    decode_video,
+    sample_indices,
+    torchvision_preprocess,
+)
+from .stages import encode_store, estimate_fim, evaluate_store, set_batches
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PRESETS",
+    "VIDEO_EXTENSIONS",
+    "Backbone",
+    "BackboneError",
+    "Dataset",
+    "DatasetError",
+    "ImageSource",
+    "Item",
+    "PrecomputedSource",
+    "SourceError",
+    "StageReport",
+    "VideoSource",
+    "array_items",
+    "build_backbone",
+    "decode_video",
+    "descriptors_of",
+    "encode_store",
+    "estimate_fim",
+    "evaluate_store",
+    "extract_descriptors",
+    "read_activitynet",
+    "read_cub",
+    "read_folder",
+    "read_ucf101",
+    "sample_indices",
+    "set_batches",
+    "torchvision_preprocess",
+]

@@ -1,0 +1,219 @@
+"""CNN backbones that turn preprocessed frames into conv maps, from torchvision architectures.
+
+Nothing downloads: weights come from a local ``state_dict`` file given by the user
+(``torch.save(model.state_dict(), path)`` of the torchvision model, or a checkpoint dict
+with a ``"state_dict"`` / ``"model"`` entry; a ``module.`` prefix is stripped). Random
+weights are used only with ``random_weights=True`` (tests, benchmarks), seeded so that two
+runs build the same network.
+
+Presets (name -> torchvision architecture, layer):
+
+    vgg19-pool5       vgg19         features.36   pool5, (512, 7, 7) at 224   (video, the paper and release)
+    vgg19-conv5_4     vgg19         features.35   conv5_4 + ReLU, (512, 28, 28) at 448   (images)
+    resnet152-res5c   resnet152     layer4        res5c (after its ReLU), (2048, 7, 7) at 224
+    mobilenet_v2      mobilenet_v2  features      (1280, 7, 7) at 224
+
+Any other torchvision model name works with an explicit ``layer``: a node name of
+:func:`torchvision.models.feature_extraction.get_graph_node_names` (the graph is cut there, so
+nothing after the layer runs), or, for models FX cannot trace, a submodule name captured
+by a forward hook that stops the forward pass at that module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+PRESETS: dict[str, tuple[str, str]] = {
+    "vgg19-pool5": ("vgg19", "features.36"),
+    "vgg19-conv5_4": ("vgg19", "features.35"),
+    "resnet152-res5c": ("resnet152", "layer4"),
+    "mobilenet_v2": ("mobilenet_v2", "features"),
+}
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built as asked (unknown model or layer, bad weights file)."""
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found (a state_dict saved with torch.save)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise BackboneError(f"{path}: not a readable state_dict file ({type(err).__name__}: {err})") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "model_state"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise BackboneError(f"{path}: expected a state_dict (a dict of tensors)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+class _Stop(Exception):
+    def __init__(self, output: Tensor) -> None:
+        self.output = output
+
+
+class _HookExtractor(nn.Module):
+    """Runs ``model`` until submodule ``layer`` has produced its output, then stops."""
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        super().__init__()
+        self.model = model
+        self.layer = layer
+        try:
+            module = model.get_submodule(layer)
+        except AttributeError:
+            names = [n for n, _ in model.named_modules() if n][:12]
+            raise BackboneError(f"unknown layer {layer!r}; submodules include: {', '.join(names)}, ...") from None
+
+        def hook(_module, _inputs, output):
+            raise _Stop(output)
+
+        module.register_forward_hook(hook)
+
+    def forward(self, x: Tensor) -> Tensor:
+        try:
+            self.model(x)
+        except _Stop as stop:
+            return stop.output
+        raise BackboneError(f"layer {self.layer!r} did not run in the forward pass")
+
+
+class _GraphExtractor(nn.Module):
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.graph(x)["out"]
+
+
+class Backbone(nn.Module):
+    """A frozen CNN truncated at one layer: frames (B, 3, H, W) float -> maps (B, C, h, w).
+
+    Build with :func:`build_backbone`. ``config()`` names the architecture, layer and the
+    weights (file name and SHA-256, or the random seed) so a store records what made it.
+    """
+
+    def __init__(self, extractor: nn.Module, arch: str, layer: str, weights: str | None, digest: str | None,
+                 seed: int | None) -> None:
+        super().__init__()
+        self.extractor = extractor.eval().requires_grad_(False)
+        self.arch, self.layer, self.weights, self.digest, self.seed = arch, layer, weights, digest, seed
+        self._channels: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+    def forward(self, frames: Tensor) -> Tensor:
+        maps = self.extractor(frames)
+        if not isinstance(maps, Tensor) or maps.dim() != 4:
+            raise BackboneError(f"{self.arch}.{self.layer} gives {type(maps).__name__} "
+                                f"{tuple(getattr(maps, 'shape', ()))}, not a (B, C, h, w) conv map")
+        return maps
+
+    @torch.inference_mode()
+    def output_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the maps for (height, width) input frames (one probe forward, cached)."""
+        key = (height, width)
+        if key not in self._channels:
+            p = next(self.extractor.parameters(), None)
+            device = p.device if p is not None else torch.device("cpu")
+            self._channels[key] = tuple(self(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+        return self._channels[key]
+
+    def config(self) -> dict:
+        return {"arch": self.arch, "layer": self.layer,
+                "weights": None if self.weights is None else {"file": Path(self.weights).name, "sha256": self.digest},
+                "random_seed": self.seed}
+
+
+def _extractor(model: nn.Module, layer: str) -> nn.Module:
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    try:
+        nodes = get_graph_node_names(model)[1]
+    except Exception:  # not FX-traceable: hook a submodule instead
+        return _HookExtractor(model, layer)
+    if layer not in nodes:
+        try:
+            model.get_submodule(layer)
+        except AttributeError:
+            shown = ", ".join(nodes[-12:])
+            raise BackboneError(f"unknown layer {layer!r} (last nodes of the model: {shown})") from None
+        return _HookExtractor(model, layer)
+    return _GraphExtractor(create_feature_extractor(model, return_nodes={layer: "out"}))
+
+
+def build_backbone(
+    name: str,
+    layer: str | None = None,
+    *,
+    weights: str | os.PathLike | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Backbone:
+    """A frozen backbone from a preset or any torchvision model name (module docstring).
+
+    Args:
+        name: a preset (``vgg19-pool5``, ``vgg19-conv5_4``, ``resnet152-res5c``, ``mobilenet_v2``)
+            or a torchvision model name (``torchvision.models.list_models()``), then ``layer`` is needed.
+        layer: the layer whose output is the conv map (overrides the preset's).
+        weights: a local state_dict file of the torchvision architecture (keys after the layer,
+            such as the classifier, are ignored; every key up to the layer must be there).
+        random_weights: allow random weights (seeded by ``seed``) when no file is given; for tests.
+        device: where the backbone runs.
+    """
+    import torchvision
+
+    arch, preset_layer = PRESETS.get(name, (name, None))
+    layer = layer or preset_layer
+    if arch not in torchvision.models.list_models():
+        raise BackboneError(f"unknown backbone {name!r}: use a preset ({', '.join(PRESETS)}) or a torchvision "
+                            f"model name with --layer")
+    if layer is None:
+        raise BackboneError(f"backbone {name!r} needs a layer name (e.g. layer4 for a ResNet)")
+    if weights is None and not random_weights:
+        raise BackboneError(f"backbone {name!r} needs a weights file (a local state_dict); nothing is downloaded. "
+                            f"Random weights only with the explicit random-weights option")
+    if weights is not None:
+        path = Path(weights)
+        state = _read_state_dict(path)
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch, weights=None)
+        extractor = _extractor(model, layer).to_empty(device="cpu")
+        wanted = extractor.state_dict()
+        prefix = "graph." if isinstance(extractor, _GraphExtractor) else "model."
+        missing = [k for k in wanted if k.removeprefix(prefix) not in state]
+        if missing:
+            raise BackboneError(f"{path}: the state_dict lacks {len(missing)} tensors of {arch} up to {layer} "
+                                f"(first: {missing[0].removeprefix(prefix)}); is it a torchvision {arch}?")
+        # the cut graph keeps only the layers up to ``layer``; a hooked model keeps them all
+        sub = {k: state[k.removeprefix(prefix)] for k in wanted}
+        for k, v in sub.items():
+            if v.shape != wanted[k].shape:
+                raise BackboneError(f"{path}: tensor {k.removeprefix(prefix)} has shape {tuple(v.shape)}, "
+                                    f"{arch} needs {tuple(wanted[k].shape)}")
+        extractor.load_state_dict(sub, strict=True)
+        backbone = Backbone(extractor, arch, layer, os.fspath(path), _file_digest(path), None)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = torchvision.models.get_model(arch, weights=None)
+        backbone = Backbone(_extractor(model, layer), arch, layer, None, None, seed)
+    return backbone.to(device)

@@ -1,0 +1,254 @@
+"""The descriptor stage: items -> (decode, preprocess) -> backbone -> pooling -> a resumable store.
+
+Decoding and preprocessing run in DataLoader worker processes while the main process runs
+the backbone; the frames of several items are batched together through the backbone
+(``batch_frames`` frames at a time). Batches never straddle a shard, and a shard's
+batches depend only on its items, so a restarted run recomputes an unfinished shard
+exactly as the first run would have (same batches, same bytes, given the same device,
+threads and ``batch_frames``). An item whose file cannot be read is skipped with its
+reason and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..store import ShardResult, Store, StoreSummary, item_records
+from .backbones import Backbone
+from .datasets import Dataset, Item
+from .sources import FrameSource, PrecomputedSource
+
+log = logging.getLogger("fvvae_fast")
+
+
+@dataclass
+class StageReport:
+    """What a stage run did: items computed now, items found done (resumed), failures, time."""
+
+    stage: str
+    out: Path
+    computed: int
+    resumed: int
+    failed_now: int
+    seconds: float
+    summary: StoreSummary
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    unit: str = "item"
+
+    def lines(self, max_failures: int = 10) -> list[str]:
+        rate = self.computed / self.seconds if self.seconds > 0 else float("nan")
+        out = [f"{self.stage}: {self.computed} {self.unit}s computed in {self.seconds:.1f} s "
+               f"({rate:.2f} {self.unit}s/s), {self.resumed} already done (resumed), "
+               f"{self.failed_now} failed now",
+               f"store {self.out}: {self.summary.line()}"]
+        if self.failures:
+            out.append(f"{len(self.failures)} {self.unit}s skipped (unreadable):")
+            out += [f"  {item_id}: {err}" for item_id, err in self.failures[:max_failures]]
+            if len(self.failures) > max_failures:
+                out.append(f"  ... and {len(self.failures) - max_failures} more (see the items table of the manifest)")
+        return out
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().replace("\n", " ")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+class _Loads(torch.utils.data.Dataset):
+    """(shard, idx, item) -> (shard, idx, loaded tensor or None, error text or None); runs in workers."""
+
+    def __init__(self, work: list[tuple[int, int, Item]], source) -> None:
+        self.work, self.source = work, source
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def __getitem__(self, k: int):
+        shard, idx, item = self.work[k]
+        try:
+            return shard, idx, self.source.load(item), None
+        except Exception as err:  # a bad item must never stop the run: it is recorded and skipped
+            return shard, idx, None, _reason(err)
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # decoding workers: one thread each, the backbone keeps the cores
+
+
+class _ShardRun:
+    """Collects the items of one shard, runs the backbone in batches of ``batch_frames`` frames."""
+
+    def __init__(self, shard: int, source, backbone: Backbone | None, dim: int, batch_frames: int,
+                 device: torch.device) -> None:
+        self.shard, self.source, self.backbone, self.dim = shard, source, backbone, dim
+        self.batch_frames, self.device = batch_frames, device
+        self.order: list[int] = []
+        self.errors: dict[int, str] = {}
+        self.chunks: dict[int, list[Tensor]] = {}
+        self.queue: list[tuple[int, Tensor]] = []
+        self.queued = 0
+
+    def add(self, idx: int, data: Tensor | None, error: str | None) -> None:
+        self.order.append(idx)
+        if error is not None:
+            self.errors[idx] = error
+            return
+        if self.backbone is None:  # precomputed descriptors
+            if data.dim() != 2 or data.shape[1] != self.dim:
+                self.errors[idx] = f"descriptors of shape {tuple(data.shape)}, expected (n, {self.dim})"
+            else:
+                self.chunks[idx] = [data]
+            return
+        if self.queue and data.shape[1:] != self.queue[0][1].shape[1:]:
+            self._run(self.queued)
+        self.chunks[idx] = []
+        self.queue.append((idx, data))
+        self.queued += data.shape[0]
+        while self.queued >= self.batch_frames:
+            self._run(self.batch_frames)
+
+    @torch.inference_mode()
+    def _run(self, count: int) -> None:
+        pieces, owners, taken = [], [], 0
+        while taken < count:
+            idx, frames = self.queue[0]
+            n = min(frames.shape[0], count - taken)
+            pieces.append(frames[:n])
+            owners.append((idx, n))
+            taken += n
+            if n == frames.shape[0]:
+                self.queue.pop(0)
+            else:
+                self.queue[0] = (idx, frames[n:])
+        self.queued -= taken
+        batch = torch.cat(pieces).to(self.device, non_blocking=True)
+        desc = self.source.descriptors(self.backbone(batch)).float().cpu()  # (count, K, C)
+        start = 0
+        for idx, n in owners:
+            self.chunks[idx].append(desc[start : start + n].reshape(-1, desc.shape[-1]))
+            start += n
+
+    def results(self) -> list[ShardResult]:
+        if self.queued:
+            self._run(self.queued)
+        out = []
+        for idx in self.order:
+            if idx in self.errors:
+                out.append(ShardResult(idx, error=self.errors[idx]))
+            else:
+                out.append(ShardResult(idx, array=torch.cat(self.chunks[idx]).numpy()))
+        return out
+
+
+def extract_descriptors(
+    source: FrameSource | PrecomputedSource,
+    dataset: Dataset,
+    out: str | os.PathLike,
+    backbone: Backbone | None = None,
+    *,
+    shard_items: int = 32,
+    batch_frames: int = 64,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_config: dict | None = None,
+    on_shard: Callable[[int], None] | None = None,
+) -> StageReport:
+    """Compute the descriptor sets of ``dataset`` into the store ``out`` (created or resumed).
+
+    Args:
+        source: a :class:`VideoSource`, :class:`ImageSource` or :class:`PrecomputedSource`.
+        dataset: the items (ids, files, labels, splits) and class names.
+        backbone: the CNN for video/image sources (:func:`build_backbone`); None for precomputed.
+        shard_items: items per store shard (the unit of resumption).
+        batch_frames: frames per backbone forward pass (frames of several items together).
+        workers: DataLoader worker processes decoding ahead of the backbone (0: in the main process).
+        dtype: the stored descriptors' dtype (``float32`` or ``float16``).
+        on_shard: called with each shard number once it is written (tests, progress hooks).
+
+    Returns a :class:`StageReport`. Items that fail to load are stored as failed with their reason.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    if isinstance(source, PrecomputedSource):
+        if backbone is not None:
+            raise ValueError("extract_descriptors: precomputed descriptors take no backbone")
+        dim, unit = source.dim(dataset.items), "item"
+    else:
+        if backbone is None:
+            raise ValueError(f"extract_descriptors: the {source.kind} source needs a backbone")
+        backbone = backbone.to(device).eval()
+        dim = backbone.output_shape(*source.input_size)[0]
+        unit = source.kind
+    if batch_frames < 1 or workers < 0:
+        raise ValueError(f"extract_descriptors: need batch_frames >= 1 and workers >= 0, got {batch_frames}, {workers}")
+    config = {"stage": "descriptors", "dataset": dataset.name, "source": source.config(),
+              "backbone": None if backbone is None else backbone.config(), **(extra_config or {})}
+    store = Store.create(out, kind="descriptors", dim=dim, items=item_records(dataset.items),
+                         classes=dataset.classes, dtype=dtype, shard_items=shard_items, config=config,
+                         overwrite=overwrite)
+    try:
+        resumed = store.summary().done + store.summary().failed
+        pending = store.pending_shards()
+        by_id = {it.id: it for it in dataset.items}
+        work = [(shard, idx, by_id[item_id]) for shard in pending for idx, item_id, _, _ in store.items_of_shard(shard)]
+        loader = torch.utils.data.DataLoader(
+            _Loads(work, source), batch_size=None, shuffle=False, num_workers=workers,
+            worker_init_fn=_worker_init if workers else None, pin_memory=device.type == "cuda",
+            prefetch_factor=4 if workers else None, persistent_workers=False,
+        )
+        from tqdm.auto import tqdm
+
+        failed_now = 0
+        run: _ShardRun | None = None
+        names = {idx: item.id for _, idx, item in work}
+        with tqdm(total=len(work), desc="descriptors", unit=unit, disable=not progress, dynamic_ncols=True) as bar:
+            for shard, idx, data, error in loader:
+                if run is not None and run.shard != shard:
+                    _finish(store, run, on_shard)
+                    run = None
+                if run is None:
+                    run = _ShardRun(shard, source, backbone, dim, batch_frames, device)
+                if error is not None:
+                    failed_now += 1
+                    msg = f"skipped {names[idx]}: {error}"
+                    if progress:
+                        bar.write(msg)
+                        log.info(msg)
+                    else:
+                        log.warning(msg)
+                run.add(idx, data, error)
+                bar.update(1)
+                bar.set_postfix(failed=failed_now, refresh=False)
+            if run is not None:
+                _finish(store, run, on_shard)
+        return StageReport("descriptors", Path(out), computed=len(work), resumed=resumed, failed_now=failed_now,
+                           seconds=time.perf_counter() - t0, summary=store.summary(), failures=store.failures(),
+                           unit=unit)
+    finally:
+        store.close()
+
+
+def _finish(store: Store, run: _ShardRun, on_shard: Callable[[int], None] | None) -> None:
+    store.write_shard(run.shard, run.results())
+    if on_shard is not None:
+        on_shard(run.shard)
+
+
+def descriptors_of(source: FrameSource, backbone: Backbone, frames: Tensor) -> np.ndarray:
+    """Descriptors of one item's preprocessed frames (T, 3, H, W): (T * K, C) float32 (no store)."""
+    with torch.inference_mode():
+        p = next(backbone.parameters(), None)
+        maps = backbone(frames.to(p.device if p is not None else "cpu"))
+        return source.descriptors(maps).float().cpu().reshape(-1, maps.shape[1]).numpy()

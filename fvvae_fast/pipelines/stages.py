@@ -1,0 +1,185 @@
+"""The stages after the descriptors: FIM estimation, encoding into a Fisher-vector store, a
+minimal evaluation (linear SVM, C = 100, top-1). Each reads a store written by
+:func:`extract_descriptors` (memory-mapped) and works set batch by set batch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..encode import fisher_encode
+from ..model import FVVAE
+from ..store import ShardResult, Store, StoreError, item_records
+from .extract import StageReport
+
+
+def _check_dim(model: FVVAE, store: Store) -> None:
+    if store.dim != model.in_dim:
+        raise ValueError(f"{store.path}: descriptors have C={store.dim}, the model expects in_dim={model.in_dim}")
+
+
+def set_batches(store: Store, split: str | None, batch_sets: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """(x (n, C) float32, offsets (k+1,) int64, labels (k,)) batches of ``batch_sets`` sets, in item order."""
+    sets = store.sets(split)
+    for lo in range(0, len(sets), batch_sets):
+        hi = min(lo + batch_sets, len(sets))
+        a, b = int(sets.offsets[lo]), int(sets.offsets[hi])
+        x = torch.from_numpy(np.array(sets.x[a:b], dtype=np.float32))
+        yield x, sets.offsets[lo : hi + 1] - a, sets.labels[lo:hi]
+
+
+def estimate_fim(
+    model: FVVAE,
+    store: Store,
+    *,
+    mode: str = "diagonal",
+    rank: int | None = None,
+    damping: float | None = None,
+    split: str | None = "train",
+    batch_sets: int = 32,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+):
+    """A :class:`fvvae_fast.fim.FisherInformation` estimated in one pass over the sets of ``split``."""
+    from ..fim import FisherInformation
+
+    _check_dim(model, store)
+    kwargs = {} if damping is None else {"damping": damping}
+    fim = FisherInformation(mode=mode, rank=rank, **kwargs)
+    n = len(store.items(status="done", split=split))
+    if n == 0:
+        splits = ", ".join(map(repr, store.splits()))
+        raise ValueError(f"{store.path}: no done item in split {split!r} (splits: {splits})")
+    model = model.to(device).eval()
+    with torch.inference_mode():
+        fim.estimate(model, _Batches(store, split, batch_sets, n), progress=progress)
+    return fim
+
+
+class _Batches:
+    """A re-iterable, sized loader over the store's set batches (read lazily from the memory maps)."""
+
+    def __init__(self, store: Store, split: str | None, batch_sets: int, n: int) -> None:
+        self.store, self.split, self.batch_sets, self.n = store, split, batch_sets, n
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_sets)
+
+    def __iter__(self):
+        for x, offsets, _ in set_batches(self.store, self.split, self.batch_sets):
+            yield x, offsets
+
+
+def encode_store(
+    model: FVVAE,
+    src: Store,
+    out: str | os.PathLike,
+    *,
+    fim=None,
+    normalize: bool = True,
+    batch_sets: int = 16,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    extra_config: dict | None = None,
+    on_shard: Callable[[int], None] | None = None,
+) -> StageReport:
+    """Fisher vectors of every set of the descriptor store ``src`` into the store ``out``.
+
+    ``out`` has the same items, shards and order as ``src``, one row of D = C (d+1) per item
+    (:func:`fvvae_fast.fisher_encode`, with ``fim`` and ``normalize``); items that failed in
+    ``src`` are failed here too. Resumable shard by shard like the descriptor stage.
+    """
+    t0 = time.perf_counter()
+    if src.kind != "descriptors":
+        raise StoreError(f"{src.path}: holds {src.kind}, expected descriptors")
+    _check_dim(model, src)
+    if src.summary().pending:
+        raise StoreError(f"{src.path}: the descriptor store is incomplete ({src.summary().line()}); finish it first")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    records = item_records(_Row(r) for r in src.items())
+    dim = model.in_dim * (model.latent_dim + 1)
+    config = {"stage": "encode", "descriptors": src.config, "normalize": normalize, **(extra_config or {})}
+    store = Store.create(out, kind="fisher", dim=dim, items=records, classes=src.classes, dtype="float32",
+                         shard_items=src.shard_items, config=config, overwrite=overwrite)
+    try:
+        resumed = store.summary().done + store.summary().failed
+        pending = store.pending_shards()
+        rows = src.items()
+        by_shard: dict[int, list[dict]] = {}
+        for r in rows:
+            by_shard.setdefault(r["idx"] // src.shard_items, []).append(r)
+        total = sum(len(by_shard[k]) for k in pending)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc="encode", unit="set", disable=not progress, dynamic_ncols=True) as bar:
+            for shard in pending:
+                results = _encode_shard(model, src, by_shard[shard], fim, normalize, batch_sets, device)
+                store.write_shard(shard, results)
+                bar.update(len(results))
+                if on_shard is not None:
+                    on_shard(shard)
+        return StageReport("encode", Path(out), computed=total, resumed=resumed, failed_now=0,
+                           seconds=time.perf_counter() - t0, summary=store.summary(), failures=store.failures(),
+                           unit="set")
+    finally:
+        store.close()
+
+
+class _Row:
+    def __init__(self, r: dict) -> None:
+        self.item_id, self.label, self.split = r["item_id"], r["label"], r["split"]
+
+
+def _encode_shard(model: FVVAE, src: Store, rows: list[dict], fim, normalize: bool, batch_sets: int,
+                  device: torch.device) -> list[ShardResult]:
+    results: dict[int, ShardResult] = {}
+    done = [r for r in rows if r["status"] == "done"]
+    for r in rows:
+        if r["status"] != "done":
+            results[r["idx"]] = ShardResult(r["idx"], error=f"no descriptors ({r['error']})")
+    if done:
+        data = np.load(src.path / f"shards/shard-{done[0]['shard']:05d}.npy", mmap_mode="r")
+        with torch.inference_mode():
+            for lo in range(0, len(done), batch_sets):
+                part = done[lo : lo + batch_sets]
+                a, b = part[0]["row"], part[-1]["row"] + part[-1]["rows"]
+                x = torch.from_numpy(np.array(data[a:b], dtype=np.float32)).to(device)
+                offsets = torch.tensor([r["row"] - a for r in part] + [b - a], dtype=torch.int64, device=device)
+                fv = fisher_encode(model, x, offsets, fim=fim, normalize=normalize).float().cpu().numpy()
+                for r, v in zip(part, fv):
+                    results[r["idx"]] = ShardResult(r["idx"], array=v[None])
+    return [results[r["idx"]] for r in rows]
+
+
+def evaluate_store(store: Store, *, train_split: str = "train", test_split: str = "test", C: float = 100.0,
+                   max_iter: int = 10000) -> dict:
+    """Top-1 accuracy of a one-vs-all linear SVM (C = 100, paper section 5.2) trained on the
+    Fisher vectors of ``train_split`` and tested on ``test_split`` of a Fisher-vector store."""
+    from sklearn.svm import LinearSVC
+
+    if store.kind != "fisher":
+        raise StoreError(f"{store.path}: holds {store.kind}; evaluate needs the Fisher vectors of `fvvae encode`")
+    X_train, y_train, _ = store.vectors(train_split)
+    X_test, y_test, _ = store.vectors(test_split)
+    for name, X, y in ((train_split, X_train, y_train), (test_split, X_test, y_test)):
+        if len(X) == 0:
+            splits = ", ".join(map(repr, store.splits()))
+            raise ValueError(f"{store.path}: no vector in split {name!r} (splits: {splits})")
+        if (y < 0).any():
+            raise ValueError(f"{store.path}: split {name!r} has unlabelled items")
+    if len(np.unique(y_train)) < 2:
+        raise ValueError(f"{store.path}: split {train_split!r} has fewer than 2 classes")
+    t0 = time.perf_counter()
+    clf = LinearSVC(C=C, max_iter=max_iter, random_state=0).fit(X_train, y_train)
+    pred = clf.predict(X_test)
+    return {"top1": float((pred == y_test).mean()), "train": len(y_train), "test": len(y_test),
+            "classes": int(len(np.unique(y_train))), "seconds": time.perf_counter() - t0}

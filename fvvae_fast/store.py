@@ -1,0 +1,569 @@
+"""A sharded, resumable on-disk store of per-item arrays (descriptor sets or Fisher vectors).
+
+Layout of a store folder::
+
+    manifest.sqlite        SQLite: tables meta, items, shards (below)
+    shards/shard-00000.npy (rows, dim) array of the items of shard 0, concatenated in item order
+    shards/shard-00001.npy ...
+    lock                   advisory lock (POSIX lockf) held by the one process writing the store
+
+Items are assigned to shards up front: item i (in the order given when the store was
+created) belongs to shard ``i // shard_items``. A shard is computed as a whole, written to a
+temporary name beside its final one, fsynced and renamed (:func:`fvvae_fast.io.atomic_open`),
+and only then marked done, together with its items, in one SQLite transaction. A run killed
+at any point therefore leaves finished shards (file present and marked done) and unfinished
+ones (no file, or a file not yet marked done, recomputed on restart); the restarted run
+redoes exactly the unfinished shards with the same inputs and batching, so its files are
+byte-identical to those of an uninterrupted run. An item that cannot be read (a corrupt
+video) is marked ``failed`` with its reason and takes no rows; the run goes on.
+
+Why this format: ``.npy`` is NumPy's own, documented, versioned format, and a shard is
+memory-mapped as is (``np.load(f, mmap_mode="r")``), so training and scikit-learn read the
+rows straight from the page cache without a copy or a conversion; SQLite (in the Python
+standard library) gives atomic, crash-safe updates of the manifest and can be queried by
+any tool. Nothing here is specific to fvvae_fast.
+
+Reading with plain NumPy + sqlite3::
+
+    import sqlite3, numpy as np
+    db = sqlite3.connect("store/manifest.sqlite")
+    for item_id, label, shard, row, rows in db.execute(
+            "SELECT item_id, label, shard, row, rows FROM items WHERE status = 'done' ORDER BY idx"):
+        x = np.load(f"store/shards/shard-{shard:05d}.npy", mmap_mode="r")[row : row + rows]
+        # descriptors store: x is (rows, C), the item's set; Fisher-vector store: (1, D)
+
+Tables::
+
+    meta(key TEXT PRIMARY KEY, value TEXT)     format, version, kind, dim, dtype, shard_items,
+                                               classes (JSON list), config (JSON object)
+    items(idx, item_id, label, split, shard, row, rows, status, error)
+                                               status: 'pending' | 'done' | 'failed'
+    shards(shard, file, rows, status, sha256)  status: 'pending' | 'done'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .io import atomic_open
+from .sets import DescriptorSets
+
+FORMAT = "fvvae_fast.store"
+VERSION = 1
+MANIFEST = "manifest.sqlite"
+KINDS = ("descriptors", "fisher")
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE items (
+    idx INTEGER PRIMARY KEY,
+    item_id TEXT NOT NULL UNIQUE,
+    label INTEGER NOT NULL,
+    split TEXT NOT NULL,
+    shard INTEGER NOT NULL,
+    row INTEGER,
+    rows INTEGER,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
+    error TEXT
+);
+CREATE INDEX items_shard ON items (shard);
+CREATE TABLE shards (
+    shard INTEGER PRIMARY KEY,
+    file TEXT NOT NULL,
+    rows INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'done')),
+    sha256 TEXT
+);
+"""
+
+
+_HELD: set[str] = set()  # real paths of the stores this process holds open for writing
+
+
+def _release(lock: tuple[str, Any]) -> None:
+    key, f = lock
+    _HELD.discard(key)
+    f.close()
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked (wrong kind, other configuration, locked, damaged)."""
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """One item of a store: stable unique id, label (-1 = none), split name ('' = none)."""
+
+    item_id: str
+    label: int = -1
+    split: str = ""
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a stage produced for one item of a shard: an array (rows, dim), or the error text."""
+
+    idx: int
+    array: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass
+class StoreSummary:
+    items: int
+    done: int
+    failed: int
+    pending: int
+    rows: int
+    shards_done: int
+    shards: int
+
+    def line(self) -> str:
+        return (f"{self.done} done, {self.failed} failed, {self.pending} pending of {self.items} items; "
+                f"{self.rows} rows in {self.shards_done}/{self.shards} shards")
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes what goes through it (np.save writes via .write)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.hash = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return self.f.write(data)
+
+
+class ShardedArray:
+    """A read-only 2-D array over row ranges of memory-mapped ``.npy`` shards.
+
+    Behaves like an (N, dim) NumPy array for what training and scikit-learn need:
+    ``shape``, ``ndim``, ``dtype``, ``len``, indexing by int, slice, or an integer index array
+    (or tensor), and ``np.asarray(a)`` (which copies everything into memory). Each row read
+    touches only the shard pages it needs.
+    """
+
+    def __init__(self, segments: Sequence[tuple[Path, int, int]], dim: int, dtype: np.dtype) -> None:
+        self._segments = [(Path(p), int(lo), int(n)) for p, lo, n in segments if n > 0]
+        self._starts = np.cumsum([0] + [n for _, _, n in self._segments]).astype(np.int64)
+        self._maps: dict[Path, np.ndarray] = {}
+        self.dtype = np.dtype(dtype)
+        self.shape = (int(self._starts[-1]), int(dim))
+        self.ndim = 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, segments={len(self._segments)})"
+
+    def _map(self, path: Path) -> np.ndarray:
+        arr = self._maps.get(path)
+        if arr is None:
+            arr = self._maps[path] = np.load(path, mmap_mode="r")
+        return arr
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        if len(rows) == 0:
+            return out
+        if rows.min() < 0 or rows.max() >= self.shape[0]:
+            raise IndexError(f"ShardedArray: row index out of range for {self.shape[0]} rows")
+        seg = np.searchsorted(self._starts, rows, side="right") - 1
+        for s in np.unique(seg):
+            mask = seg == s
+            path, lo, _ = self._segments[s]
+            out[mask] = self._map(path)[lo + (rows[mask] - self._starts[s])]
+        return out
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple):
+            first, rest = key[0], key[1:]
+            return self[first][(slice(None), *rest)] if not isinstance(first, (int, np.integer)) else self[first][rest]
+        if isinstance(key, (int, np.integer)):
+            k = int(key) + (self.shape[0] if key < 0 else 0)
+            return self._rows(np.array([k]))[0]
+        if isinstance(key, slice):
+            return self._rows(np.arange(*key.indices(self.shape[0])))
+        if isinstance(key, torch.Tensor):
+            key = key.cpu().numpy()
+        key = np.asarray(key)
+        if key.dtype == bool:
+            key = np.flatnonzero(key)
+        return self._rows(key.astype(np.int64).reshape(-1)).reshape(*key.shape, self.shape[1])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def as_array(self) -> np.ndarray:
+        """The rows as one array: the memory map itself when they are one whole shard, else a copy."""
+        if len(self._segments) == 1:
+            path, lo, n = self._segments[0]
+            arr = self._map(path)
+            return arr if (lo, n) == (0, arr.shape[0]) else arr[lo : lo + n]
+        return np.asarray(self)
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection):
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.rollback()
+        raise
+    db.commit()
+
+
+class Store:
+    """A store folder (module docstring). Use :meth:`create` to start or resume writing,
+    :meth:`open` to read. ``dim``/``dtype`` of the rows are fixed at creation."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection, writable: bool, lock=None) -> None:
+        self.path, self._db, self.writable, self._lock = path, db, writable, lock
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        if meta.get("format") != FORMAT:
+            raise StoreError(f"{path}: not an fvvae_fast store (meta.format={meta.get('format')!r})")
+        if int(meta.get("version", 0)) > VERSION:
+            raise StoreError(f"{path}: store version {meta['version']} is newer than this fvvae_fast reads ({VERSION})")
+        self.kind: str = meta["kind"]
+        self.dim: int = int(meta["dim"])
+        self.dtype = np.dtype(meta["dtype"])
+        self.shard_items: int = int(meta["shard_items"])
+        self.classes: list[str] = json.loads(meta["classes"])
+        self.config: dict = json.loads(meta["config"])
+
+    # ------------------------------------------------------------------ opening
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path / MANIFEST, isolation_level=None, timeout=30.0)
+        db.execute("PRAGMA synchronous = FULL")
+        return db
+
+    @staticmethod
+    def _acquire(path: Path):
+        key = os.path.realpath(path)
+        if key in _HELD:  # POSIX locks do not exclude a second writer in the same process
+            raise StoreError(f"{path}: the store is already open for writing in this process")
+        f = open(path / "lock", "a+")
+        try:
+            import fcntl
+
+            # a POSIX record lock belongs to this process only: forked DataLoader workers do not
+            # inherit it, so it is released the moment this process dies (even by SIGKILL)
+            fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no fcntl (Windows): only the in-process check protects the store
+            pass
+        except OSError:
+            f.close()
+            raise StoreError(f"{path}: the store is being written by another process (lock held)") from None
+        _HELD.add(key)
+        return key, f
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, kind: str | None = None) -> Store:
+        """Open an existing store for reading (``kind`` checks it holds 'descriptors' or 'fisher')."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise FileNotFoundError(f"{path}: not a store (no {MANIFEST})")
+        db = None
+        try:
+            db = cls._connect(path)
+            store = cls(path, db, writable=False)
+        except sqlite3.DatabaseError as err:
+            if db is not None:
+                db.close()
+            raise StoreError(f"{path}: the manifest {MANIFEST} is unreadable ({err})") from None
+        if kind is not None and store.kind != kind:
+            raise StoreError(f"{path}: holds {store.kind}, expected {kind}")
+        return store
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        kind: str,
+        dim: int,
+        items: Sequence[ItemRecord],
+        classes: Sequence[str] = (),
+        dtype: str | np.dtype = "float32",
+        shard_items: int = 32,
+        config: dict | None = None,
+        overwrite: bool = False,
+    ) -> Store:
+        """Create a store for ``items``, or reopen one written by the same command to resume it.
+
+        An existing store is resumed only when its kind, dim, dtype, shard size, classes,
+        config and item list (ids, labels, splits, order) are all the same; otherwise a
+        StoreError names what differs (use another folder or ``overwrite=True``).
+        Stale temporary files of a killed run are removed; done shards whose file is missing
+        or has the wrong size are put back to pending (and recomputed).
+        """
+        if kind not in KINDS:
+            raise ValueError(f"Store.create: kind must be one of {KINDS}, got {kind!r}")
+        if dim < 1 or shard_items < 1:
+            raise ValueError(f"Store.create: dim and shard_items must be >= 1, got {dim}, {shard_items}")
+        ids = [it.item_id for it in items]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"Store.create: item ids must be unique, {dup!r} appears twice")
+        path = Path(path)
+        if overwrite and path.is_dir() and not (path / MANIFEST).is_file() \
+                and any(p.name not in ("lock", "shards", f".{MANIFEST}.tmp") for p in path.iterdir()):
+            raise StoreError(f"{path}: exists and is not a store; refusing to overwrite it")
+        path.mkdir(parents=True, exist_ok=True)
+        lock = cls._acquire(path)  # before anything is deleted or written
+        db = None
+        try:
+            if overwrite:
+                for p in path.iterdir():
+                    if p.name != "lock":
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+            (path / "shards").mkdir(exist_ok=True)
+            meta = {"format": FORMAT, "version": str(VERSION), "kind": kind, "dim": str(int(dim)),
+                    "dtype": np.dtype(dtype).name, "shard_items": str(int(shard_items)),
+                    "classes": json.dumps(list(classes)), "config": json.dumps(config or {}, sort_keys=True)}
+            if (path / MANIFEST).is_file():
+                db = cls._connect(path)
+                cls._check_resume(path, db, meta, items)
+            else:
+                leftovers = [p for p in path.iterdir() if p.name not in ("lock", "shards", f".{MANIFEST}.tmp")]
+                if leftovers or any((path / "shards").iterdir()):
+                    raise StoreError(f"{path}: folder is not empty and holds no store; use an empty folder")
+                db = cls._init(path, meta, items, shard_items)
+            store = cls(path, db, writable=True, lock=lock)
+            store._recover()
+            return store
+        except sqlite3.DatabaseError as err:
+            _release(lock)
+            if db is not None:
+                db.close()
+            raise StoreError(f"{path}: the manifest {MANIFEST} is unreadable ({err})") from None
+        except BaseException:
+            _release(lock)
+            if db is not None:
+                db.close()
+            raise
+
+    @staticmethod
+    def _init(path: Path, meta: dict, items: Sequence[ItemRecord], shard_items: int) -> sqlite3.Connection:
+        tmp = path / f".{MANIFEST}.tmp"
+        tmp.unlink(missing_ok=True)
+        db = sqlite3.connect(tmp, isolation_level=None)
+        db.executescript(_SCHEMA)
+        with _transaction(db):
+            db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+            db.executemany(
+                "INSERT INTO items (idx, item_id, label, split, shard, status) VALUES (?, ?, ?, ?, ?, 'pending')",
+                ((i, it.item_id, int(it.label), it.split, i // shard_items) for i, it in enumerate(items)),
+            )
+            n_shards = -(-len(items) // shard_items)
+            db.executemany("INSERT INTO shards VALUES (?, ?, 0, 'pending', NULL)",
+                           ((k, f"shards/shard-{k:05d}.npy") for k in range(n_shards)))
+        db.close()
+        os.replace(tmp, path / MANIFEST)  # the manifest appears whole or not at all
+        return Store._connect(path)
+
+    @staticmethod
+    def _check_resume(path: Path, db: sqlite3.Connection, meta: dict, items: Sequence[ItemRecord]) -> None:
+        old = dict(db.execute("SELECT key, value FROM meta"))
+        if old.get("format") != FORMAT:
+            raise StoreError(f"{path}: not an fvvae_fast store")
+        for key in ("kind", "dim", "dtype", "shard_items", "classes"):
+            if old.get(key) != meta[key]:
+                raise StoreError(f"{path}: existing store has {key}={old.get(key)}, this run {meta[key]}; "
+                                 f"use another output folder or --overwrite")
+        if old["config"] != meta["config"]:
+            a, b = json.loads(old["config"]), json.loads(meta["config"])
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:4])
+            raise StoreError(f"{path}: existing store was written with other settings ({shown}); "
+                             f"use another output folder or --overwrite")
+        rows = db.execute("SELECT item_id, label, split FROM items ORDER BY idx").fetchall()
+        new = [(it.item_id, int(it.label), it.split) for it in items]
+        if rows != new:
+            where = next((i for i, (a, b) in enumerate(zip(rows, new)) if a != b), min(len(rows), len(new)))
+            raise StoreError(f"{path}: existing store holds other items ({len(rows)} vs {len(new)}; first "
+                             f"difference at item {where}); use another output folder or --overwrite")
+
+    def _recover(self) -> None:
+        for tmp in (self.path / "shards").glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        bad = []
+        for shard, file, rows in self._db.execute("SELECT shard, file, rows FROM shards WHERE status = 'done'"):
+            if not self._shard_ok(self.path / file, rows):
+                bad.append(shard)
+        if bad:
+            with _transaction(self._db):
+                for shard in bad:
+                    self._db.execute("UPDATE shards SET status = 'pending', sha256 = NULL WHERE shard = ?", (shard,))
+                    self._db.execute("UPDATE items SET status = 'pending', row = NULL, rows = NULL, error = NULL "
+                                     "WHERE shard = ?", (shard,))
+
+    def _shard_ok(self, file: Path, rows: int) -> bool:
+        try:
+            arr = np.load(file, mmap_mode="r")
+        except (OSError, ValueError):
+            return False
+        return arr.shape == (rows, self.dim) and arr.dtype == self.dtype
+
+    def close(self) -> None:
+        self._db.close()
+        if self._lock is not None:
+            _release(self._lock)
+            self._lock = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ writing
+
+    @property
+    def num_shards(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]
+
+    def pending_shards(self) -> list[int]:
+        """Shards still to compute, in order."""
+        return [r[0] for r in self._db.execute("SELECT shard FROM shards WHERE status = 'pending' ORDER BY shard")]
+
+    def items_of_shard(self, shard: int) -> list[tuple[int, str, int, str]]:
+        """(idx, item_id, label, split) of the items of ``shard``, in order."""
+        return self._db.execute("SELECT idx, item_id, label, split FROM items WHERE shard = ? ORDER BY idx",
+                                (shard,)).fetchall()
+
+    def write_shard(self, shard: int, results: Iterable[ShardResult]) -> int:
+        """Write shard ``shard`` from one result per item (in item order); returns its row count.
+
+        The array file is written atomically first, then the shard and its items are marked
+        in one transaction.
+        """
+        if not self.writable:
+            raise StoreError(f"{self.path}: opened read-only")
+        expected = [r[0] for r in self.items_of_shard(shard)]
+        results = list(results)
+        if [r.idx for r in results] != expected:
+            raise ValueError(f"Store.write_shard: shard {shard} holds items {expected}, got {[r.idx for r in results]}")
+        parts, updates, row = [], [], 0
+        for r in results:
+            if r.error is not None or r.array is None:
+                updates.append((None, None, "failed", r.error or "no output", r.idx))
+                continue
+            arr = np.asarray(r.array)
+            if arr.ndim == 1:
+                arr = arr[None]
+            if arr.ndim != 2 or arr.shape[1] != self.dim:
+                raise ValueError(f"Store.write_shard: item {r.idx} has shape {arr.shape}, expected (rows, {self.dim})")
+            parts.append(arr.astype(self.dtype, copy=False))
+            updates.append((row, arr.shape[0], "done", None, r.idx))
+            row += arr.shape[0]
+        data = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, self.dim), self.dtype))
+        file = f"shards/shard-{shard:05d}.npy"
+        with atomic_open(self.path / file, "wb") as f:
+            hw = _HashingWriter(f)
+            np.lib.format.write_array(hw, data, allow_pickle=False)
+        with _transaction(self._db):
+            self._db.executemany("UPDATE items SET row = ?, rows = ?, status = ?, error = ? WHERE idx = ?", updates)
+            self._db.execute("UPDATE shards SET rows = ?, status = 'done', sha256 = ? WHERE shard = ?",
+                             (row, hw.hash.hexdigest(), shard))
+        return row
+
+    # ------------------------------------------------------------------ reading
+
+    def summary(self) -> StoreSummary:
+        counts = dict(self._db.execute("SELECT status, COUNT(*) FROM items GROUP BY status"))
+        rows = self._db.execute("SELECT COALESCE(SUM(rows), 0) FROM items WHERE status = 'done'").fetchone()[0]
+        shards = dict(self._db.execute("SELECT status, COUNT(*) FROM shards GROUP BY status"))
+        return StoreSummary(items=sum(counts.values()), done=counts.get("done", 0), failed=counts.get("failed", 0),
+                            pending=counts.get("pending", 0), rows=int(rows), shards_done=shards.get("done", 0),
+                            shards=sum(shards.values()))
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(item_id, error) of every failed item, in item order."""
+        return self._db.execute("SELECT item_id, error FROM items WHERE status = 'failed' ORDER BY idx").fetchall()
+
+    def items(self, status: str | None = None, split: str | None = None) -> list[dict]:
+        """The manifest rows (as dicts), in item order, optionally filtered by status and split."""
+        sql, args = "SELECT idx, item_id, label, split, shard, row, rows, status, error FROM items", []
+        conds = []
+        if status is not None:
+            conds.append("status = ?")
+            args.append(status)
+        if split is not None:
+            conds.append("split = ?")
+            args.append(split)
+        if conds:
+            sql += " WHERE " + " AND ".join(conds)
+        keys = ("idx", "item_id", "label", "split", "shard", "row", "rows", "status", "error")
+        return [dict(zip(keys, r)) for r in self._db.execute(sql + " ORDER BY idx", args)]
+
+    def splits(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT DISTINCT split FROM items ORDER BY split")]
+
+    def _segments(self, rows: list[dict]) -> list[tuple[Path, int, int]]:
+        segs: list[list] = []
+        for r in rows:
+            file = self.path / f"shards/shard-{r['shard']:05d}.npy"
+            if segs and segs[-1][0] == file and segs[-1][1] + segs[-1][2] == r["row"]:
+                segs[-1][2] += r["rows"]
+            else:
+                segs.append([file, r["row"], r["rows"]])
+        return [tuple(s) for s in segs]
+
+    def _done(self, split: str | None) -> list[dict]:
+        rows = self.items(status="done", split=split)
+        if self.summary().pending:
+            raise StoreError(f"{self.path}: the store is incomplete ({self.summary().line()}); "
+                             f"rerun the command that writes it to finish it")
+        return rows
+
+    def array(self, split: str | None = None) -> ShardedArray:
+        """All rows of the done items (optionally of one split), in item order: (N, dim)."""
+        return ShardedArray(self._segments(self._done(split)), self.dim, self.dtype)
+
+    def sets(self, split: str | None = None) -> DescriptorSets:
+        """The done items as :class:`~fvvae_fast.DescriptorSets` (x memory-mapped, offsets, labels)."""
+        rows = self._done(split)
+        counts = np.array([r["rows"] for r in rows], dtype=np.int64)
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
+        x = ShardedArray(self._segments(rows), self.dim, self.dtype)
+        return DescriptorSets(x, offsets, labels)
+
+    def vectors(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """One row per item (a Fisher-vector store): X (S, D), labels y (S,), item ids, for scikit-learn.
+
+        X is the memory map itself when the rows are one whole shard, else an in-memory copy.
+        """
+        rows = self._done(split)
+        if any(r["rows"] != 1 for r in rows):
+            raise StoreError(f"{self.path}: holds sets of several rows per item ({self.kind}), not one vector per item")
+        X = ShardedArray(self._segments(rows), self.dim, self.dtype).as_array()
+        return X, np.array([r["label"] for r in rows], dtype=np.int64), [r["item_id"] for r in rows]
+
+
+def item_records(items: Iterable[Any]) -> list[ItemRecord]:
+    """ItemRecords from anything with ``id``/``item_id``, ``label`` and ``split`` attributes."""
+    out = []
+    for it in items:
+        item_id = getattr(it, "item_id", None) or it.id
+        label, split = int(getattr(it, "label", -1)), str(getattr(it, "split", ""))
+        out.append(ItemRecord(item_id=str(item_id), label=label, split=split))
+    return out

@@ -1,0 +1,245 @@
+"""The ``fvvae`` command line: help, one-line errors, every stage, the whole chain from a TOML
+config, and a run killed midway (SIGKILL) that restarts to byte-identical output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("av")
+
+from fvvae_fast.cli import main  # noqa: E402
+from fvvae_fast.store import Store  # noqa: E402
+
+from .test_pipelines import make_corrupt, make_video  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+OFFICIAL = Path("/work/shared/official/caffe_vae_weights_ucf101_split1_vgg19.mat")
+if not OFFICIAL.is_file():
+    OFFICIAL = REPO.parent / "shared/official/caffe_vae_weights_ucf101_split1_vgg19.mat"
+TINY = ["--backbone", "mobilenet_v3_small", "--layer", "features.4", "--random-weights"]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    """root/{train,test}/{a,b}/*.mp4, 3 + 2 videos per class, plus one truncated file."""
+    root = tmp_path_factory.mktemp("videos")
+    k = 0
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                make_video(root / split / cls / f"{cls}{i}.mp4", frames=5 + i, seed=k)
+                k += 1
+    make_corrupt(root / "train" / "a" / "zz_truncated.mp4", root / "train" / "a" / "a0.mp4")
+    return root
+
+
+def run_cli(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+def descriptor_args(videos: Path, out: Path, *extra: str) -> list[str]:
+    return ["descriptors", "--dataset", "folder", "--root", videos, *TINY, "--frames", "3", "--size", "64",
+            "--shard-items", "4", "--workers", "0", "--out", out, "--quiet", *extra]
+
+
+@pytest.mark.parametrize("command", ["descriptors", "train", "fim", "encode", "evaluate", "run", "demo"])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: fvvae " + command)
+    assert "--quiet" in text
+
+
+def test_top_level_help_lists_the_stages(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("descriptors", "train", "fim", "encode", "evaluate", "run", "demo"):
+        assert command in text
+
+
+def one_line_error(capsys, code: int, needle: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("fvvae ") and needle in err, err
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, videos, capsys):
+    one_line_error(capsys, run_cli("descriptors", "--dataset", "folder", "--root", tmp_path / "nope", *TINY,
+                                   "--out", tmp_path / "s"), "nope: folder not found")
+    one_line_error(capsys, run_cli("descriptors", "--dataset", "folder", "--root", videos, "--out", tmp_path / "s",
+                                   "--backbone", "resnet18", "--layer", "layer4"), "needs a weights file")
+    one_line_error(capsys, run_cli("descriptors", "--dataset", "ucf101", "--root", videos, *TINY,
+                                   "--out", tmp_path / "s"), "classInd.txt: file not found")
+    one_line_error(capsys, run_cli("descriptors", "--dataset", "folder", "--root", videos, *TINY,
+                                   "--weights", tmp_path / "w.pth", "--out", tmp_path / "s"), "w.pth")
+    one_line_error(capsys, run_cli("train", "--descriptors", tmp_path / "none", "--out", tmp_path / "m.pt"),
+                   "not a store")
+    one_line_error(capsys, run_cli("encode", "--model", tmp_path / "m.pt", "--descriptors", tmp_path / "none",
+                                   "--out", tmp_path / "f"), "model file not found")
+    one_line_error(capsys, run_cli("descriptors", "--dataset", "arrays", "--out", tmp_path / "s"), "--arrays")
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('out = "o"\n[descriptors]\ndataset = "folder"\nlatent_dim = 3\n')
+    one_line_error(capsys, run_cli("run", cfg), "unknown key 'latent_dim'")
+    cfg.write_text('out = "o"\n[descriptors\n')
+    one_line_error(capsys, run_cli("run", cfg), "invalid TOML")
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own check of option values
+        main(["descriptors", "--dataset", "folder", "--out", "x", "--frames", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_each_stage(tmp_path, videos, capsys):
+    desc, model, fim, fisher = tmp_path / "desc", tmp_path / "model.pt", tmp_path / "fim.pt", tmp_path / "fisher"
+    assert run_cli(*descriptor_args(videos, desc)) == 0
+    out = capsys.readouterr().out
+    assert "10 done, 1 failed" in out and "train/a/zz_truncated.mp4" in out
+    store = Store.open(desc)
+    assert store.splits() == ["test", "train"] and store.dim == 40
+    assert run_cli("train", "--descriptors", desc, "--out", model, "--latent-dim", "5", "--iterations", "6",
+                   "--batch-sets", "4", "--lambda3", "1", "--quiet") == 0
+    assert "6 iterations" in capsys.readouterr().out
+    assert run_cli("fim", "--model", model, "--descriptors", desc, "--out", fim, "--quiet") == 0
+    assert "num_sets=6" in capsys.readouterr().out
+    assert run_cli("encode", "--model", model, "--fim", fim, "--descriptors", desc, "--out", fisher, "--quiet") == 0
+    assert "10 done, 1 failed" in capsys.readouterr().out
+    X, y, ids = Store.open(fisher).vectors()
+    assert X.shape == (10, 40 * 6) and np.allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-5)
+    assert run_cli("evaluate", "--fisher", fisher, "--json", tmp_path / "eval.json") == 0
+    out = capsys.readouterr().out
+    assert "top-1 accuracy:" in out and "6 'train' vectors" in out and (tmp_path / "eval.json").is_file()
+    # rerunning a finished stage does nothing new
+    assert run_cli("encode", "--model", model, "--fim", fim, "--descriptors", desc, "--out", fisher, "--quiet") == 0
+    assert "0 sets computed" in capsys.readouterr().out
+    # another model on the same output store is refused with one line
+    assert run_cli("train", "--descriptors", desc, "--out", tmp_path / "m2.pt", "--latent-dim", "5",
+                   "--iterations", "7", "--batch-sets", "4", "--lambda3", "1", "--quiet") == 0
+    capsys.readouterr()
+    one_line_error(capsys, run_cli("encode", "--model", tmp_path / "m2.pt", "--descriptors", desc, "--out", fisher),
+                   "other settings")
+
+
+@pytest.mark.skipif(not OFFICIAL.is_file(), reason="released weights not found")
+def test_encode_with_the_released_model(tmp_path, videos, capsys):
+    """A 512-channel backbone (ResNet-18 layer4) with the release's map normalisation, encoded by the
+    released .mat model: 512 x 257 dimensional Fisher vectors."""
+    desc = tmp_path / "desc"
+    assert run_cli("descriptors", "--dataset", "folder", "--root", videos, "--backbone", "resnet18", "--layer",
+                   "layer4", "--random-weights", "--frames", "2", "--size", "64", "--map-scale", "158",
+                   "--workers", "0", "--out", desc, "--quiet", "--subset", "test") == 0
+    assert run_cli("encode", "--model", OFFICIAL, "--descriptors", desc, "--out", tmp_path / "fv", "--quiet") == 0
+    X, _, _ = Store.open(tmp_path / "fv").vectors("test")
+    assert X.shape == (4, 512 * 257)
+    capsys.readouterr()
+
+
+def test_run_whole_chain_from_toml(tmp_path, videos, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f"""
+out = "work"
+[descriptors]
+dataset = "folder"
+root = "{videos}"
+backbone = "mobilenet_v3_small"
+layer = "features.4"
+random_weights = true
+frames = 3
+size = 64
+levels = [3, 1]
+shard_items = 4
+workers = 0
+[train]
+latent_dim = 4
+hidden_dim = "none"
+iterations = 5
+batch_sets = 4
+lambda3 = 0
+[fim]
+mode = "diagonal"
+[encode]
+batch_sets = 3
+[evaluate]
+C = 10
+""")
+    assert run_cli("run", cfg, "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "top-1 accuracy" in out and "run: descriptors, train, fim, encode, evaluate done" in out
+    work = tmp_path / "work"
+    assert (work / "model.pt").is_file() and (work / "fim.pt").is_file()
+    X, _, _ = Store.open(work / "fisher").vectors("train")
+    assert X.shape == (6, 40 * 5)
+    assert int(Store.open(work / "descriptors").sets().offsets[1]) == 3 * 10  # levels 3,1: 10 per frame
+    before = {p: p.read_bytes() for p in sorted((work / "fisher/shards").glob("*.npy"))}
+    assert run_cli("run", cfg, "--quiet") == 0  # everything resumes: nothing recomputed, same bytes
+    out = capsys.readouterr().out
+    assert "0 videos computed" in out and "0 sets computed" in out
+    assert "fim.pt exists for this model and settings, kept" in out
+    assert before == {p: p.read_bytes() for p in sorted((work / "fisher/shards").glob("*.npy"))}
+    cfg.write_text(cfg.read_text().replace('mode = "diagonal"', 'enabled = false'))  # no FIM: F = I
+    assert run_cli("run", cfg, "--quiet", "--overwrite") == 0  # from scratch
+    out = capsys.readouterr().out
+    assert "11 videos computed" in out and "11 sets computed" in out and "resumed from 0" in out
+    assert "== fim" not in out and "fim, encode" not in out
+
+
+def _shards_done(manifest: Path) -> tuple[int, int]:
+    if not manifest.is_file():
+        return 0, -1
+    try:
+        db = sqlite3.connect(f"file:{manifest}?mode=ro", uri=True, timeout=0.1)
+        try:
+            done = db.execute("SELECT COUNT(*) FROM shards WHERE status = 'done'").fetchone()[0]
+            total = db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]
+        finally:
+            db.close()
+        return done, total
+    except sqlite3.Error:
+        return 0, -1
+
+
+def test_killed_run_restarts_to_identical_output(tmp_path):
+    root = tmp_path / "videos"
+    for i in range(10):
+        make_video(root / f"c{i % 2}" / f"v{i:02d}.mp4", frames=16, seed=i)
+    make_corrupt(root / "c0" / "v99_bad.mp4")
+    args = ["descriptors", "--dataset", "folder", "--root", str(root), *TINY, "--frames", "8", "--size", "64",
+            "--shard-items", "1", "--batch-frames", "8", "--workers", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "reference")]) == 0  # uninterrupted
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "fvvae_fast", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        done, total = _shards_done(out / "manifest.sqlite")
+        if done >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before it was killed: {proc.stderr.read().decode()}"
+    proc.stderr.close()
+    done, total = _shards_done(out / "manifest.sqlite")
+    assert 2 <= done < total, (done, total)
+
+    restart = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stderr
+    assert f"{done} already done (resumed)" in restart.stdout and "10 done, 1 failed, 0 pending" in restart.stdout
+    ref_files = sorted(p.name for p in (tmp_path / "reference/shards").iterdir())
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ref_files  # no temp file left behind
+    for name in ref_files:
+        assert (out / "shards" / name).read_bytes() == (tmp_path / "reference/shards" / name).read_bytes(), name
+    ref_items = Store.open(tmp_path / "reference").items()
+    assert Store.open(out).items() == ref_items

@@ -1,0 +1,219 @@
+"""The sharded store: write, resume, recover, read (memory maps, DescriptorSets, plain NumPy + sqlite3)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+from fvvae_fast.sets import DescriptorSets
+from fvvae_fast.store import ItemRecord, ShardedArray, ShardResult, Store, StoreError
+
+DIM = 3
+
+
+def records(n: int) -> list[ItemRecord]:
+    return [ItemRecord(f"item{i}", label=i % 2, split="train" if i % 3 else "test") for i in range(n)]
+
+
+def item_array(i: int) -> np.ndarray:
+    rows = 1 + i % 3
+    return (np.arange(rows * DIM, dtype=np.float32).reshape(rows, DIM) + 100 * i).astype(np.float32)
+
+
+def fill(store: Store, fail: set[int] = frozenset(), shards=None) -> None:
+    for shard in shards if shards is not None else store.pending_shards():
+        results = []
+        for idx, *_ in store.items_of_shard(shard):
+            if idx in fail:
+                results.append(ShardResult(idx, error=f"broken {idx}"))
+            else:
+                results.append(ShardResult(idx, array=item_array(idx)))
+        store.write_shard(shard, results)
+
+
+def make(tmp_path, n=7, shard_items=3, **kw) -> Store:
+    return Store.create(tmp_path / "s", kind="descriptors", dim=DIM, items=records(n), classes=["a", "b"],
+                        shard_items=shard_items, config={"x": 1}, **kw)
+
+
+def test_write_and_read_back(tmp_path):
+    with make(tmp_path) as store:
+        assert store.pending_shards() == [0, 1, 2]
+        fill(store, fail={4})
+        s = store.summary()
+        assert (s.items, s.done, s.failed, s.pending, s.shards_done, s.shards) == (7, 6, 1, 0, 3, 3)
+        assert store.failures() == [("item4", "broken 4")]
+    store = Store.open(tmp_path / "s", kind="descriptors")
+    sets = store.sets()
+    assert isinstance(sets, DescriptorSets) and len(sets) == 6
+    expected = [item_array(i) for i in range(7) if i != 4]
+    for k, arr in enumerate(expected):
+        a, b = int(sets.offsets[k]), int(sets.offsets[k + 1])
+        np.testing.assert_array_equal(sets.x[a:b], arr)
+    assert sets.labels.tolist() == [i % 2 for i in range(7) if i != 4]
+    assert store.classes == ["a", "b"] and store.config == {"x": 1}
+
+
+def test_plain_numpy_and_sqlite_recipe(tmp_path):
+    with make(tmp_path) as store:
+        fill(store)
+    root = tmp_path / "s"
+    db = sqlite3.connect(root / "manifest.sqlite")
+    got = {}
+    for item_id, label, shard, row, rows in db.execute(
+            "SELECT item_id, label, shard, row, rows FROM items WHERE status = 'done' ORDER BY idx"):
+        got[item_id] = np.load(root / f"shards/shard-{shard:05d}.npy", mmap_mode="r")[row : row + rows]
+    assert len(got) == 7
+    for i in range(7):
+        np.testing.assert_array_equal(got[f"item{i}"], item_array(i))
+
+
+def test_splits_interleaved(tmp_path):
+    with make(tmp_path) as store:
+        fill(store)
+        train = store.sets("train")
+        test = store.sets("test")
+    train_ids = [i for i in range(7) if i % 3]
+    assert len(train) == len(train_ids) and len(test) == 7 - len(train_ids)
+    np.testing.assert_array_equal(np.asarray(train.x), np.concatenate([item_array(i) for i in train_ids]))
+
+
+def test_sharded_array_indexing_and_gather(tmp_path):
+    with make(tmp_path) as store:
+        fill(store)
+        x = store.array()
+    full = np.concatenate([item_array(i) for i in range(7)])
+    assert isinstance(x, ShardedArray) and x.shape == full.shape and x.ndim == 2 and len(x) == len(full)
+    np.testing.assert_array_equal(np.asarray(x), full)
+    np.testing.assert_array_equal(x[3], full[3])
+    np.testing.assert_array_equal(x[-1], full[-1])
+    np.testing.assert_array_equal(x[2:9:2], full[2:9:2])
+    idx = np.array([11, 0, 5, 5])
+    np.testing.assert_array_equal(x[idx], full[idx])
+    np.testing.assert_array_equal(x[torch.tensor(idx)], full[idx])
+    np.testing.assert_array_equal(x[full[:, 0] > 300], full[full[:, 0] > 300])
+    np.testing.assert_array_equal(x[1:4, 1], full[1:4, 1])
+    with pytest.raises(IndexError):
+        x[np.array([len(full)])]
+    sets = DescriptorSets(x, torch.tensor([0, 1, 3, len(full)]))
+    xb, off, owner = sets.gather(torch.tensor([2, 0]))
+    np.testing.assert_array_equal(xb.numpy(), np.concatenate([full[3:], full[:1]]))
+
+
+def test_vectors_one_row_per_item(tmp_path):
+    store = Store.create(tmp_path / "fv", kind="fisher", dim=4, items=records(5), shard_items=10)
+    store.write_shard(0, [ShardResult(i, array=np.full(4, i, np.float32)) for i in range(5)])
+    X, y, ids = store.vectors()
+    assert isinstance(X, np.memmap) and X.shape == (5, 4)  # one whole shard: the memory map itself
+    assert y.tolist() == [0, 1, 0, 1, 0] and ids[2] == "item2"
+    X_train, _, _ = store.vectors("train")
+    np.testing.assert_array_equal(X_train[:, 0], [1, 2, 4])
+    store.close()
+
+
+def test_resume_only_pending_shards_and_identical_bytes(tmp_path):
+    with make(tmp_path) as store:
+        fill(store, shards=[0])
+    first = (tmp_path / "s/shards/shard-00000.npy").read_bytes()
+    with make(tmp_path) as store:
+        assert store.pending_shards() == [1, 2]
+        fill(store)
+    with make(tmp_path / "again") as other:
+        fill(other)
+    for k in range(3):
+        a = (tmp_path / f"s/shards/shard-{k:05d}.npy").read_bytes()
+        assert a == (tmp_path / f"again/s/shards/shard-{k:05d}.npy").read_bytes()
+    assert first == (tmp_path / "s/shards/shard-00000.npy").read_bytes()
+
+
+def test_recover_missing_or_damaged_shard_and_stale_temp(tmp_path):
+    with make(tmp_path) as store:
+        fill(store)
+    (tmp_path / "s/shards/shard-00001.npy").unlink()
+    (tmp_path / "s/shards/shard-00002.npy").write_bytes(b"\x93NUMPY garbage")
+    (tmp_path / "s/shards/.shard-00000.npy.abc.tmp").write_bytes(b"half")
+    with make(tmp_path) as store:
+        assert store.pending_shards() == [1, 2]
+        assert not list((tmp_path / "s/shards").glob(".*.tmp"))
+        assert store.summary().pending == 7 - 3
+        with pytest.raises(StoreError, match="incomplete"):
+            store.sets()
+
+
+def test_resume_refuses_other_settings_or_items(tmp_path):
+    make(tmp_path).close()
+    with pytest.raises(StoreError, match=r"other settings \(x: 1 -> 2\)"):
+        Store.create(tmp_path / "s", kind="descriptors", dim=DIM, items=records(7), classes=["a", "b"],
+                     shard_items=3, config={"x": 2})
+    with pytest.raises(StoreError, match="dim"):
+        Store.create(tmp_path / "s", kind="descriptors", dim=5, items=records(7), classes=["a", "b"],
+                     shard_items=3, config={"x": 1})
+    with pytest.raises(StoreError, match="other items"):
+        make(tmp_path, n=8)
+    make(tmp_path, n=8, overwrite=True).close()  # --overwrite starts again
+    assert Store.open(tmp_path / "s").summary().items == 8
+
+
+def test_lock_and_read_only(tmp_path):
+    store = make(tmp_path)
+    with pytest.raises(StoreError, match="already open for writing"):
+        make(tmp_path)
+    store.close()
+    reader = Store.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="read-only"):
+        reader.write_shard(0, [])
+
+
+def test_refuses_non_store_folders(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty"):
+        make(tmp_path)
+    with pytest.raises(StoreError, match="not a store"):
+        make(tmp_path, overwrite=True)
+    with pytest.raises(FileNotFoundError, match="not a store"):
+        Store.open(tmp_path / "s")
+
+
+def test_write_shard_checks(tmp_path):
+    with make(tmp_path) as store:
+        with pytest.raises(ValueError, match="holds items"):
+            store.write_shard(0, [ShardResult(0, array=item_array(0))])
+        with pytest.raises(ValueError, match="expected"):
+            store.write_shard(0, [ShardResult(i, array=np.zeros((1, DIM + 1))) for i in range(3)])
+        store.write_shard(0, [ShardResult(i, error="x") for i in range(3)])  # all failed: an empty shard
+        assert np.load(tmp_path / "s/shards/shard-00000.npy").shape == (0, DIM)
+
+
+def test_lock_held_by_another_process(tmp_path):
+    import subprocess
+    import sys
+
+    make(tmp_path).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.lockf(f.fileno(), fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+         str(tmp_path / "s" / "lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError, match="another process"):
+            make(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    make(tmp_path).close()  # the lock went with the process
+
+
+def test_unreadable_manifest_is_a_store_error(tmp_path):
+    make(tmp_path).close()
+    (tmp_path / "s" / "manifest.sqlite").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="manifest.sqlite is unreadable"):
+        Store.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="unreadable"):
+        make(tmp_path)
+    make(tmp_path, overwrite=True).close()  # --overwrite replaces it
+    assert Store.open(tmp_path / "s").summary().items == 7
