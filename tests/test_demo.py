@@ -1,22 +1,47 @@
-"""The built-in demo runs end to end on a tiny configuration; the fallback is announced once."""
+"""The built-in demo on a tiny subset of the real data; the fallback is announced once."""
 
 from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
-from fvvae_fast.demo import DemoConfig, run_demo
 from fvvae_fast.ops import dispatch
 
 
-def test_demo_smoke(capsys):
-    figures = run_demo(DemoConfig(train_sets=30, test_sets=15, set_size=8, dim=16, latent_dim=3,
-                                  num_classes=3, iterations=5), progress=False)
+def test_builtin_data_files():
+    from fvvae_fast.evaluation.builtin import clip_path, load_animal_mnist, mobilenet_v2
+
+    images, labels = load_animal_mnist()
+    assert images.shape == (10000, 28, 28) and images.dtype.name == "uint8"
+    assert sorted(set(labels.tolist())) == list(range(10))
+    assert clip_path("bikes.mp4").stat().st_size > 100_000
+    model = mobilenet_v2()
+    assert model.features[10].conv[0][0].out_channels == 384
+
+
+def test_demo_smoke_on_a_tiny_subset(tmp_path, capsys):
+    from fvvae_fast.cli import main
+
+    code = main(["demo", "--out", str(tmp_path), "--train-per-class", "4", "--test-per-class", "2",
+                 "--iterations", "3", "--latent-dim", "3", "--quiet"])
+    assert code == 0
     out = capsys.readouterr().out
-    assert figures["fv_dim"] == 16 * 4
-    assert "encode: 45 sets" in out and "top-1" in out
-    assert 0.0 <= figures["accuracy"] <= 1.0
+    for method in ("| GA |", "| AVE |", "| Concatenation |", "| FV (GMM) |", "| VLAD |", "| BP |", "| FV-VAE- |",
+                   "FIM kronecker"):
+        assert method in out
+    for name in ("fig4a_dimension", "fig4b_lambda3", "fig4c_compression", "fig5_spatial_attention",
+                 "fig6_temporal_attention"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "table.md").is_file() and (tmp_path / "results.json").is_file()
+
+
+def test_demo_refuses_a_missing_store(tmp_path, capsys):
+    from fvvae_fast.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--descriptors", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert "descriptor store not found" in capsys.readouterr().err
 
 
 def test_reference_fallback_is_announced_once(monkeypatch):

@@ -31,3 +31,17 @@ def test_works_without_triton_and_extension():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_setup_lists_every_subpackage():
+    """A sub-package missing from setup.py works in an editable install and vanishes from a wheel."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    call = next(n for n in ast.walk(ast.parse((root / "setup.py").read_text()))
+                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    listed = set(ast.literal_eval(next(k.value for k in call.keywords if k.arg == "packages")))
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "fvvae_fast").rglob("__init__.py")}
+    found.add("fvvae_fast.kernels")
+    assert found == listed

@@ -409,7 +409,11 @@ class FisherInformation:
             whitener.scale[diag == 0] = 0
         return whitener
 
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def _factors_for(self, dtype: torch.dtype, device: torch.device) -> Any:
+        """The cached factors in ``dtype`` on ``device``: plain tensors even when first asked for inside
+        ``torch.inference_mode()``, so that a later whitening under autograd can use them."""
         if self._factors is None:
             self._factors = self._build_factors()
         key = (dtype, device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..sets import pad_sets
 from .reference import residual
 
 
@@ -55,14 +56,7 @@ def padded_bmm_accumulate(
 ) -> Tensor:
     """Decoder GEMM over all rows, mask, then one bmm over sets padded to the longest: (S, C, d+1)."""
     r = residual(x, z, weight, bias, inv_var)  # (N, C)
-    lengths = offsets.diff()
-    s, t_max = lengths.numel(), int(lengths.max()) if lengths.numel() else 0
     z1 = torch.cat([z, z.new_ones((z.shape[0], 1))], dim=1)  # [z; 1]
-    if s and bool((lengths == t_max).all()):
-        r_pad, z_pad = r.view(s, t_max, r.shape[1]), z1.view(s, t_max, z1.shape[1])
-    else:
-        row = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(offsets[:-1], lengths)
-        owner = torch.repeat_interleave(torch.arange(s, device=x.device), lengths)
-        r_pad = r.new_zeros((s, t_max, r.shape[1])).index_put_((owner, row), r)
-        z_pad = z1.new_zeros((s, t_max, z1.shape[1])).index_put_((owner, row), z1)
+    r_pad, _ = pad_sets(r, offsets)
+    z_pad, _ = pad_sets(z1, offsets)
     return torch.bmm(r_pad.transpose(1, 2), z_pad)

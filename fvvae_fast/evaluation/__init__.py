@@ -1,0 +1,13 @@
+"""The paper's evaluation (section 5, Table 2, Fig. 4-6) on real data, in one run.
+
+- :mod:`.protocol`: signed sqrt + L2, one-vs-all linear SVM (C = 100), top-1, top-3, mAP.
+- :mod:`.builtin`: the built-in real data (Animal-MNIST through ImageNet MobileNetV2; real clips),
+  read from pinned packages, nothing downloaded.
+- :mod:`.compare`: FV-VAE (FIM modes, lambda3, latent sizes) against every baseline, the
+  Table-2-style table and the figures; resumable.
+"""
+
+from .compare import CompareConfig, run_comparison
+from .protocol import Scores, evaluate_vectors
+
+__all__ = ["CompareConfig", "Scores", "evaluate_vectors", "run_comparison"]

@@ -1,0 +1,281 @@
+"""FV-VAE against every baseline on one set of descriptors (Table 2, Fig. 4), resumable.
+
+Every representation goes through the same protocol (:func:`.protocol.evaluate_vectors`). Rows:
+
+- ``table``: GA, AVE, Concatenation, FV (GMM), VLAD, BP, FV-VAE- (lambda3 = 0) and FV-VAE with
+  each FIM mode (none, diagonal, diagonal + low rank, Kronecker).
+- ``fig4a``: accuracy against dimension: FV-VAE (latent size), FV (components), VLAD (centres).
+- ``fig4b``: accuracy against lambda3 (0 is FV-VAE-).
+- ``fig4c``: compression of the FV-VAE vector by PCA and Random Maclaurin, against a smaller latent.
+
+Each finished row is written at once (atomically) to ``results.json`` in the output folder,
+stamped with a fingerprint of the data and the settings; a rerun with the same data and
+settings skips the rows it has (models are retrained only for the rows still missing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..baselines import VLAD, GMMFisherVector, PCACompression, RandomMaclaurin, average_pool, bilinear_pool, concatenate
+from ..encode import fisher_encode
+from ..fim import FisherInformation
+from ..io import atomic_open
+from ..model import FVVAE
+from ..sets import DescriptorSets
+from ..train import TrainConfig, train
+from .protocol import evaluate_vectors
+
+RESULTS_VERSION = 1
+FIM_MODES = ("none", "diagonal", "lowrank", "kronecker")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What the comparison runs. Defaults fit the built-in data (C = 384) in a few minutes on 2 cores.
+
+    Dimensions at C = 384: FV-VAE C (d+1) = 12,288 at d = 31; FV 2 K C = 12,288 at K = 16; VLAD K C =
+    12,288 at K = 32; BP C^2 = 147,456. Training samples ``descriptors_per_set`` descriptors of each
+    set per iteration (the paper trains on one frame of each video); None takes them all.
+    """
+
+    latent_dim: int = 31
+    lambda3: float = 10.0
+    iterations: int = 300
+    batch_sets: int = 128
+    descriptors_per_set: int | None = 16
+    fim_modes: tuple[str, ...] = FIM_MODES
+    sweep_fim: str = "diagonal"  # the FIM of the figures' FV-VAE rows
+    rank: int = 32
+    gmm_components: int = 16
+    vlad_centres: int = 32
+    latent_sweep: tuple[int, ...] = (3, 7, 15, 31)
+    gmm_sweep: tuple[int, ...] = (2, 4, 8, 16)
+    vlad_sweep: tuple[int, ...] = (4, 8, 16, 32)
+    lambda3_sweep: tuple[float, ...] = (0.0, 1.0, 10.0, 100.0, 1000.0)
+    compress_latents: tuple[int, ...] = (1, 2)  # PCA needs dimensions below the number of training sets
+    fit_descriptors: int = 20000  # training descriptors sampled to fit the GMM and k-means
+    encode_batch_sets: int = 256
+    svm_C: float = 100.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for mode in (*self.fim_modes, self.sweep_fim):
+            if mode not in FIM_MODES:
+                raise ValueError(f"CompareConfig: FIM modes must be among {FIM_MODES}, got {mode!r}")
+        if self.latent_dim < 1 or self.iterations < 1:
+            raise ValueError("CompareConfig: latent_dim and iterations must be >= 1")
+
+
+@dataclass
+class EvalData:
+    """Train and test descriptor sets (with labels), optional GA features (S, G) of each."""
+
+    train: DescriptorSets
+    test: DescriptorSets
+    train_global: Tensor | None = None
+    test_global: Tensor | None = None
+    name: str = "data"
+
+    def __post_init__(self) -> None:
+        for split, sets in (("train", self.train), ("test", self.test)):
+            if sets.labels is None:
+                raise ValueError(f"EvalData: the {split} sets need labels")
+        if self.train.dim != self.test.dim:
+            raise ValueError(f"EvalData: train has C={self.train.dim}, test C={self.test.dim}")
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for sets in (self.train, self.test):
+            h.update(np.ascontiguousarray(np.asarray(sets.x[:: max(1, sets.x.shape[0] // 4096)], np.float32)))
+            h.update(sets.offsets.numpy().tobytes())
+            h.update(sets.labels.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class Comparison:
+    """The rows (dicts: group, method, param, dim, top1, top3, mean_ap, encode_s) and the main model."""
+
+    rows: list[dict]
+    model: FVVAE
+    fim: FisherInformation | None
+    out: Path
+
+
+def _set_batches(sets: DescriptorSets, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x (n, C) float32, offsets (k+1,)) for consecutive groups of ``batch`` sets."""
+    off = sets.offsets
+    for s in range(0, len(sets), batch):
+        lo, hi = int(off[s]), int(off[min(s + batch, len(sets))])
+        x = torch.as_tensor(np.asarray(sets.x[lo:hi], dtype=np.float32))
+        yield x, off[s:min(s + batch, len(sets)) + 1] - lo
+
+
+def _encode_sets(encode: Callable[[Tensor, Tensor], Tensor], sets: DescriptorSets, batch: int) -> Tensor:
+    return torch.cat([encode(x, off) for x, off in _set_batches(sets, batch)])
+
+
+class _Runner:
+    def __init__(self, data: EvalData, cfg: CompareConfig, out: Path, progress: bool) -> None:
+        self.data, self.cfg, self.out, self.progress = data, cfg, out, progress
+        self.path = out / "results.json"
+        self.stamp = {"version": RESULTS_VERSION, "data": data.fingerprint(),
+                      "config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+        self.rows: dict[str, dict] = {}
+        if self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            if saved.get("stamp") == self.stamp:
+                self.rows = {r["key"]: r for r in saved["rows"]}
+        self.models: dict[tuple[int, float], FVVAE] = {}
+        self.fims: dict[tuple[int, float, str], FisherInformation | None] = {}
+        self.resumed = len(self.rows)
+        g = torch.Generator().manual_seed(cfg.seed)
+        x = data.train.x
+        pick = torch.randperm(x.shape[0], generator=g)[: cfg.fit_descriptors].sort().values.numpy()
+        self.fit_sample = np.asarray(x[pick], dtype=np.float32)
+
+    def _save(self) -> None:
+        with atomic_open(self.path, "w") as f:
+            json.dump({"stamp": self.stamp, "rows": list(self.rows.values())}, f, indent=1)
+
+    def row(self, group: str, method: str, param: str, encoders: Callable[[], tuple[Tensor, Tensor, float]]) -> dict:
+        key = f"{group}|{method}|{param}"
+        if key not in self.rows:
+            train_v, test_v, encode_s = encoders()
+            scores = evaluate_vectors(train_v, self.data.train.labels, test_v, self.data.test.labels, C=self.cfg.svm_C)
+            self.rows[key] = {"key": key, "group": group, "method": method, "param": param,
+                              "dim": int(train_v.shape[1]), "encode_s": encode_s, **scores.as_dict()}
+            self._save()
+        return self.rows[key]
+
+    # ---------------------------------------------------------------- encoders
+
+    def timed(self, encode: Callable[[Tensor, Tensor], Tensor]) -> tuple[Tensor, Tensor, float]:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            tr = _encode_sets(encode, self.data.train, self.cfg.encode_batch_sets)
+            te = _encode_sets(encode, self.data.test, self.cfg.encode_batch_sets)
+        return tr, te, time.perf_counter() - t0
+
+    def model(self, latent: int, lambda3: float) -> FVVAE:
+        key = (latent, float(lambda3))
+        if key not in self.models:
+            num_classes = int(self.data.train.labels.max()) + 1 if lambda3 else 0
+            torch.manual_seed(self.cfg.seed)
+            model = FVVAE(in_dim=self.data.train.dim, latent_dim=latent, num_classes=num_classes)
+            cfg = TrainConfig(iterations=self.cfg.iterations, batch_sets=self.cfg.batch_sets, lambda3=lambda3,
+                              descriptors_per_set=self.cfg.descriptors_per_set, seed=self.cfg.seed,
+                              checkpoint_every=self.cfg.iterations)
+            train(model, self.data.train, cfg, progress=self.progress)
+            self.models[key] = model.eval()
+        return self.models[key]
+
+    def fim(self, latent: int, lambda3: float, mode: str) -> FisherInformation | None:
+        key = (latent, float(lambda3), mode)
+        if key not in self.fims:
+            fim = None
+            if mode != "none":
+                model = self.model(latent, lambda3)
+                fim = FisherInformation(mode, rank=self.cfg.rank if mode == "lowrank" else None)
+                with torch.inference_mode():
+                    for x, off in _set_batches(self.data.train, self.cfg.encode_batch_sets):
+                        fim.update_descriptors(model, x, off)
+            self.fims[key] = fim
+        return self.fims[key]
+
+    def fvvae(self, latent: int, lambda3: float, mode: str) -> tuple[Tensor, Tensor, float]:
+        model, fim = self.model(latent, lambda3), self.fim(latent, lambda3, mode)
+        return self.timed(lambda x, off: fisher_encode(model, x, off, fim=fim, normalize=False))
+
+    def global_features(self) -> tuple[Tensor, Tensor, float]:
+        return self.data.train_global, self.data.test_global, 0.0
+
+
+def run_comparison(data: EvalData, cfg: CompareConfig | None = None, out: str | Path = "demo_out",
+                   progress: bool = True) -> Comparison:
+    """Evaluate every method of the module docstring on ``data``; rows saved to ``out/results.json``."""
+    cfg = cfg or CompareConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    r = _Runner(data, cfg, out, progress)
+    sample = r.fit_sample
+    d, l3 = cfg.latent_dim, cfg.lambda3
+    jobs: list[tuple[str, str, str, Callable]] = []
+    if data.train_global is not None and data.test_global is not None:
+        jobs.append(("table", "GA", "", r.global_features))
+    jobs.append(("table", "AVE", "", lambda: r.timed(average_pool)))
+    lengths = torch.cat([data.train.offsets.diff(), data.test.offsets.diff()])
+    if lengths.numel() and bool((lengths == lengths[0]).all()):
+        jobs.append(("table", "Concatenation", "", lambda: r.timed(concatenate)))
+    jobs += [
+        ("table", "FV (GMM)", f"K={cfg.gmm_components}",
+         lambda: r.timed(GMMFisherVector(cfg.gmm_components, seed=cfg.seed).fit(sample).encode)),
+        ("table", "VLAD", f"K={cfg.vlad_centres}", lambda: r.timed(VLAD(cfg.vlad_centres, seed=cfg.seed).fit(sample).encode)),
+        ("table", "BP", "", lambda: r.timed(bilinear_pool)),
+        ("table", "FV-VAE-", f"d={d}, lambda3=0, FIM {cfg.sweep_fim}", lambda: r.fvvae(d, 0.0, cfg.sweep_fim)),
+    ]
+    for mode in cfg.fim_modes:
+        jobs.append(("table", "FV-VAE", f"d={d}, lambda3={l3:g}, FIM {mode}" + (f" k={cfg.rank}" if mode == "lowrank" else ""),
+                     lambda mode=mode: r.fvvae(d, l3, mode)))
+    for latent in cfg.latent_sweep:
+        jobs.append(("fig4a", "FV-VAE", f"d={latent}", lambda latent=latent: r.fvvae(latent, l3, cfg.sweep_fim)))
+    for k in cfg.gmm_sweep:
+        jobs.append(("fig4a", "FV (GMM)", f"K={k}", lambda k=k: r.timed(GMMFisherVector(k, seed=cfg.seed).fit(sample).encode)))
+    for k in cfg.vlad_sweep:
+        jobs.append(("fig4a", "VLAD", f"K={k}", lambda k=k: r.timed(VLAD(k, seed=cfg.seed).fit(sample).encode)))
+    for lam in cfg.lambda3_sweep:
+        jobs.append(("fig4b", "FV-VAE", f"lambda3={lam:g}", lambda lam=lam: r.fvvae(d, lam, cfg.sweep_fim)))
+    c = data.train.dim
+    for latent in cfg.compress_latents:
+        dim = c * (latent + 1)
+        jobs.append(("fig4c", "latent", f"{dim}", lambda latent=latent: r.fvvae(latent, l3, cfg.sweep_fim)))
+        jobs.append(("fig4c", "PCA", f"{dim}", lambda dim=dim: _compressed(r, "pca", dim)))
+        jobs.append(("fig4c", "RM", f"{dim}", lambda dim=dim: _compressed(r, "rm", dim)))
+    rows = []
+    with tqdm(jobs, desc="methods", unit="method", disable=not progress) as bar:
+        for group, method, param, enc in bar:
+            bar.set_postfix_str(f"{method} {param}".strip()[:40])
+            rows.append(r.row(group, method, param, enc))
+    main_fim = r.fim(d, l3, cfg.sweep_fim)
+    return Comparison(rows, r.model(d, l3), main_fim, out)
+
+
+def _compressed(r: _Runner, how: str, dim: int) -> tuple[Tensor, Tensor, float]:
+    """FV-VAE's full vector (the table's settings) compressed to ``dim`` by PCA or Random Maclaurin."""
+    from ..encode import power_l2_normalize
+
+    tr, te, encode_s = r.fvvae(r.cfg.latent_dim, r.cfg.lambda3, r.cfg.sweep_fim)
+    tr, te = power_l2_normalize(tr), power_l2_normalize(te)
+    t0 = time.perf_counter()
+    if how == "pca":
+        pca = PCACompression(min(dim, *tr.shape), seed=r.cfg.seed).fit(tr)
+        tr, te = pca.transform(tr), pca.transform(te)
+    else:
+        rm = RandomMaclaurin(dim, in_dim=tr.shape[1], seed=r.cfg.seed)
+        tr, te = rm.transform(tr), rm.transform(te)
+    return tr, te, encode_s + time.perf_counter() - t0
+
+
+def format_table(rows: list[dict]) -> str:
+    """The Table-2-style comparison (group ``table``) as Markdown."""
+    lines = ["| method | settings | dim | top-1 | top-3 | mAP | encode s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if row["group"] == "table":
+            mark = "" if row["svm_converged"] else " *"
+            lines.append(f"| {row['method']} | {row['param']} | {row['dim']:,} | {100 * row['top1']:.2f}%{mark} | "
+                         f"{100 * row['top3']:.2f}% | {100 * row['mean_ap']:.2f}% | {row['encode_s']:.2f} |")
+    if not all(row["svm_converged"] for row in rows if row["group"] == "table"):
+        lines.append("\n\\* liblinear stopped at its iteration limit before converging")
+    return "\n".join(lines)
