@@ -4,18 +4,25 @@ Public API (DESIGN section 3)::
 
     G = fisher_accumulate(x, z, weight, bias, inv_var, offsets)   # (S, C, d+1) raw gradient sums
     model = FVVAE(in_dim=512, latent_dim=255, num_classes=101)
-    fv = fisher_encode(model, x, offsets, fim=None, normalize=True)  # (S, C*(d+1))
+    fim = FisherInformation(mode="diagonal")                        # or "lowrank" (rank=k), "kronecker"
+    fv = fisher_encode(model, x, offsets, fim=fim, normalize=True)  # (S, C*(d+1))
+    descriptors = spp(maps)                                         # (B, C, 7, 7) -> (B, 50, C)
+    model = load_official(path)                                     # the released UCF101 weights
 """
 
 from .encode import fisher_encode, fisher_gradients, power_l2_normalize
+from .fim import FisherInformation
 from .model import FVVAE, Losses, normalize_map
+from .official import load_official
 from .ops import fisher_accumulate
 from .sets import DescriptorSets
+from .spp import spp
 from .train import TrainConfig, TrainResult, load_model, save_checkpoint, train
 
 __all__ = [
     "FVVAE",
     "DescriptorSets",
+    "FisherInformation",
     "Losses",
     "TrainConfig",
     "TrainResult",
@@ -23,9 +30,11 @@ __all__ = [
     "fisher_encode",
     "fisher_gradients",
     "load_model",
+    "load_official",
     "normalize_map",
     "power_l2_normalize",
     "save_checkpoint",
+    "spp",
     "train",
 ]
 __version__ = "0.1.0"

@@ -243,3 +243,17 @@ def test_killed_run_restarts_to_identical_output(tmp_path):
         assert (out / "shards" / name).read_bytes() == (tmp_path / "reference/shards" / name).read_bytes(), name
     ref_items = Store.open(tmp_path / "reference").items()
     assert Store.open(out).items() == ref_items
+
+
+def test_demo_on_a_descriptor_store(tmp_path, videos, capsys):
+    """`fvvae demo --descriptors` runs the same comparison on any store with train and test splits."""
+    desc = tmp_path / "desc"
+    assert run_cli(*descriptor_args(videos, desc)) == 0
+    capsys.readouterr()
+    assert run_cli("demo", "--descriptors", desc, "--out", tmp_path / "cmp", "--iterations", "3",
+                   "--latent-dim", "3", "--quiet") == 0
+    out = capsys.readouterr().out
+    assert "6 'train' / 4 'test' sets, C=40" in out
+    assert "| FV-VAE | d=3, lambda3=10, FIM kronecker | 160 |" in out and "| GA |" not in out
+    assert (tmp_path / "cmp" / "fig4a_dimension.png").is_file()
+    assert not (tmp_path / "cmp" / "fig5_spatial_attention.png").exists()  # no images to draw over

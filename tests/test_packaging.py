@@ -45,3 +45,18 @@ def test_setup_lists_every_subpackage():
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "fvvae_fast").rglob("__init__.py")}
     found.add("fvvae_fast.kernels")
     assert found == listed
+
+
+def test_public_api_of_the_design():
+    """DESIGN section 3: the names outside tests call, at the top level of the package."""
+    import inspect
+
+    import fvvae_fast as fv
+
+    for name in ("fisher_accumulate", "FVVAE", "fisher_encode", "spp", "load_official", "FisherInformation"):
+        assert callable(getattr(fv, name)), name
+    assert list(inspect.signature(fv.fisher_encode).parameters)[:5] == ["model", "x", "offsets", "fim", "normalize"]
+    assert list(inspect.signature(fv.fisher_accumulate).parameters)[:6] == ["x", "z", "weight", "bias", "inv_var",
+                                                                             "offsets"]
+    fim = fv.FisherInformation(mode="lowrank", rank=2, damping=0.0)
+    assert fim.mode == "lowrank" and fim.rank == 2
