@@ -24,7 +24,7 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.write_sep("=", "fvvae_fast benchmark summary")
     tr.write_line(f"machine: {machine_line()}")
-    tr.write_line(f"| op | shape | dtype | method | median ms | p20-p80 ms | GFLOP/s | % GEMM ceiling | x naive | x plain |")
+    tr.write_line("| op | shape | dtype | method | median ms | p20-p80 ms | GFLOP/s | % GEMM ceiling | x naive | x plain |")
     tr.write_line("|---|---|---|---|---|---|---|---|---|---|")
     for r in RESULTS:
         key = (r["op"], r["shape"], r["dtype"])

@@ -10,6 +10,9 @@ Stages, each resumable (rerun the same command after a crash) and each ending wi
     fvvae run CONFIG   all of the above from one TOML (or YAML) file
     fvvae demo         the paper's comparison (Table 2, Fig. 4-6) on built-in real data
 
+Under ``torchrun --nproc-per-node N -m fvvae_fast <stage> ...`` the stages descriptors, train, fim,
+encode and run spread their work over the N processes (:mod:`fvvae_fast.distributed`).
+
 User mistakes (a missing file, a bad option value, a store written with other settings)
 print one ``fvvae <command>: error: ...`` line and exit with status 2; set FVVAE_DEBUG=1
 for the traceback.
@@ -26,10 +29,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import distributed
 from .demo import DemoConfig, run_demo
 from .evaluation.compare import CompareConfig
 
 EXIT_USAGE = 2
+DISTRIBUTED_COMMANDS = ("descriptors", "train", "fim", "encode", "run")  # run unchanged under torchrun
 EXIT_INTERRUPTED = 130
 DATASETS = ("ucf101", "cub", "activitynet", "folder", "arrays")
 DEFAULT_SOURCE = {"ucf101": "video", "activitynet": "video", "cub": "image", "folder": "video", "arrays": "precomputed"}
@@ -41,8 +46,9 @@ class UsageError(ValueError):
 
 
 def _say(args: argparse.Namespace, *lines: str) -> None:
-    for line in lines:
-        print(line, flush=True)
+    if distributed.is_main():  # under torchrun, rank 0 speaks for all
+        for line in lines:
+            print(line, flush=True)
 
 
 def _file_digest(path: str | os.PathLike) -> str:
@@ -247,8 +253,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                          checkpoint_every=args.checkpoint_every)
     _say(args, f"train: {len(data)} sets ({data.x.shape[0]} descriptors, C={store.dim}) of split "
                f"{split if split is not None else 'all'!r}; model {model.config()}")
-    if args.overwrite:
+    if args.overwrite and distributed.is_main():
         Path(args.out).unlink(missing_ok=True)
+    distributed.barrier()
     t0 = time.perf_counter()
     result = train(model, data, config, checkpoint=args.out, progress=not args.quiet)
     seconds = time.perf_counter() - t0
@@ -289,7 +296,9 @@ def cmd_fim(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     fim = estimate_fim(model, store, mode=args.mode, rank=args.rank, damping=args.damping, split=split,
                        batch_sets=args.batch_sets, device=_device(args.device), progress=not args.quiet)
-    fim.save(args.out)
+    if distributed.is_main():
+        fim.save(args.out)
+    distributed.barrier()
     _say(args, f"fim: {fim!r} from {fim.num_sets} sets of split {split if split is not None else 'all'!r} "
                f"in {time.perf_counter() - t0:.1f} s", f"fim: {args.out}")
     return 0
@@ -701,6 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in DISTRIBUTED_COMMANDS:
+            distributed.init_from_env()
         return args.func(args)
     except KeyboardInterrupt:
         print(f"fvvae {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

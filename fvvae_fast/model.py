@@ -132,11 +132,14 @@ class FVVAE(nn.Module):
         """(C,) 1 / sigma_x^2."""
         return torch.exp(-2.0 * self.log_sigma_x)
 
-    def _dropout(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        if self.dropout == 0.0:
-            return x
-        keep = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) >= self.dropout
-        return x * keep / (1.0 - self.dropout)
+    def draw_noise(self, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor | None, Tensor]:
+        """The training noise of n descriptors: dropout keep mask (n, C) bool (None without dropout)
+        and eps (n, d) ~ N(0, I), drawn from ``generator`` in this order."""
+        keep = None
+        if self.dropout != 0.0:
+            keep = torch.rand((n, self.in_dim), generator=generator, device=device, dtype=dtype) >= self.dropout
+        return keep, torch.randn((n, self.latent_dim), generator=generator, device=device, dtype=dtype)
 
     def loss(
         self,
@@ -144,33 +147,45 @@ class FVVAE(nn.Module):
         labels: Tensor | None = None,
         lambdas: tuple[float, float, float] = (1.0, 1.0, 1.0),
         generator: torch.Generator | None = None,
+        *,
+        noise: tuple[Tensor | None, Tensor] | None = None,
+        num_rows: int | None = None,
+        share: float = 1.0,
     ) -> Losses:
         """The training losses (Algorithm 1, Eq. 8) on descriptors x (N, C).
 
         ``labels`` (N,) int64 is each descriptor's set label (needed when lambda3 > 0 and the
         model has a classifier). Dropout on the encoder input and the sampling of z use
-        ``generator`` so a seeded run is reproducible. The loss reconstructs the clean x.
+        ``noise`` (:meth:`draw_noise`), drawn from ``generator`` when not given, so a seeded run
+        is reproducible. The loss reconstructs the clean x.
+
+        Data-parallel training evaluates one batch in parts: ``num_rows`` is the batch's total
+        number of descriptors (the divisor of the per-descriptor means; default N) and ``share``
+        the part of the descriptor-free terms (log sigma_x, the sigma_z part of the KL) this call
+        carries, so that the parts' losses add up to the whole batch's.
         """
         xp = self.preprocess(x)
-        mu_z = self.encoder(self._dropout(xp, generator) if self.training else xp)
-        sigma_z = self.log_sigma_z.exp()
+        n = num_rows if num_rows is not None else x.shape[0]
         if self.training:
-            eps = torch.randn(mu_z.shape, generator=generator, device=mu_z.device, dtype=mu_z.dtype)
-            z = mu_z + eps * sigma_z  # reparametrisation (Algorithm 1, line 7)
+            keep, eps = noise if noise is not None else self.draw_noise(x.shape[0], generator, x.device, x.dtype)
+            x_in = xp if keep is None else xp * keep / (1.0 - self.dropout)
         else:
-            z = mu_z
+            x_in = xp
+        mu_z = self.encoder(x_in)
+        sigma_z = self.log_sigma_z.exp()
+        z = mu_z + eps * sigma_z if self.training else mu_z  # reparametrisation (Algorithm 1, line 7)
         mu_x = self.decode(z)
         # L_rec = -log N(x; mu_x, sigma_x^2 I) without the constant (Algorithm 1, line 9).
-        rec = ((xp - mu_x) ** 2 * (0.5 * self.inv_var()) + self.log_sigma_x).sum(1).mean()
+        rec = ((xp - mu_x) ** 2 * (0.5 * self.inv_var())).sum() / n + share * self.log_sigma_x.sum()
         # L_reg = KL(N(mu_z, sigma_z^2) || N(0, I)) (line 10, with squared norms).
-        reg = 0.5 * (mu_z**2).sum(1).mean() + 0.5 * (sigma_z**2).sum() - 0.5 * (1 + 2 * self.log_sigma_z).sum()
+        reg = 0.5 * (mu_z**2).sum() / n + share * (0.5 * (sigma_z**2).sum() - 0.5 * (1 + 2 * self.log_sigma_z).sum())
         l1, l2, l3 = lambdas
         if self.classifier is not None and l3 != 0.0:
             if labels is None:
                 raise ValueError("FVVAE.loss: labels (N,) are needed when lambda3 > 0")
             if labels.shape != (x.shape[0],):
                 raise ValueError(f"FVVAE.loss: labels must be (N={x.shape[0]},), got {tuple(labels.shape)}")
-            cls = F.cross_entropy(self.classifier(z), labels)  # line 11
+            cls = F.cross_entropy(self.classifier(z), labels, reduction="sum") / n  # line 11
         else:
             cls = rec.new_zeros(())
         return Losses(rec=rec, reg=reg, cls=cls, total=l1 * rec + l2 * reg + l3 * cls)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +50,16 @@ class DescriptorSets:
         """From (S, T, C): S sets of T descriptors each."""
         s, t, c = x.shape
         return cls(x.reshape(s * t, c), torch.arange(s + 1, dtype=torch.int64) * t, labels)
+
+    def batches(self, batch_sets: int) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """Consecutive groups of ``batch_sets`` sets: (x (n, C) float32, offsets (k+1,) int64, labels (k,) or None),
+        read lazily (a memory-mapped x is read one group at a time)."""
+        for lo in range(0, len(self), batch_sets):
+            hi = min(lo + batch_sets, len(self))
+            a, b = int(self.offsets[lo]), int(self.offsets[hi])
+            chunk = self.x[a:b]
+            x = chunk.float() if isinstance(chunk, Tensor) else torch.from_numpy(np.array(chunk, dtype=np.float32))
+            yield x, self.offsets[lo : hi + 1] - a, None if self.labels is None else self.labels[lo:hi]
 
     def gather(
         self, set_ids: Tensor, per_set: int | None = None, generator: torch.Generator | None = None

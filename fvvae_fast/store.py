@@ -232,8 +232,9 @@ class Store:
     """A store folder (module docstring). Use :meth:`create` to start or resume writing,
     :meth:`open` to read. ``dim``/``dtype`` of the rows are fixed at creation."""
 
-    def __init__(self, path: Path, db: sqlite3.Connection, writable: bool, lock=None) -> None:
+    def __init__(self, path: Path, db: sqlite3.Connection, writable: bool, lock=None, journal: bool = False) -> None:
         self.path, self._db, self.writable, self._lock = path, db, writable, lock
+        self.journal = journal  # write_shard leaves a journal file instead of touching the manifest
         meta = dict(db.execute("SELECT key, value FROM meta"))
         if meta.get("format") != FORMAT:
             raise StoreError(f"{path}: not an fvvae_fast store (meta.format={meta.get('format')!r})")
@@ -293,6 +294,19 @@ class Store:
         return store
 
     @classmethod
+    def join(cls, path: str | os.PathLike) -> Store:
+        """Open a store that another process (rank 0) created, to write shards beside it.
+
+        The manifest is only read: each :meth:`write_shard` writes the shard's array atomically,
+        then its journal ``shards/shard-NNNNN.journal.json`` atomically; the process holding the
+        store (rank 0) records the journals in the manifest with :meth:`absorb_journals`. A process
+        killed at any point leaves whole shards with journals, or nothing that counts.
+        """
+        store = cls.open(path)
+        store.writable, store.journal = True, True
+        return store
+
+    @classmethod
     def create(
         cls,
         path: str | os.PathLike,
@@ -305,8 +319,12 @@ class Store:
         shard_items: int = 32,
         config: dict | None = None,
         overwrite: bool = False,
+        journal: bool = False,
     ) -> Store:
         """Create a store for ``items``, or reopen one written by the same command to resume it.
+
+        ``journal=True`` (rank 0 of a distributed run): :meth:`write_shard` leaves journals like the
+        other ranks' (:meth:`join`) and :meth:`absorb_journals` records them all at the end.
 
         An existing store is resumed only when its kind, dim, dtype, shard size, classes,
         config and item list (ids, labels, splits, order) are all the same; otherwise a
@@ -346,7 +364,7 @@ class Store:
                 if leftovers or any((path / "shards").iterdir()):
                     raise StoreError(f"{path}: folder is not empty and holds no store; use an empty folder")
                 db = cls._init(path, meta, items, shard_items)
-            store = cls(path, db, writable=True, lock=lock)
+            store = cls(path, db, writable=True, lock=lock, journal=journal)
             store._recover()
             return store
         except sqlite3.DatabaseError as err:
@@ -404,6 +422,7 @@ class Store:
     def _recover(self) -> None:
         for tmp in (self.path / "shards").glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+        self.absorb_journals()
         bad = []
         for shard, file, rows in self._db.execute("SELECT shard, file, rows FROM shards WHERE status = 'done'"):
             if not self._shard_ok(self.path / file, rows):
@@ -479,11 +498,38 @@ class Store:
         with atomic_open(self.path / file, "wb") as f:
             hw = _HashingWriter(f)
             np.lib.format.write_array(hw, data, allow_pickle=False)
+        if self.journal:
+            with atomic_open(self.path / _journal_name(shard), "w") as f:
+                json.dump({"shard": shard, "rows": row, "sha256": hw.hash.hexdigest(), "items": updates}, f)
+        else:
+            self._record(shard, row, hw.hash.hexdigest(), updates)
+        return row
+
+    def _record(self, shard: int, rows: int, sha256: str, updates: Sequence[Sequence]) -> None:
         with _transaction(self._db):
             self._db.executemany("UPDATE items SET row = ?, rows = ?, status = ?, error = ? WHERE idx = ?", updates)
             self._db.execute("UPDATE shards SET rows = ?, status = 'done', sha256 = ? WHERE shard = ?",
-                             (row, hw.hash.hexdigest(), shard))
-        return row
+                             (rows, sha256, shard))
+
+    def absorb_journals(self) -> int:
+        """Record the shards that other processes journaled (:meth:`join`) in the manifest; returns how many.
+
+        A journal counts only when its shard file is there with the rows it names; journals
+        of shards already done, or whose file is missing or truncated, are dropped (the shard
+        stays pending and is recomputed).
+        """
+        if self._lock is None:
+            raise StoreError(f"{self.path}: only the process that created the store records journals")
+        count = 0
+        for file in sorted((self.path / "shards").glob("shard-*.journal.json")):
+            entry = json.loads(file.read_text())
+            shard = int(entry["shard"])
+            status = self._db.execute("SELECT status FROM shards WHERE shard = ?", (shard,)).fetchone()
+            if status == ("pending",) and self._shard_ok(self.path / f"shards/shard-{shard:05d}.npy", entry["rows"]):
+                self._record(shard, int(entry["rows"]), entry["sha256"], entry["items"])
+                count += 1
+            file.unlink()
+        return count
 
     # ------------------------------------------------------------------ reading
 
@@ -557,6 +603,10 @@ class Store:
             raise StoreError(f"{self.path}: holds sets of several rows per item ({self.kind}), not one vector per item")
         X = ShardedArray(self._segments(rows), self.dim, self.dtype).as_array()
         return X, np.array([r["label"] for r in rows], dtype=np.int64), [r["item_id"] for r in rows]
+
+
+def _journal_name(shard: int) -> str:
+    return f"shards/shard-{shard:05d}.journal.json"
 
 
 def item_records(items: Iterable[Any]) -> list[ItemRecord]:

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .io import atomic_torch_save
+from . import distributed
 from .model import FVVAE
 from .sets import DescriptorSets
 
@@ -120,6 +121,13 @@ def train(
     RNG, iteration, history), so an interrupted run continues exactly as if uninterrupted;
     the file is rewritten atomically every ``checkpoint_every`` iterations and at the end.
     ``log_dir`` writes TensorBoard scalars (needs the ``tensorboard`` package).
+
+    Inside a torch.distributed process group (``torchrun``; :mod:`fvvae_fast.distributed`) it is
+    DistributedDataParallel over sets: every rank draws the same global batch and its noise, and
+    computes the loss of its contiguous share of the batch's sets, scaled so that the averaged
+    gradient is the whole batch's. The steps, the optimizer state and the checkpoint (written by
+    rank 0 only) are those of the single-process run with the same settings, and a checkpoint
+    resumes under any world size.
     """
     config = config or TrainConfig()
     if data.dim != model.in_dim:
@@ -150,23 +158,29 @@ def train(
         writer = SummaryWriter(str(log_dir))
     lambdas = (config.lambda1, config.lambda2, config.lambda3)
     batch = min(config.batch_sets, len(data))
+    rank, world = distributed.rank_world()
+    step = _data_parallel(model, lambdas, world, find_unused=model.classifier is not None and not use_labels)
 
     def save(iteration: int) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, model, optimizer, iteration, (generator, noise), config, history)
 
-    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations, disable=not progress,
-               desc="train FV-VAE", unit="it")
+    bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
+               disable=not progress or rank != 0, desc="train FV-VAE", unit="it")
     for it in bar:
         set_ids = torch.randperm(len(data), generator=generator)[:batch]
-        x, _, owner = data.gather(set_ids, config.descriptors_per_set, generator)
-        labels = data.labels[set_ids][owner].to(device) if use_labels else None
-        losses = model.loss(x.to(device), labels, lambdas, generator=noise)
+        x, offsets, owner = data.gather(set_ids, config.descriptors_per_set, generator)
+        labels = data.labels[set_ids][owner] if use_labels else None
+        keep, eps = model.draw_noise(x.shape[0], noise, device)
+        lo, hi = (int(offsets[len(set_ids) * r // world]) for r in (rank, rank + 1))  # this rank's sets
+        part = slice(lo, hi)
+        losses = step(x[part].to(device), None if labels is None else labels[part].to(device),
+                      (None if keep is None else keep[part], eps[part]), x.shape[0])
         optimizer.zero_grad(set_to_none=True)
-        losses.total.backward()
+        losses[0].backward()
         optimizer.step()
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
-            row = {"iteration": it + 1, **losses.as_floats()}
+            row = {"iteration": it + 1, **_summed(*losses)}
             history.append(row)
             bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "iteration"})
             if writer is not None:
@@ -177,5 +191,40 @@ def train(
             save(it + 1)
     if writer is not None:
         writer.close()
+    distributed.barrier()
     model.eval()
     return TrainResult(model=model, history=history, resumed_from=start)
+
+
+class _PartLoss(torch.nn.Module):
+    """The loss of one rank's part of a global batch: (total, rec, reg, cls).
+
+    Each rank's total is ``world`` times its share of the batch loss (per-descriptor sums over the
+    batch's descriptor count, 1/world of the descriptor-free terms): DistributedDataParallel
+    averages the gradients over ranks, which gives the gradient of the whole batch's loss.
+    """
+
+    def __init__(self, model: FVVAE, lambdas: tuple[float, float, float], world: int) -> None:
+        super().__init__()
+        self.model, self.lambdas, self.world = model, lambdas, world
+
+    def forward(self, x, labels, noise, num_rows):
+        losses = self.model.loss(x, labels, self.lambdas, noise=noise, num_rows=num_rows, share=1.0 / self.world)
+        return losses.total * self.world, losses.rec, losses.reg, losses.cls
+
+
+def _data_parallel(model: FVVAE, lambdas: tuple[float, float, float], world: int, find_unused: bool):
+    step = _PartLoss(model, lambdas, world)
+    if world == 1:
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(step, find_unused_parameters=find_unused)
+
+
+def _summed(total: torch.Tensor, rec: torch.Tensor, reg: torch.Tensor, cls: torch.Tensor) -> dict[str, float]:
+    """The batch's loss terms: the ranks' parts added up (the same on every rank)."""
+    world = distributed.rank_world()[1]
+    values = torch.stack([rec, reg, cls, total / world]).detach().double().cpu()
+    rec, reg, cls, total = distributed.all_reduce_sum(values).tolist()
+    return {"rec": rec, "reg": reg, "cls": cls, "total": total}

@@ -6,7 +6,6 @@ the test as the oracle, never by the library.
 
 from __future__ import annotations
 
-import math
 import os
 import resource
 

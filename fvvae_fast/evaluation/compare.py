@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,17 +114,8 @@ class Comparison:
     out: Path
 
 
-def _set_batches(sets: DescriptorSets, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """(x (n, C) float32, offsets (k+1,)) for consecutive groups of ``batch`` sets."""
-    off = sets.offsets
-    for s in range(0, len(sets), batch):
-        lo, hi = int(off[s]), int(off[min(s + batch, len(sets))])
-        x = torch.as_tensor(np.asarray(sets.x[lo:hi], dtype=np.float32))
-        yield x, off[s:min(s + batch, len(sets)) + 1] - lo
-
-
 def _encode_sets(encode: Callable[[Tensor, Tensor], Tensor], sets: DescriptorSets, batch: int) -> Tensor:
-    return torch.cat([encode(x, off) for x, off in _set_batches(sets, batch)])
+    return torch.cat([encode(x, off) for x, off, _ in sets.batches(batch)])
 
 
 class _Runner:
@@ -190,7 +181,7 @@ class _Runner:
                 model = self.model(latent, lambda3)
                 fim = FisherInformation(mode, rank=self.cfg.rank if mode == "lowrank" else None)
                 with torch.inference_mode():
-                    for x, off in _set_batches(self.data.train, self.cfg.encode_batch_sets):
+                    for x, off, _ in self.data.train.batches(self.cfg.encode_batch_sets):
                         fim.update_descriptors(model, x, off)
             self.fims[key] = fim
         return self.fims[key]

@@ -354,6 +354,62 @@ class FisherInformation:
         self._invalidate()
         return self
 
+    @torch.no_grad()
+    def all_reduce(self) -> FisherInformation:
+        """Make every rank's estimator the one over all ranks' data (torch.distributed; alone, a no-op).
+
+        Counts and sums (diagonal sums of squares, Kronecker moments) are all-reduced; the Frequent
+        Directions sketches are all-gathered and merged in rank order, so all ranks end with the
+        same estimator, as :meth:`merge` of every rank's would give. A rank that saw no set takes part
+        too. Returns self.
+        """
+        from .. import distributed
+
+        _, world = distributed.rank_world()
+        if world == 1:
+            return self
+        fd = self._fd
+        c, j = self.shape or (0, 0)
+        float64 = fd is not None and fd.dtype == torch.float64
+        meta = torch.tensor([self.num_sets, self.num_descriptors, self.dim or 0, c, j, float64], dtype=torch.float64)
+        metas = torch.stack(distributed.all_gather(meta))
+        seen = metas[metas[:, 0] > 0]
+        if len(seen) == 0:
+            return self
+        if bool((seen[:, 2:5] != seen[0, 2:5]).any()):
+            raise ValueError(f"FisherInformation.all_reduce: the ranks hold different sizes (D, C, d+1): "
+                             f"{seen[:, 2:5].long().tolist()}")
+        dim, shape = int(seen[0, 2]), (int(seen[0, 3]), int(seen[0, 4])) if seen[0, 3] else None
+        if self.num_sets == 0:  # join with empty statistics of the right size
+            self.dim, self.shape = dim, shape
+            dev = torch.device("cpu")
+            if self.mode == "kronecker":
+                self._b_sum = torch.zeros((shape[0], shape[0]), dtype=torch.float64, device=dev)
+                self._a_sum = torch.zeros((shape[1], shape[1]), dtype=torch.float64, device=dev)
+            else:
+                self._sumsq = torch.zeros(dim, dtype=torch.float64, device=dev)
+                if self.mode == "lowrank":
+                    dtype = torch.float64 if bool(seen[0, 5]) else torch.float32
+                    self._fd = FrequentDirections(dim, self.sketch_rows, dtype, dev)
+        if self.mode == "kronecker":
+            distributed.all_reduce_sum(self._b_sum)
+            distributed.all_reduce_sum(self._a_sum)
+        else:
+            distributed.all_reduce_sum(self._sumsq)
+        if self._fd is not None:
+            mine = self._fd
+            filled = distributed.all_gather(torch.tensor([mine.filled, mine.shrunk], dtype=torch.float64))
+            buffers = distributed.all_gather(mine.buffer)
+            merged = FrequentDirections(dim, self.sketch_rows, mine.dtype, mine.buffer.device)
+            for buf, (rows, shrunk) in zip(buffers, filled):
+                merged.update(buf[: int(rows)])
+                merged.shrunk += float(shrunk)
+            self._fd = merged
+        self.num_sets = int(metas[:, 0].sum())
+        self.num_descriptors = int(metas[:, 1].sum())
+        self._invalidate()
+        return self
+
     # ------------------------------------------------------------------ the estimate
 
     def _require_data(self, where: str) -> None:

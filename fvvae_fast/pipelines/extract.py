@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..store import ShardResult, Store, StoreSummary, item_records
 from .backbones import Backbone
 from .datasets import Dataset, Item
@@ -195,12 +196,13 @@ def extract_descriptors(
         raise ValueError(f"extract_descriptors: need batch_frames >= 1 and workers >= 0, got {batch_frames}, {workers}")
     config = {"stage": "descriptors", "dataset": dataset.name, "source": source.config(),
               "backbone": None if backbone is None else backbone.config(), **(extra_config or {})}
-    store = Store.create(out, kind="descriptors", dim=dim, items=item_records(dataset.items),
-                         classes=dataset.classes, dtype=dtype, shard_items=shard_items, config=config,
-                         overwrite=overwrite)
+    store = distributed.open_store(
+        lambda journal: Store.create(out, kind="descriptors", dim=dim, items=item_records(dataset.items),
+                                     classes=dataset.classes, dtype=dtype, shard_items=shard_items, config=config,
+                                     overwrite=overwrite, journal=journal), out)
     try:
         resumed = store.summary().done + store.summary().failed
-        pending = store.pending_shards()
+        pending = distributed.my_shards(store.pending_shards())
         by_id = {it.id: it for it in dataset.items}
         work = [(shard, idx, by_id[item_id]) for shard in pending for idx, item_id, _, _ in store.items_of_shard(shard)]
         loader = torch.utils.data.DataLoader(
@@ -213,7 +215,8 @@ def extract_descriptors(
         failed_now = 0
         run: _ShardRun | None = None
         names = {idx: item.id for _, idx, item in work}
-        with tqdm(total=len(work), desc="descriptors", unit=unit, disable=not progress, dynamic_ncols=True) as bar:
+        with tqdm(total=len(work), desc="descriptors", unit=unit, disable=not progress or not distributed.is_main(),
+                  dynamic_ncols=True) as bar:
             for shard, idx, data, error in loader:
                 if run is not None and run.shard != shard:
                     _finish(store, run, on_shard)
@@ -233,7 +236,10 @@ def extract_descriptors(
                 bar.set_postfix(failed=failed_now, refresh=False)
             if run is not None:
                 _finish(store, run, on_shard)
-        return StageReport("descriptors", Path(out), computed=len(work), resumed=resumed, failed_now=failed_now,
+        distributed.finish_store(store)
+        computed = distributed.total(len(work))
+        return StageReport("descriptors", Path(out), computed=computed, resumed=resumed,
+                           failed_now=distributed.total(failed_now),
                            seconds=time.perf_counter() - t0, summary=store.summary(), failures=store.failures(),
                            unit=unit)
     finally:

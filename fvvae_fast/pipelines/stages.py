@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..encode import fisher_encode
 from ..model import FVVAE
+from .. import distributed
 from ..store import ShardResult, Store, StoreError, item_records
 from .extract import StageReport
 
@@ -27,12 +28,7 @@ def _check_dim(model: FVVAE, store: Store) -> None:
 
 def set_batches(store: Store, split: str | None, batch_sets: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """(x (n, C) float32, offsets (k+1,) int64, labels (k,)) batches of ``batch_sets`` sets, in item order."""
-    sets = store.sets(split)
-    for lo in range(0, len(sets), batch_sets):
-        hi = min(lo + batch_sets, len(sets))
-        a, b = int(sets.offsets[lo]), int(sets.offsets[hi])
-        x = torch.from_numpy(np.array(sets.x[a:b], dtype=np.float32))
-        yield x, sets.offsets[lo : hi + 1] - a, sets.labels[lo:hi]
+    return store.sets(split).batches(batch_sets)
 
 
 def estimate_fim(
@@ -58,23 +54,30 @@ def estimate_fim(
         splits = ", ".join(map(repr, store.splits()))
         raise ValueError(f"{store.path}: no done item in split {split!r} (splits: {splits})")
     model = model.to(device).eval()
+    me, world = distributed.rank_world()
+    batches = _Batches(store, split, batch_sets, n, me, world)
     with torch.inference_mode():
-        fim.estimate(model, _Batches(store, split, batch_sets, n), progress=progress)
+        if len(batches):
+            fim.estimate(model, batches, progress=progress and me == 0)
+        fim.all_reduce()  # under torchrun: every rank's share merged; alone: nothing to do
     return fim
 
 
 class _Batches:
-    """A re-iterable, sized loader over the store's set batches (read lazily from the memory maps)."""
+    """A re-iterable, sized loader over the store's set batches (read lazily from the memory maps);
+    batch i belongs to rank i mod world."""
 
-    def __init__(self, store: Store, split: str | None, batch_sets: int, n: int) -> None:
+    def __init__(self, store: Store, split: str | None, batch_sets: int, n: int, rank: int = 0, world: int = 1) -> None:
         self.store, self.split, self.batch_sets, self.n = store, split, batch_sets, n
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_sets)
+        return len(range(self.rank, -(-self.n // self.batch_sets), self.world))
 
     def __iter__(self):
-        for x, offsets, _ in set_batches(self.store, self.split, self.batch_sets):
-            yield x, offsets
+        for i, (x, offsets, _) in enumerate(set_batches(self.store, self.split, self.batch_sets)):
+            if i % self.world == self.rank:
+                yield x, offsets
 
 
 def encode_store(
@@ -108,11 +111,13 @@ def encode_store(
     records = item_records(_Row(r) for r in src.items())
     dim = model.in_dim * (model.latent_dim + 1)
     config = {"stage": "encode", "descriptors": src.config, "normalize": normalize, **(extra_config or {})}
-    store = Store.create(out, kind="fisher", dim=dim, items=records, classes=src.classes, dtype="float32",
-                         shard_items=src.shard_items, config=config, overwrite=overwrite)
+    store = distributed.open_store(
+        lambda journal: Store.create(out, kind="fisher", dim=dim, items=records, classes=src.classes,
+                                     dtype="float32", shard_items=src.shard_items, config=config,
+                                     overwrite=overwrite, journal=journal), out)
     try:
         resumed = store.summary().done + store.summary().failed
-        pending = store.pending_shards()
+        pending = distributed.my_shards(store.pending_shards())
         rows = src.items()
         by_shard: dict[int, list[dict]] = {}
         for r in rows:
@@ -120,14 +125,17 @@ def encode_store(
         total = sum(len(by_shard[k]) for k in pending)
         from tqdm.auto import tqdm
 
-        with tqdm(total=total, desc="encode", unit="set", disable=not progress, dynamic_ncols=True) as bar:
+        with tqdm(total=total, desc="encode", unit="set", disable=not progress or not distributed.is_main(),
+                  dynamic_ncols=True) as bar:
             for shard in pending:
                 results = _encode_shard(model, src, by_shard[shard], fim, normalize, batch_sets, device)
                 store.write_shard(shard, results)
                 bar.update(len(results))
                 if on_shard is not None:
                     on_shard(shard)
-        return StageReport("encode", Path(out), computed=total, resumed=resumed, failed_now=0,
+        distributed.finish_store(store)
+        computed = distributed.total(total)
+        return StageReport("encode", Path(out), computed=computed, resumed=resumed, failed_now=0,
                            seconds=time.perf_counter() - t0, summary=store.summary(), failures=store.failures(),
                            unit="set")
     finally:

@@ -1,0 +1,130 @@
+"""Scale-out on torch.distributed: one process per device under ``torchrun``, NCCL on GPUs, gloo on CPUs.
+
+- :func:`init_from_env` joins the process group that torchrun describes (``WORLD_SIZE`` > 1);
+  every ``fvvae`` stage calls it, so ``torchrun --nproc-per-node N -m fvvae_fast <stage> ...`` runs
+  unchanged (multi-node with torchrun's usual rendezvous flags).
+- Training (:func:`fvvae_fast.train`): DistributedDataParallel over the sets of each global batch.
+- Extraction and encoding: shard k of the store belongs to rank k mod world; every rank writes its
+  shards and their journals, rank 0 records them in the manifest (:meth:`fvvae_fast.store.Store.join`).
+- Fisher information: :meth:`fvvae_fast.FisherInformation.all_reduce` merges the ranks' estimators.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
+    """Join torchrun's process group when ``WORLD_SIZE`` > 1 (once); True when running distributed.
+
+    backend: None picks NCCL when CUDA is available, else gloo. On CUDA each process takes the
+    device ``LOCAL_RANK``.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_world_size() > 1
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and outside a process group): the process that prints and writes shared files."""
+    return rank_world()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op outside a process group)."""
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (on the process group's device) and return it."""
+    if rank_world()[1] > 1:
+        dev = _comm_device()
+        buf = t.to(dev)
+        dist.all_reduce(buf)
+        t.copy_(buf)
+    return t
+
+
+def total(count: int) -> int:
+    """``count`` summed over ranks (itself outside a process group)."""
+    return int(all_reduce_sum(torch.tensor([count], dtype=torch.int64))[0])
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape and dtype on all ranks), in rank order, on ``t``'s device."""
+    rank, world = rank_world()
+    if world == 1:
+        return [t]
+    dev = _comm_device()
+    parts = [torch.empty_like(t, device=dev) for _ in range(world)]
+    dist.all_gather(parts, t.to(dev).contiguous())
+    return [p.to(t.device) for p in parts]
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def my_shards(shards: list[int]) -> list[int]:
+    """This rank's share of a store's shards: shard k belongs to rank k mod world (deterministic)."""
+    rank, world = rank_world()
+    return [s for s in shards if s % world == rank]
+
+
+def open_store(create: Callable[[bool], Store], path: str | os.PathLike) -> Store:
+    """Open a store for writing on every rank: rank 0 creates or resumes it (``create(journal)``)
+    while the others wait, then they join it (:meth:`Store.join`). Alone: ``create(False)``.
+
+    An error on rank 0 (a store made with other settings) is raised on every rank.
+    """
+    from .store import Store, StoreError
+
+    rank, world = rank_world()
+    if world == 1:
+        return create(False)
+    store, error = None, [None]
+    if rank == 0:
+        try:
+            store = create(True)
+        except Exception as err:  # told to every rank below, then raised here too
+            error = [f"{type(err).__name__}: {err}"]
+            dist.broadcast_object_list(error, src=0)
+            raise
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise StoreError(f"{path}: rank 0 could not open the store ({error[0]})")
+    return store if store is not None else Store.join(path)
+
+
+def finish_store(store: Store) -> None:
+    """Once every rank wrote its shards: rank 0 records all journals in the manifest."""
+    barrier()
+    if store.journal and rank_world()[0] == 0:
+        store.absorb_journals()
+    barrier()
