@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fvvae_fast as fv
@@ -62,3 +63,19 @@ def test_fim_whiten_is_applied_before_the_sign():
     G = fv.fisher_gradients(model, x)
     torch.testing.assert_close(fv.fisher_encode(model, x, fim=Scale(), normalize=False),
                                -(2.0 * G.reshape(3, -1) + 1.0))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 1), (7, 70_000), (2, 300_000)], ids=str)
+def test_power_l2_normalize_chunked_path_matches_autograd_path(shape):
+    from fvvae_fast.encode import power_l2_normalize
+
+    v = torch.randn(shape, dtype=torch.float64)
+    if shape[0]:
+        v[0] = 0.0  # a zero row stays zero
+    want = -v.sign() * v.abs().sqrt()
+    want = want / want.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    with torch.no_grad():
+        fast = power_l2_normalize(v, negate=True)
+    slow = power_l2_normalize(v.clone().requires_grad_(), negate=True)
+    torch.testing.assert_close(fast, want)
+    torch.testing.assert_close(slow.detach(), want)
