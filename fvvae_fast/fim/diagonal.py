@@ -11,18 +11,39 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Elements per float64 temporary in the chunked update: 1 Mi elements = 8 MiB (8 rows at
+# Elements per float64 temporary in the reference's chunked update: 1 Mi elements = 8 MiB (8 rows at
 # D = 131,072). Few large ops rather than one per row: each op is one parallel region, and on
 # a busy machine every region can wait a scheduler time slice for its threads.
 _CHUNK_ELEMS = 1 << 20
 
 
-def sum_of_squares(g: Tensor) -> Tensor:
-    """sum_s g[s]^2 of g (S, D) float: (D,) float64 on g's device.
+_lib = torch.library.Library("fvvae_fast", "FRAGMENT")
+_lib.define("sum_of_squares_cpu(Tensor g) -> Tensor")  # csrc/sum_of_squares.cpp, when the extension is built
 
-    Reads g once in row chunks; the only temporary is one float64 chunk (about
-    8 MiB, or one row when D is larger), never a full float64 copy of g.
+
+def sum_of_squares(g: Tensor, *, backend: str | None = None) -> Tensor:
+    """sum_s g[s]^2 of g (S, D) float: (D,) float64 on g's device, reading g once.
+
+    ``backend``: None picks the fused kernel of the device through the one dispatcher
+    (:func:`fvvae_fast.ops.dispatch.resolve`: Triton on CUDA, the C++ kernel on CPU), else
+    ``"reference"``, ``"cpu"`` or ``"triton"``. Every backend accumulates in float64 and never
+    forms a float64 copy of g.
     """
+    from ..ops import dispatch
+
+    name = dispatch.resolve(backend, g.device)
+    if name != "reference" and g.dtype in (torch.float32, torch.float64):
+        g = g.contiguous()
+        if name == "cpu":
+            return torch.ops.fvvae_fast.sum_of_squares_cpu(g)
+        from ..kernels.fim_update import sum_of_squares as triton_sum_of_squares
+
+        return triton_sum_of_squares(g)
+    return reference_sum_of_squares(g)
+
+
+def reference_sum_of_squares(g: Tensor) -> Tensor:
+    """Plain-torch :func:`sum_of_squares`: float64 row chunks (about 8 MiB, or one row when D is larger)."""
     s, dim = g.shape
     out = torch.zeros(dim, dtype=torch.float64, device=g.device)
     step = max(1, _CHUNK_ELEMS // max(dim, 1))
