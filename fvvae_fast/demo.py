@@ -87,26 +87,23 @@ def _image_attention(result: Comparison, builtin, cfg: DemoConfig) -> Path:
     return plot_spatial_attention(images, maps, titles, result.out / "fig5_spatial_attention.png")
 
 
-def _clip_attention(result: Comparison, cfg: DemoConfig) -> tuple[Path, np.ndarray]:
+def _clip_attention(result: Comparison, cfg: DemoConfig) -> Path:
+    from torchvision.transforms.v2 import functional as TF
+
     from .evaluation.builtin import MobileNetDescriptors, clip_path, mobilenet_v2
+    from .official import center_crop
     from .pipelines.sources import decode_video, torchvision_preprocess
     from .spp import dense_descriptors
     from .viz import plot_temporal_attention
 
     frames = decode_video(clip_path(cfg.clip), cfg.clip_frames)  # (T, 3, H, W) uint8
-    maps, _ = MobileNetDescriptors(mobilenet_v2(), cfg.layer)(torchvision_preprocess(frames, cfg.clip_size, cfg.clip_size))
-    hw = tuple(maps.shape[2:])
+    shown = center_crop(TF.resize(frames, [cfg.clip_size], antialias=True), cfg.clip_size)  # what the network sees
+    maps, _ = MobileNetDescriptors(mobilenet_v2(), cfg.layer)(torchvision_preprocess(shown, None, None))
     att = descriptor_attention(result.model, dense_descriptors(maps).flatten(0, 1), result.fim).reshape(len(frames), -1)
-    from .official import center_crop
-    from torchvision.transforms.v2 import functional as TF
-
-    shown = center_crop(TF.resize(frames, [cfg.clip_size], antialias=True), cfg.clip_size)
-    pictures = [f.permute(1, 2, 0).numpy() for f in shown]
-    per_frame = att.sum(1).numpy()
-    path = plot_temporal_attention(pictures, per_frame, _upsample(att, hw, (cfg.clip_size, cfg.clip_size)),
+    return plot_temporal_attention([f.permute(1, 2, 0).numpy() for f in shown], att.sum(1).numpy(),
+                                   _upsample(att, tuple(maps.shape[2:]), (cfg.clip_size, cfg.clip_size)),
                                    f"temporal attention over {cfg.clip} ({len(frames)} sampled frames)",
                                    result.out / "fig6_temporal_attention.png")
-    return path, per_frame
 
 
 def run_demo(config: DemoConfig | None = None, out: str | Path = "demo_out", *, descriptors: str | None = None,
@@ -137,7 +134,7 @@ def run_demo(config: DemoConfig | None = None, out: str | Path = "demo_out", *, 
                plot_compression(result.rows, out / "fig4c_compression.png")]
     if builtin is not None:
         figures.append(_image_attention(result, builtin, cfg))
-        figures.append(_clip_attention(result, cfg)[0])
+        figures.append(_clip_attention(result, cfg))
     table = format_table(result.rows)
     with atomic_open(out / "table.md", "w") as f:
         f.write(f"{data.name}: linear SVM (C={cfg.compare.svm_C:g}) on signed-sqrt + L2 vectors\n\n{table}\n")
