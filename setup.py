@@ -14,7 +14,7 @@ import sys
 
 from setuptools import setup
 
-PIPELINES = ["torchvision", "av", "pillow", "scikit-learn"]
+PIPELINES = ["torchvision", "av", "pillow", "scikit-learn", "matplotlib"]
 ext_modules = []
 cmdclass = {}
 sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
@@ -51,11 +51,11 @@ setup(
     package_dir={"fvvae_fast.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "packaging", 'tomli; python_version < "3.11"'],
     extras_require={
-        # Descriptor sources, backbones and evaluation. torchvision is not a hard requirement: an
+        # Descriptor sources, backbones, evaluation and its figures. torchvision is not a hard requirement: an
         # unpinned torchvision can pull in another torch; install the one matching your torch.
         "pipelines": PIPELINES,
         "yaml": ["pyyaml"],
-        "dev": [*PIPELINES, "pytest", "pytest-benchmark", "hypothesis", "tensorboard", "matplotlib"],
+        "dev": [*PIPELINES, "pytest", "pytest-benchmark", "hypothesis", "tensorboard"],
     },
     entry_points={"console_scripts": ["fvvae = fvvae_fast.cli:main"]},
     ext_modules=ext_modules,
