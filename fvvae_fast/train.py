@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .io import atomic_torch_save
 from . import distributed
+from .io import atomic_torch_save
 from .model import FVVAE
 from .sets import DescriptorSets
 

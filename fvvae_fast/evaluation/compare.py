@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..baselines import VLAD, GMMFisherVector, PCACompression, RandomMaclaurin, average_pool, bilinear_pool, concatenate
-from ..encode import fisher_encode
+from ..encode import fisher_encode, power_l2_normalize
 from ..fim import FisherInformation
 from ..io import atomic_open
 from ..model import FVVAE
@@ -131,7 +131,6 @@ class _Runner:
                 self.rows = {r["key"]: r for r in saved["rows"]}
         self.models: dict[tuple[int, float], FVVAE] = {}
         self.fims: dict[tuple[int, float, str], FisherInformation | None] = {}
-        self.resumed = len(self.rows)
         g = torch.Generator().manual_seed(cfg.seed)
         x = data.train.x
         pick = torch.randperm(x.shape[0], generator=g)[: cfg.fit_descriptors].sort().values.numpy()
@@ -245,8 +244,6 @@ def run_comparison(data: EvalData, cfg: CompareConfig | None = None, out: str | 
 
 def _compressed(r: _Runner, how: str, dim: int) -> tuple[Tensor, Tensor, float]:
     """FV-VAE's full vector (the table's settings) compressed to ``dim`` by PCA or Random Maclaurin."""
-    from ..encode import power_l2_normalize
-
     tr, te, encode_s = r.fvvae(r.cfg.latent_dim, r.cfg.lambda3, r.cfg.sweep_fim)
     tr, te = power_l2_normalize(tr), power_l2_normalize(te)
     t0 = time.perf_counter()
