@@ -67,7 +67,7 @@ def plot_compression(rows: Sequence[dict], path: str | os.PathLike) -> Path:
         ax.bar(np.arange(len(dims)) + i * width, [acc.get(dm, np.nan) for dm in dims], width, label=method)
     ax.set_xticks(np.arange(len(dims)) + width * (len(methods) - 1) / 2, [str(dm) for dm in dims])
     ax.set(xlabel="dimension", ylabel="top-1 accuracy (%)", title="(c) compression of FV-VAE")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 
