@@ -78,11 +78,10 @@ def total(count: int) -> int:
 
 def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's ``t`` (same shape and dtype on all ranks), in rank order, on ``t``'s device."""
-    rank, world = rank_world()
-    if world == 1:
+    if rank_world()[1] == 1:
         return [t]
     dev = _comm_device()
-    parts = [torch.empty_like(t, device=dev) for _ in range(world)]
+    parts = [torch.empty_like(t, device=dev) for _ in range(rank_world()[1])]
     dist.all_gather(parts, t.to(dev).contiguous())
     return [p.to(t.device) for p in parts]
 

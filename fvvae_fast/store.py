@@ -5,6 +5,8 @@ Layout of a store folder::
     manifest.sqlite        SQLite: tables meta, items, shards (below)
     shards/shard-00000.npy (rows, dim) array of the items of shard 0, concatenated in item order
     shards/shard-00001.npy ...
+    shards/shard-00001.journal.json   only in a distributed run: a shard written by another rank,
+                           not yet recorded in the manifest (:meth:`Store.join`, :meth:`Store.absorb_journals`)
     lock                   advisory lock (POSIX lockf) held by the one process writing the store
 
 Items are assigned to shards up front: item i (in the order given when the store was

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..sets import pad_sets
-from .pooling import _check
+from .pooling import check_sets
 
 
 class GMMFisherVector:
@@ -79,7 +79,7 @@ class GMMFisherVector:
 
     def encode(self, x: Tensor, offsets: Tensor) -> Tensor:
         """Fisher vectors of the sets: x (N, C) float, offsets (S+1,) int64 -> (S, 2 K C) float32."""
-        _check(x, offsets, "GMMFisherVector.encode")
+        check_sets(x, offsets, "GMMFisherVector.encode")
         if self.means is None:
             raise RuntimeError("GMMFisherVector: call fit() first")
         if x.shape[1] != self.means.shape[1]:

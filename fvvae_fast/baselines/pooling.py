@@ -8,7 +8,8 @@ from torch import Tensor
 from ..sets import pad_sets
 
 
-def _check(x: Tensor, offsets: Tensor, where: str) -> None:
+def check_sets(x: Tensor, offsets: Tensor, where: str) -> None:
+    """Raise ValueError unless x is a floating (N, C) tensor and offsets a valid (S+1,) int64 partition of it."""
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"{where}: x must be a floating (N, C) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.numel() < 1:
@@ -19,7 +20,7 @@ def _check(x: Tensor, offsets: Tensor, where: str) -> None:
 
 def average_pool(x: Tensor, offsets: Tensor) -> Tensor:
     """AVE: the mean descriptor of each set, (S, C) float32 (zeros for an empty set)."""
-    _check(x, offsets, "average_pool")
+    check_sets(x, offsets, "average_pool")
     pad, lengths = pad_sets(x.float(), offsets)
     return pad.sum(1) / lengths.clamp_min(1)[:, None].to(pad.dtype)
 
@@ -29,7 +30,7 @@ def concatenate(x: Tensor, offsets: Tensor) -> Tensor:
 
     Every set must have the same number of descriptors T (one conv map per item).
     """
-    _check(x, offsets, "concatenate")
+    check_sets(x, offsets, "concatenate")
     lengths = offsets.diff()
     if lengths.numel() and bool((lengths != lengths[0]).any()):
         raise ValueError(f"concatenate: every set needs the same number of descriptors, got lengths "
@@ -39,7 +40,7 @@ def concatenate(x: Tensor, offsets: Tensor) -> Tensor:
 
 def bilinear_pool(x: Tensor, offsets: Tensor) -> Tensor:
     """BP: the mean outer product (1/T) sum_t x_t x_t^T of each set, flattened: (S, C*C) float32."""
-    _check(x, offsets, "bilinear_pool")
+    check_sets(x, offsets, "bilinear_pool")
     pad, lengths = pad_sets(x.float(), offsets)
     outer = torch.bmm(pad.transpose(1, 2), pad) / lengths.clamp_min(1)[:, None, None].to(pad.dtype)
     return outer.reshape(lengths.numel(), -1)

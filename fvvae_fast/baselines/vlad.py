@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..sets import pad_sets
-from .pooling import _check
+from .pooling import check_sets
 
 
 class VLAD:
@@ -56,7 +56,7 @@ class VLAD:
 
     def encode(self, x: Tensor, offsets: Tensor) -> Tensor:
         """VLAD of the sets: x (N, C) float, offsets (S+1,) int64 -> (S, K C) float32."""
-        _check(x, offsets, "VLAD.encode")
+        check_sets(x, offsets, "VLAD.encode")
         if self.centres is None:
             raise RuntimeError("VLAD: call fit() first")
         if x.shape[1] != self.centres.shape[1]:

@@ -171,8 +171,7 @@ def builtin_data(train_per_class: int = 150, test_per_class: int = 50, *, size: 
     for name, idx in (("train", tr), ("test", te)):
         desc, g = extract(extractor, images_to_frames(images[idx], size), progress=progress,
                           desc=f"MobileNetV2 {name} images")
-        s, t, c = desc.shape
         sets.append(DescriptorSets.from_dense(desc, torch.as_tensor(labels[idx])))
         glob.append(g)
-    side = int(round(t**0.5))
+    side = int(round(desc.shape[1] ** 0.5))  # descriptors of a square map
     return BuiltinData(sets[0], sets[1], glob[0], glob[1], images[te], (side, side))

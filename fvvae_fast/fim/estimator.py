@@ -204,10 +204,17 @@ class FisherInformation:
             return f"(S, {self.shape[0]}, {self.shape[1]}) or (S, {self.dim})"
         return f"(S, C, d+1) or (S, {self.dim})" if self.dim is not None else "(S, C, d+1) or (S, D)"
 
-    def _learn_shape(self, G: Tensor, dim: int) -> None:
-        self.dim = dim
-        if G.dim() == 3:
-            self.shape = (int(G.shape[1]), int(G.shape[2]))
+    def _start(self, dim: int, shape: tuple[int, int] | None, sketch_dtype: torch.dtype,
+               device: torch.device) -> None:
+        """Empty statistics of this mode for D = dim (and (C, d+1) = shape, needed by kronecker)."""
+        self.dim, self.shape = dim, shape
+        if self.mode == "kronecker":
+            self._b_sum = torch.zeros((shape[0], shape[0]), dtype=torch.float64, device=device)
+            self._a_sum = torch.zeros((shape[1], shape[1]), dtype=torch.float64, device=device)
+            return
+        self._sumsq = torch.zeros(dim, dtype=torch.float64, device=device)
+        if self.mode == "lowrank":
+            self._fd = FrequentDirections(dim, self.sketch_rows, sketch_dtype, device)
 
     # ------------------------------------------------------------------ streaming updates
 
@@ -231,10 +238,8 @@ class FisherInformation:
         if not math.isfinite(float(sq.sum())):
             raise ValueError("FisherInformation.update: G has NaN or Inf values")
         if self._sumsq is None:
-            self._learn_shape(G, rows.shape[1])
-            self._sumsq = torch.zeros_like(sq)
-            if self.mode == "lowrank":
-                self._fd = FrequentDirections(self.dim, self.sketch_rows, _opmath(rows.dtype), rows.device)
+            shape = (int(G.shape[1]), int(G.shape[2])) if G.dim() == 3 else None
+            self._start(rows.shape[1], shape, _opmath(rows.dtype), rows.device)
         if self.shape is None and G.dim() == 3:
             self.shape = (int(G.shape[1]), int(G.shape[2]))
         self._sumsq += sq.to(self._sumsq.device)
@@ -283,8 +288,7 @@ class FisherInformation:
         if not (math.isfinite(float(b_sum.sum())) and math.isfinite(float(a_sum.sum()))):
             raise ValueError("FisherInformation.update_descriptors: NaN or Inf in the residuals or latents")
         if self._b_sum is None:
-            self.dim, self.shape = c * (d + 1), (c, d + 1)
-            self._b_sum, self._a_sum = torch.zeros_like(b_sum), torch.zeros_like(a_sum)
+            self._start(c * (d + 1), (c, d + 1), torch.float64, b_sum.device)
         self._b_sum += b_sum.to(self._b_sum.device)
         self._a_sum += a_sum.to(self._a_sum.device)
         self.num_sets += offsets.numel() - 1
@@ -381,16 +385,7 @@ class FisherInformation:
                              f"{seen[:, 2:5].long().tolist()}")
         dim, shape = int(seen[0, 2]), (int(seen[0, 3]), int(seen[0, 4])) if seen[0, 3] else None
         if self.num_sets == 0:  # join with empty statistics of the right size
-            self.dim, self.shape = dim, shape
-            dev = torch.device("cpu")
-            if self.mode == "kronecker":
-                self._b_sum = torch.zeros((shape[0], shape[0]), dtype=torch.float64, device=dev)
-                self._a_sum = torch.zeros((shape[1], shape[1]), dtype=torch.float64, device=dev)
-            else:
-                self._sumsq = torch.zeros(dim, dtype=torch.float64, device=dev)
-                if self.mode == "lowrank":
-                    dtype = torch.float64 if bool(seen[0, 5]) else torch.float32
-                    self._fd = FrequentDirections(dim, self.sketch_rows, dtype, dev)
+            self._start(dim, shape, torch.float64 if bool(seen[0, 5]) else torch.float32, torch.device("cpu"))
         if self.mode == "kronecker":
             distributed.all_reduce_sum(self._b_sum)
             distributed.all_reduce_sum(self._a_sum)
