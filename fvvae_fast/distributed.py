@@ -2,7 +2,8 @@
 
 - :func:`init_from_env` joins the process group that torchrun describes (``WORLD_SIZE`` > 1);
   every ``fvvae`` stage calls it, so ``torchrun --nproc-per-node N -m fvvae_fast <stage> ...`` runs
-  unchanged (multi-node with torchrun's usual rendezvous flags).
+  unchanged (multi-node with torchrun's usual rendezvous flags); :func:`shutdown`, run at exit,
+  leaves the group.
 - Training (:func:`fvvae_fast.train`): DistributedDataParallel over the sets of each global batch.
 - Extraction and encoding: shard k of the store belongs to rank k mod world; every rank writes its
   shards and their journals, rank 0 records them in the manifest (:meth:`fvvae_fast.store.Store.join`).
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Callable
@@ -39,8 +41,24 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # Imported before the group exists: imported after it (our ops import it on first call), torch
+    # 2.14 keeps a reference to the default group that outlives destroy_process_group (see shutdown).
+    import torch._dynamo  # noqa: F401
+
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    atexit.register(shutdown)
     return dist.get_world_size() > 1
+
+
+def shutdown() -> None:
+    """Leave the process group and join its threads (no-op outside one); run at exit by :func:`init_from_env`.
+
+    Left to interpreter shutdown, a gloo worker thread that drops the last reference to a tensor
+    Python created needs the GIL when no thread may take it any more, and the process aborts
+    (SIGABRT) after its work is done: torchrun would report the run failed.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fvvae_fast import distributed
-from fvvae_fast.encode import fisher_gradients
+from fvvae_fast.encode import fisher_encode, fisher_gradients
 from fvvae_fast.model import FVVAE
 from fvvae_fast.pipelines import Dataset, PrecomputedSource, array_items, encode_store, estimate_fim, extract_descriptors
 from fvvae_fast.sets import DescriptorSets
@@ -84,8 +84,20 @@ def _worker(rank: int, world: int, port: int, task: str, tmp: str) -> None:
 
             extract_descriptors(PrecomputedSource(arrays=(x, off)), Dataset("gen", items, ["a", "b", "c"]),
                                 tmp / "killed", shard_items=2, progress=False, on_shard=die)
+        elif task == "shutdown":
+            data = _data()
+            fisher_encode(_model().eval(), data.x, data.offsets)  # the custom op's first call
+            distributed.total(1)
+            distributed.shutdown()
+            (tmp / f"threads-rank{rank}.txt").write_text("\n".join(_gloo_threads()))
     finally:
-        torch.distributed.destroy_process_group()
+        distributed.shutdown()
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's threads that belong to gloo (Linux)."""
+    names = ((t / "comm").read_text().strip() for t in Path("/proc/self/task").iterdir())
+    return [n for n in names if "gloo" in n]
 
 
 def _free_port() -> int:
@@ -115,6 +127,15 @@ def test_training_matches_single_process_and_resumes_under_another_world_size(tm
     resumed_opt = torch.load(tmp_path / "resume.pt", weights_only=False)["optimizer_state"]["state"]
     for k in single_opt:
         torch.testing.assert_close(resumed_opt[k]["square_avg"], single_opt[k]["square_avg"], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_shutdown_joins_the_group_threads_after_our_ops(tmp_path):
+    """After shutdown no gloo thread is left to die in interpreter shutdown (SIGABRT at exit);
+    torch 2.14 kept the group alive when torch._dynamo was first imported after it existed."""
+    _spawn("shutdown", tmp_path)
+    for rank in range(2):
+        assert (tmp_path / f"threads-rank{rank}.txt").read_text() == ""
 
 
 def test_sharded_encoding_is_byte_identical(tmp_path):
