@@ -100,8 +100,9 @@ def test_update(benchmark, name):
                 fim.update(G)
 
         fn()  # fill the sketch before timing
-        # square-and-sum; lowrank: per row amortised (2l)^2 D Gram + l (2l) D projection, times 2 flops
-        per_set = 2 * DIM + (12 * fim.sketch_rows * DIM if mode == "lowrank" else 0)
+        # square-and-sum; lowrank, per row amortised over a shrink every l + 1 rows, times 2 flops:
+        # the new rows' Gram against the buffer, (l + 1) 2l D, and the rows kept, l (2l) D
+        per_set = 2 * DIM + (8 * fim.sketch_rows * DIM if mode == "lowrank" else 0)
         flops = SETS * reps * per_set
     slow = mode == "lowrank" and rank >= 128
     run_benchmark(benchmark, fn, DEVICE, rounds=3 if slow else 5, warmup=1)

@@ -79,6 +79,9 @@ class FrequentDirections:
         self.buffer = torch.zeros((2 * rows, dim), dtype=dtype, device=device)
         self.filled = 0  # rows of buffer in use
         self.shrunk = 0.0  # Delta: the sum of every shrink delta, the spectral error bound of B^T B
+        # The rows the last shrink left are orthogonal with squared norms e_i - delta: the next
+        # Gram's block for them is this diagonal, not a product.
+        self.orthogonal = torch.zeros(0, dtype=torch.float64, device=device)
 
     @property
     def sketch(self) -> Tensor:
@@ -103,9 +106,17 @@ class FrequentDirections:
         self.shrunk += other.shrunk
 
     def _shrink(self) -> None:
-        """SVD of the full buffer through its (2l, 2l) Gram; keep at most l - 1 rows."""
-        b = self.sketch
-        gram = (b @ b.t()).to(torch.float64)  # in the buffer dtype: the hot path
+        """SVD of the full buffer through its (2l, 2l) Gram; keep at most l - 1 rows.
+
+        Only the rows added since the last shrink are multiplied: about 4 l^2 D flops for the
+        Gram instead of 8 l^2 D, plus 4 l^2 D to form the rows kept.
+        """
+        b, r0 = self.sketch, len(self.orthogonal)
+        gram = torch.zeros((self.filled, self.filled), dtype=torch.float64, device=b.device)
+        gram[:r0, :r0] = torch.diag(self.orthogonal)
+        added = (b[r0:] @ b.t()).to(torch.float64)  # in the buffer dtype: the hot path
+        gram[r0:] = added
+        gram[:r0, r0:] = added[:, :r0].t()
         e, p = _eigh_desc(gram)
         delta = max(float(e[self.rows - 1]), 0.0)  # e_l, the l-th largest
         # Components below rounding carry no information; dropping them costs at most tol.
@@ -117,6 +128,7 @@ class FrequentDirections:
         new = coef.t().to(b.dtype) @ b
         self.buffer[:r].copy_(new)
         self.filled = r
+        self.orthogonal = e[:r] - delta
         self.shrunk += max(delta, tol) if r < self.rows - 1 else delta
 
     def top(self, k: int) -> tuple[Tensor, Tensor, float]:
