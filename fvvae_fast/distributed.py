@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import importlib
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -43,8 +44,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # Imported before the group exists: imported after it (our ops import it on first call), torch
     # 2.14 keeps a reference to the default group that outlives destroy_process_group (see shutdown).
-    import torch._dynamo  # noqa: F401
-
+    importlib.import_module("torch._dynamo")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     atexit.register(shutdown)
     return dist.get_world_size() > 1
