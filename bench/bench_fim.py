@@ -109,16 +109,24 @@ def test_update(benchmark, name):
     _record(benchmark, f"update-{name}", SETS * reps, flops, 4 * SETS * reps * DIM, fim)
 
 
+def _estimated(name: str, model: FVVAE, sets: int) -> FisherInformation:
+    """The estimator of MODES[name] after one pass: Kronecker over SETS sets of descriptors, the others
+    over at least ``sets`` gradients and enough to fill the sketch past a shrink."""
+    mode, rank = MODES[name]
+    fim = FisherInformation(mode, rank)
+    if mode == "kronecker":
+        return fim.update_descriptors(model, *_sets(SETS))
+    return fim.update(_gradients(model, max(sets, 2 * fim.sketch_rows + 1)))
+
+
 @pytest.mark.parametrize("name", list(MODES))
 def test_whiten(benchmark, name):
     mode, rank = MODES[name]
     model = _model()
-    fim = FisherInformation(mode, rank)
+    fim = _estimated(name, model, SETS)
     if mode == "kronecker":
-        fim.update_descriptors(model, *_sets(SETS))
         flops = 2 * WHITEN_SETS * (C * C * (LATENT + 1) + C * (LATENT + 1) ** 2)
     else:
-        fim.update(_gradients(model, max(SETS, 2 * fim.sketch_rows + 1)))
         flops = WHITEN_SETS * DIM * (1 + 4 * rank if rank else 1)
     G = _gradients(model, WHITEN_SETS, seed=1)
     fim.whiten(G[:1])  # builds the whitening factors (not timed: once per estimate)
@@ -129,13 +137,8 @@ def test_whiten(benchmark, name):
 @pytest.mark.parametrize("name", ["k32-lowrank", "k128-lowrank", "kronecker"])
 def test_build_whitening(benchmark, name):
     """One-off cost of the whitening factors after the pass (top-k of the sketch, eigenproblems)."""
-    mode, rank = MODES[name]
     model = _model()
-    fim = FisherInformation(mode, rank)
-    if mode == "kronecker":
-        fim.update_descriptors(model, *_sets(SETS))
-    else:
-        fim.update(_gradients(model, 2 * fim.sketch_rows + 1))
+    fim = _estimated(name, model, 1)
     G = _gradients(model, 1, seed=1)
 
     def build():
