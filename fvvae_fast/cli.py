@@ -245,7 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if num_classes is None:
         num_classes = len(store.classes) if args.lambda3 != 0 and store.classes else 0
     model = FVVAE(in_dim=store.dim, latent_dim=args.latent_dim, num_classes=num_classes, hidden_dim=args.hidden_dim,
-                  norm=norm, norm_scale=norm_scale, dropout=args.dropout)
+                  norm=norm, norm_scale=norm_scale, dropout=args.dropout, seed=args.seed)
     if num_classes and len(data) and int(data.labels.min()) < 0:
         raise UsageError(f"{store.path}: some training items have no label; use --lambda3 0 or --num-classes 0")
     config = TrainConfig(iterations=args.iterations, batch_sets=args.batch_sets, lr=args.lr, lambda3=args.lambda3,
@@ -261,9 +261,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     done = config.iterations - result.resumed_from
     last = result.history[-1] if result.history else {}
-    losses = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "iteration")
+    losses = ", ".join(f"{k}={last[k]:.4g}" for k in ("rec", "reg", "cls", "total") if k in last)
+    health = (f"decoder: {100 * last['active']:.1f}% of pre-activations active, {100 * last['alive']:.1f}% of units "
+              f"alive, sigma_x in [{last['sigma_x_min']:.3g}, {last['sigma_x_max']:.3g}]" if "active" in last else "")
     _say(args, f"train: {done} iterations in {seconds:.1f} s (resumed from {result.resumed_from}); "
-               f"last losses: {losses or 'n/a'}", f"model: {args.out}")
+               f"last losses: {losses or 'n/a'}", *([health] if health else []), f"model: {args.out}")
     return 0
 
 
@@ -334,9 +336,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     train_split = args.train_split or next((s for s in TRAIN_SPLITS if s in store.splits()), "train")
     test_split = args.test_split or TEST_SPLITS.get(train_split, "test")
     res = evaluate_store(store, train_split=train_split, test_split=test_split, C=args.C)
-    _say(args, f"evaluate: linear SVM (C={args.C:g}) on {res['train']} {train_split!r} vectors, "
+    _say(args, f"evaluate: one-vs-all linear SVM (C={args.C:g}) on {res['train']} {train_split!r} vectors, "
                f"{res['classes']} classes, tested on {res['test']} {test_split!r} vectors "
-               f"in {res['seconds']:.1f} s", f"top-1 accuracy: {100 * res['top1']:.2f}%")
+               f"in {res['seconds']:.1f} s",
+         f"top-1 accuracy: {100 * res['top1']:.2f}%, top-3: {100 * res['top3']:.2f}%, mAP: {100 * res['mean_ap']:.2f}%")
     if args.json:
         from .io import atomic_open
 
@@ -612,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random descriptors per set and iteration (default all; 50 = one video frame)")
     t.add_argument("--lr", type=float, default=1.0, help="AdaDelta learning rate")
     t.add_argument("--lambda3", type=float, default=1000.0, help="weight of the classification loss (0 = FV-VAE-)")
-    t.add_argument("--seed", type=int, default=0, help="seed of sampling, dropout and z noise")
+    t.add_argument("--seed", type=int, default=0, help="seed of everything random: initial weights, the data-dependent start, set sampling, dropout, z noise")
     t.add_argument("--checkpoint-every", type=_positive_int, default=500, help="iterations between checkpoints")
     _common(t)
     t.set_defaults(func=cmd_train)

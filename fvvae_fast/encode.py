@@ -45,14 +45,39 @@ def fisher_gradients(model: FVVAE, x: Tensor, offsets: Tensor | None = None, *, 
 _NORMALIZE_CHUNK_ELEMS = 1 << 18
 
 
+class _SignedSqrt(torch.autograd.Function):
+    """sign(v) sqrt(|v|) whose derivative at v = 0 is taken as 0 (it is +inf there).
+
+    Exact zeros are common: a decoder unit that is off for every descriptor of a set zeroes its
+    d+1 coordinates (Eq. 11), and an empty set zeroes them all. The plain formula's derivative
+    there, inf * 0, is NaN, and one NaN coordinate poisons every gradient of the network.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor) -> Tensor:
+        root = v.abs().sqrt()
+        ctx.save_for_backward(root)
+        return root.copysign(v)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (root,) = ctx.saved_tensors
+        return torch.where(root > 0, grad * 0.5 / root, torch.zeros_like(grad))
+
+
+def signed_sqrt(v: Tensor) -> Tensor:
+    """sign(v) sqrt(|v|), elementwise, float tensor of any shape; differentiable with gradient 0 at 0."""
+    return _SignedSqrt.apply(v)
+
+
 def power_l2_normalize(v: Tensor, eps: float = 1e-12, *, negate: bool = False) -> Tensor:
     """Signed square root then row L2 normalisation of v (S, D) float: (S, D); zero rows stay zero.
 
-    ``negate`` normalises -v instead, without forming it.
+    ``negate`` normalises -v instead, without forming it. Differentiable (finite gradients
+    everywhere, also at zero coordinates and zero rows) when v requires grad.
     """
     if torch.is_grad_enabled() and v.requires_grad:
-        v = -v if negate else v
-        v = v.sign() * v.abs().sqrt()
+        v = signed_sqrt(-v if negate else v)
         return v / v.norm(dim=1, keepdim=True).clamp_min(eps)
     out = torch.empty_like(v)
     step = max(1, _NORMALIZE_CHUNK_ELEMS // max(1, v.shape[1]))
@@ -96,3 +121,15 @@ def fisher_encode(
     G = fisher_gradients(model, x, offsets, backend=backend)
     vec = G.reshape(G.shape[0], -1) if fim is None else fim.whiten(G)
     return power_l2_normalize(vec, negate=True) if normalize else -vec
+
+
+def degenerate_rows(vectors: Tensor) -> tuple[int, int]:
+    """(all-zero rows, constant rows) of vectors (S, D): constant includes all-zero.
+
+    A Fisher vector that is all zero (every decoder unit off on the set: a collapsed model, or an
+    empty set) or constant carries no information for a classifier.
+    """
+    if vectors.shape[0] == 0 or vectors.shape[1] == 0:
+        return 0, int(vectors.shape[0])
+    lo, hi = vectors.amin(1), vectors.amax(1)
+    return int(((lo == 0) & (hi == 0)).sum()), int((lo == hi).sum())

@@ -67,19 +67,23 @@ class DescriptorSets:
         """Rows of the sets ``set_ids`` (optionally ``per_set`` random rows of each, like the
         paper's one-frame-per-video training): x (n, C) float32, offsets (k+1,), set index of each row (n,).
         """
-        starts, ends = self.offsets[set_ids], self.offsets[set_ids + 1]
-        pieces, owners = [], []
-        for i, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist())):
-            rows = torch.arange(lo, hi)
-            if per_set is not None and hi - lo > per_set:
-                rows = rows[torch.randperm(hi - lo, generator=generator)[:per_set]]
-            pieces.append(rows)
-            owners.append(torch.full((len(rows),), i, dtype=torch.int64))
-        rows = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
-        x = torch.as_tensor(np.asarray(self.x[rows.numpy()]) if isinstance(self.x, np.ndarray) else self.x[rows])
-        counts = torch.tensor([len(p) for p in pieces], dtype=torch.int64)
+        starts = self.offsets[set_ids]
+        lengths = self.offsets[set_ids + 1] - starts
+        counts = lengths if per_set is None else lengths.clamp_max(per_set)
         offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-        return x.float(), offsets, torch.cat(owners) if owners else rows
+        owners = torch.repeat_interleave(torch.arange(len(set_ids)), counts)
+        if per_set is not None and bool((lengths > per_set).any()):
+            # per_set rows of each set without replacement: the smallest of uniform keys (padding last).
+            span = torch.arange(int(lengths.max()))
+            keys = torch.rand((len(set_ids), span.numel()), generator=generator).masked_fill_(
+                span >= lengths[:, None], 2.0)
+            picked = keys.topk(per_set, dim=1, largest=False).indices  # (k, per_set)
+            local = picked[torch.arange(per_set) < counts[:, None]]
+        else:
+            local = torch.arange(int(offsets[-1])) - torch.repeat_interleave(offsets[:-1], counts)
+        rows = starts[owners] + local
+        x = torch.as_tensor(np.asarray(self.x[rows.numpy()]) if isinstance(self.x, np.ndarray) else self.x[rows])
+        return x.float(), offsets, owners
 
 
 def pad_sets(x: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:

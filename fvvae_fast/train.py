@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -16,6 +18,15 @@ from .model import FVVAE
 from .sets import DescriptorSets
 
 CHECKPOINT_VERSION = 1
+LIVENESS_ROWS = 4096  # descriptors of the current batch on which liveness is logged
+INIT_SAMPLE = 16384  # training descriptors that set the data-dependent start
+# Below this share of active decoder pre-activations the model is collapsing: its Fisher vectors
+# (Eq. 11 masks r_t by the active units) go to zero. Healthy runs stay above 0.2.
+LIVENESS_WARN = 0.01
+
+
+class CollapseWarning(UserWarning):
+    """The ReLU decoder of a model in training has (almost) no active unit left."""
 
 
 @dataclass
@@ -25,6 +36,9 @@ class TrainConfig:
     ``descriptors_per_set``: None trains on every descriptor of each sampled set; an int
     samples that many per set (the paper trains on one frame of each video: 50 descriptors).
     AdaDelta's rho and eps follow Caffe's AdaDelta example solver (momentum 0.95, delta 1e-6).
+    ``data_init``: a fresh run first starts the decoder and sigma_x at the scale of the data
+    (:meth:`FVVAE.init_from_data`, on ``INIT_SAMPLE`` seeded training descriptors); False keeps the
+    model's weights as given (fine-tuning a trained model).
     """
 
     iterations: int = 5000
@@ -36,6 +50,7 @@ class TrainConfig:
     lambda2: float = 1.0
     lambda3: float = 1000.0
     descriptors_per_set: int | None = None
+    data_init: bool = True
     seed: int = 0
     device: str = "cpu"
     checkpoint_every: int = 500
@@ -120,7 +135,10 @@ def train(
     If ``checkpoint`` names an existing file, training resumes from it (weights, optimizer,
     RNG, iteration, history), so an interrupted run continues exactly as if uninterrupted;
     the file is rewritten atomically every ``checkpoint_every`` iterations and at the end.
-    ``log_dir`` writes TensorBoard scalars (needs the ``tensorboard`` package).
+    ``log_dir`` writes TensorBoard scalars (needs the ``tensorboard`` package). Every logged row
+    (progress bar, TensorBoard, the checkpoint's history) holds the loss terms and the decoder's
+    health (:meth:`FVVAE.liveness` on the current batch); a :class:`CollapseWarning` is raised once
+    when fewer than ``LIVENESS_WARN`` of the pre-activations are active.
 
     Inside a torch.distributed process group (``torchrun``; :mod:`fvvae_fast.distributed`) it is
     DistributedDataParallel over sets: every rank draws the same global batch and its noise, and
@@ -137,7 +155,7 @@ def train(
     use_labels = _check_labels(model, data, config)
     device = torch.device(config.device)
     model.to(device).train()
-    optimizer = torch.optim.Adadelta(model.parameters(), lr=config.lr, rho=config.rho, eps=config.eps)
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=config.lr, rho=config.rho, eps=config.eps, foreach=True)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     noise = torch.Generator(device=device).manual_seed(config.seed + 1)
     history: list[dict[str, float]] = []
@@ -151,6 +169,9 @@ def train(
         for g, state in zip((generator, noise), ckpt["generator_states"]):
             g.set_state(state)
         start, history = ckpt["iteration"], ckpt["history"]
+    elif config.data_init:
+        pick = torch.randperm(data.x.shape[0], generator=torch.Generator().manual_seed(config.seed))[:INIT_SAMPLE]
+        model.init_from_data(torch.as_tensor(np.asarray(data.x[pick.sort().values.numpy()])).float().to(device))
     writer = None
     if log_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
@@ -165,6 +186,7 @@ def train(
         if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, model, optimizer, iteration, (generator, noise), config, history)
 
+    warned = False
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
                disable=not progress or rank != 0, desc="train FV-VAE", unit="it")
     for it in bar:
@@ -180,13 +202,19 @@ def train(
         losses[0].backward()
         optimizer.step()
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
-            row = {"iteration": it + 1, **_summed(*losses)}
+            live = model.liveness(x[:LIVENESS_ROWS].to(device))
+            row = {"iteration": it + 1, **_summed(*losses), **live}
             history.append(row)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "iteration"})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("iteration", "sigma_x_max")})
             if writer is not None:
                 for k, v in row.items():
                     if k != "iteration":
-                        writer.add_scalar(f"loss/{k}", v, it + 1)
+                        writer.add_scalar(f"{'decoder' if k in live else 'loss'}/{k}", v, it + 1)
+            if live["active"] < LIVENESS_WARN and not warned and rank == 0:
+                warned = True
+                warnings.warn(f"train: iteration {it + 1}: only {100 * live['active']:.3g}% of the decoder's "
+                              f"pre-activations are active ({100 * live['alive']:.3g}% of units alive): the model is "
+                              f"collapsing and its Fisher vectors will be (nearly) zero", CollapseWarning, stacklevel=2)
         if (it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations:
             save(it + 1)
     if writer is not None:

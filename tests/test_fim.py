@@ -19,6 +19,8 @@ from fvvae_fast.encode import fisher_gradients as _fisher_gradients
 from fvvae_fast.fim import DEFAULT_DAMPING, FisherInformation
 from fvvae_fast.model import FVVAE
 from fvvae_fast.ops.reference import residual
+from fvvae_fast.sets import DescriptorSets
+from fvvae_fast.train import TrainConfig, train
 
 from .cases import generator
 
@@ -192,28 +194,64 @@ def test_lowrank_sketch_bound():
 # ----------------------------------------------------------------------------- kronecker
 
 
-@pytest.mark.parametrize("damping", [0.0, 1e-8, 0.3])
-def test_kronecker_equals_dense_inverse_sqrt(damping):
-    c, d = 6, 3
-    model = _model(c, d, salt=8)
-    x, offsets = _sets(70, c, salt=8)
-    fim = _fed("kronecker", None, model, x, offsets, damping=damping)
-    # The oracle: B = E[r r^T], A = E[z~ z~^T] over descriptors, F = T_bar B (x) A, dense.
+def _dense_kronecker(model, x, offsets, damping):
+    """The oracle, dense: K = T_bar B (x) A (B = E[r r^T], A = E[z~ z~^T] over descriptors), its spectrum
+    floored at damping x mean diag, and the mean term u = sqrt(c) vec(E[r z~^T]), c = mean T (T - 1)."""
     with torch.no_grad():
         z = model.encode(x)
         r = residual(model.preprocess(x), z, model.decoder.weight, model.decoder.bias, model.inv_var())
     zt = torch.cat([z, torch.ones(len(z), 1, dtype=f64)], 1)
     b, a = r.t() @ r / len(r), zt.t() @ zt / len(r)
-
-    dense = (len(r) / 70) * torch.kron(b, a)  # F ~ T_bar B (x) A, (D, D) in row-major vec order
+    s = offsets.numel() - 1
+    dense = (len(r) / s) * torch.kron(b, a)  # (D, D) in row-major vec order
     e, v = torch.linalg.eigh(dense)
-    floored = e.clamp_min(damping * dense.diagonal().mean())  # the floor of every mode: damping x mean diag
+    floor = damping * dense.diagonal().mean()
+    lengths = offsets.diff().double()
+    u = (lengths * (lengths - 1)).mean().sqrt() * (r.t() @ zt / len(r)).reshape(-1)
+    return (v * e.clamp_min(floor)) @ v.t(), u, bool((e < floor).any())
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-8, 0.3])
+def test_kronecker_whitening_is_exact_for_its_estimate(damping):
+    """whiten = A with A^T A = F_hat^(-1) and A F_hat A^T = I, F_hat = K_damped + u u^T (dense oracle)."""
+    c, d = 6, 3
+    model = _model(c, d, salt=8)
+    x, offsets = _sets(70, c, salt=8)
+    fim = _fed("kronecker", None, model, x, offsets, damping=damping)
+    k, u, floored = _dense_kronecker(model, x, offsets, damping)
+    f_hat = k + torch.outer(u, u)
+    undamped = _dense_kronecker(model, x, offsets, 0.0)[0] + torch.outer(u, u)
+    torch.testing.assert_close(fim.diagonal(), undamped.diagonal(), rtol=1e-10, atol=0)
+    dim = c * (d + 1)
+    a = fim.whiten(torch.eye(dim, dtype=f64)).t()  # column j = A e_j
+    torch.testing.assert_close(a @ f_hat @ a.t(), torch.eye(dim, dtype=f64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(a.t() @ a, torch.linalg.inv(f_hat), rtol=1e-7, atol=1e-7)
     G = fisher_gradients(model, x, offsets)
-    expect = G.reshape(70, -1) @ ((v * floored.rsqrt()) @ v.t())
-    torch.testing.assert_close(fim.whiten(G), expect, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(fim.whiten(G.reshape(70, -1)), expect, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fim.whiten(G), G.reshape(70, -1) @ a.t(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(fim.whiten(G), fim.whiten(G.reshape(70, -1)), rtol=0, atol=0)
     # 1e-8 leaves every eigenvalue above the floor (two-GEMM form), 0.3 floors some (rotated form).
-    assert bool((e < damping * dense.diagonal().mean()).any()) == (damping == 0.3)
+    assert floored == (damping == 0.3)
+
+
+def test_kronecker_mean_term_brings_the_estimate_closer_to_dense_f():
+    """On sets of independent non-negative descriptors under a trained model, T_bar B (x) A + c u u^T
+    is nearer the dense E[vec G vec G^T] than T_bar B (x) A alone (the mean term is most of F)."""
+    c, d, t = 8, 3, 20
+    g = generator(31)
+    x = torch.relu(torch.randn(400 * t, c, generator=g, dtype=f64) + 0.3)
+    offsets = torch.arange(401) * t
+    torch.manual_seed(31)
+    model = FVVAE(in_dim=c, latent_dim=d, dropout=0.0)
+    train(model, DescriptorSets(x, offsets), TrainConfig(iterations=150, batch_sets=64, lambda3=0.0), progress=False)
+    model = model.double()
+    G = fisher_gradients(model, x, offsets).reshape(400, -1)
+    dense = G.t() @ G / 400
+    k, u, _ = _dense_kronecker(model, x, offsets, 0.0)
+    fim = _fed("kronecker", None, model, x, offsets, damping=0.0)
+    with_mean = (k + torch.outer(u, u) - dense).norm() / dense.norm()
+    without = (k - dense).norm() / dense.norm()
+    assert float(with_mean) < 0.5 * float(without)
+    torch.testing.assert_close(fim.diagonal(), (k + torch.outer(u, u)).diagonal(), rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("mode,rank", MODES, ids=MODE_IDS)
@@ -308,7 +346,7 @@ def test_save_load_round_trip(tmp_path, mode, rank):
         assert (loaded.mode, loaded.rank, loaded.damping, loaded.num_sets) == (mode, rank or 0, 0.02, 40)
         torch.testing.assert_close(loaded.whiten(G), fim.whiten(G), rtol=0, atol=0)
     state = torch.load(path, weights_only=True)
-    assert state["format"] == "fvvae_fast.FisherInformation" and state["version"] == 1
+    assert state["format"] == "fvvae_fast.FisherInformation" and state["version"] == 2
 
 
 def test_load_refuses_another_d_mode_or_version(tmp_path):

@@ -140,11 +140,14 @@ class _Runner:
         with atomic_open(self.path, "w") as f:
             json.dump({"stamp": self.stamp, "rows": list(self.rows.values())}, f, indent=1)
 
-    def row(self, group: str, method: str, param: str, encoders: Callable[[], tuple[Tensor, Tensor, float]]) -> dict:
+    def row(self, group: str, method: str, param: str, encoders: Callable[[], tuple[Tensor, Tensor, float]],
+            normalized: bool = False) -> dict:
+        """Evaluate one representation; ``normalized``: its vectors had signed sqrt + L2 already."""
         key = f"{group}|{method}|{param}"
         if key not in self.rows:
             train_v, test_v, encode_s = encoders()
-            scores = evaluate_vectors(train_v, self.data.train.labels, test_v, self.data.test.labels, C=self.cfg.svm_C)
+            scores = evaluate_vectors(train_v, self.data.train.labels, test_v, self.data.test.labels, C=self.cfg.svm_C,
+                                      normalize=not normalized)
             self.rows[key] = {"key": key, "group": group, "method": method, "param": param,
                               "dim": int(train_v.shape[1]), "encode_s": encode_s, **scores.as_dict()}
             self._save()
@@ -163,8 +166,7 @@ class _Runner:
         key = (latent, float(lambda3))
         if key not in self.models:
             num_classes = int(self.data.train.labels.max()) + 1 if lambda3 else 0
-            torch.manual_seed(self.cfg.seed)
-            model = FVVAE(in_dim=self.data.train.dim, latent_dim=latent, num_classes=num_classes)
+            model = FVVAE(in_dim=self.data.train.dim, latent_dim=latent, num_classes=num_classes, seed=self.cfg.seed)
             cfg = TrainConfig(iterations=self.cfg.iterations, batch_sets=self.cfg.batch_sets, lambda3=lambda3,
                               descriptors_per_set=self.cfg.descriptors_per_set, seed=self.cfg.seed,
                               checkpoint_every=self.cfg.iterations)
@@ -237,7 +239,8 @@ def run_comparison(data: EvalData, cfg: CompareConfig | None = None, out: str | 
     with tqdm(jobs, desc="methods", unit="method", disable=not progress) as bar:
         for group, method, param, enc in bar:
             bar.set_postfix_str(f"{method} {param}".strip()[:40])
-            rows.append(r.row(group, method, param, enc))
+            # PCA and Random Maclaurin compress the normalised FV-VAE vector: it is not normalised again.
+            rows.append(r.row(group, method, param, enc, normalized=method in ("PCA", "RM")))
     main_fim = r.fim(d, l3, cfg.sweep_fim)
     return Comparison(rows, r.model(d, l3), main_fim, out)
 

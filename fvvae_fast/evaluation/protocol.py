@@ -39,7 +39,8 @@ class Scores:
 
 
 def _array(v: Tensor | np.ndarray) -> np.ndarray:
-    return v.detach().float().cpu().numpy() if isinstance(v, Tensor) else np.asarray(v, dtype=np.float32)
+    # A read-only array (a memory-mapped store) is copied: torch does not wrap read-only memory.
+    return v.detach().float().cpu().numpy() if isinstance(v, Tensor) else np.require(v, np.float32, ["W"])
 
 
 def evaluate_vectors(

@@ -8,8 +8,9 @@ F is never formed: three modes estimate it in O(k D) memory or less.
 - ``"diagonal"``: exact diag F (float64 running sum of squares).
 - ``"lowrank"``: exact diag F plus a Frequent Directions sketch of the vec(G_X) rows;
   F_hat = U L U^T + diag(max(diag F - diag(U L U^T), floor)) (see :mod:`.lowrank`).
-- ``"kronecker"``: F ~ T_bar * B (x) A from per-descriptor residuals and latents
-  (see :mod:`.kronecker`); it needs the descriptors, so it is fed by
+- ``"kronecker"``: F ~ T_bar * B (x) A + c * m m^T from per-descriptor residuals and latents
+  (see :mod:`.kronecker`; m = E[r (x) z~] is the mean per-descriptor gradient and c the mean of
+  T(T-1) over sets); it needs the descriptors, so it is fed by
   :meth:`FisherInformation.update_descriptors` / :meth:`FisherInformation.estimate`.
 
 ``damping`` is a floor relative to the mean diagonal of F, default 1e-4: no
@@ -45,7 +46,7 @@ from .diagonal import inverse_sqrt, sum_of_squares
 from .lowrank import FrequentDirections, LowRankWhitener
 
 FORMAT = "fvvae_fast.FisherInformation"
-VERSION = 1
+VERSION = 2  # 2: kronecker files hold the mean term (m_sum, pairs); version 1 files load without it
 MODES = ("diagonal", "lowrank", "kronecker")
 DEFAULT_DAMPING = 1e-4
 # The lowrank whitening needs an invertible diagonal term: its floor is never below this
@@ -128,6 +129,8 @@ class FisherInformation:
         self._fd: FrequentDirections | None = None
         self._b_sum: Tensor | None = None  # (C, C) float64: sum_t r_t r_t^T
         self._a_sum: Tensor | None = None  # (d+1, d+1) float64: sum_t z~_t z~_t^T
+        self._m_sum: Tensor | None = None  # (C, d+1) float64: sum_t r_t z~_t^T
+        self._pairs = 0.0  # sum over sets of T (T - 1): ordered pairs of distinct descriptors
         self._factors: Any = None  # float64 whitening factors, built lazily
         self._cast: dict[tuple[torch.dtype, torch.device], Any] = {}
 
@@ -158,7 +161,7 @@ class FisherInformation:
     @property
     def nbytes(self) -> int:
         """Bytes held by the statistics (the sketch buffer included), not counting cached whitening factors."""
-        tensors = [self._sumsq, self._b_sum, self._a_sum, self._fd.buffer if self._fd is not None else None]
+        tensors = [self._sumsq, self._b_sum, self._a_sum, self._m_sum, self._fd.buffer if self._fd is not None else None]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def __repr__(self) -> str:
@@ -211,6 +214,7 @@ class FisherInformation:
         if self.mode == "kronecker":
             self._b_sum = torch.zeros((shape[0], shape[0]), dtype=torch.float64, device=device)
             self._a_sum = torch.zeros((shape[1], shape[1]), dtype=torch.float64, device=device)
+            self._m_sum = torch.zeros(shape, dtype=torch.float64, device=device)
             return
         self._sumsq = torch.zeros(dim, dtype=torch.float64, device=device)
         if self.mode == "lowrank":
@@ -284,13 +288,16 @@ class FisherInformation:
                              f"offsets[-1]=N; got x {tuple(x.shape)}, offsets {int(offsets[0])}..{int(offsets[-1])}")
         xp, z = model.preprocess(x), model.encode(x)
         r = residual(xp, z, weight, model.decoder.bias, model.inv_var())  # (N, C)   Eq. 11
-        b_sum, a_sum = kronecker.descriptor_moments(r, z)
-        if not (math.isfinite(float(b_sum.sum())) and math.isfinite(float(a_sum.sum()))):
+        b_sum, a_sum, m_sum = kronecker.descriptor_moments(r, z)
+        if not all(math.isfinite(float(t.sum())) for t in (b_sum, a_sum, m_sum)):
             raise ValueError("FisherInformation.update_descriptors: NaN or Inf in the residuals or latents")
         if self._b_sum is None:
             self._start(c * (d + 1), (c, d + 1), torch.float64, b_sum.device)
         self._b_sum += b_sum.to(self._b_sum.device)
         self._a_sum += a_sum.to(self._a_sum.device)
+        self._m_sum += m_sum.to(self._m_sum.device)
+        lengths = offsets.diff().double()
+        self._pairs += float((lengths * (lengths - 1)).sum())
         self.num_sets += offsets.numel() - 1
         self.num_descriptors += x.shape[0]
         self._invalidate()
@@ -348,6 +355,8 @@ class FisherInformation:
         if self.mode == "kronecker":
             self._b_sum += other._b_sum.to(dev)
             self._a_sum += other._a_sum.to(dev)
+            self._m_sum += other._m_sum.to(dev)
+            self._pairs += other._pairs
         else:
             self._sumsq += other._sumsq.to(dev)
             if self._fd is not None:
@@ -375,7 +384,8 @@ class FisherInformation:
         fd = self._fd
         c, j = self.shape or (0, 0)
         float64 = fd is not None and fd.dtype == torch.float64
-        meta = torch.tensor([self.num_sets, self.num_descriptors, self.dim or 0, c, j, float64], dtype=torch.float64)
+        meta = torch.tensor([self.num_sets, self.num_descriptors, self.dim or 0, c, j, float64, self._pairs],
+                            dtype=torch.float64)
         metas = torch.stack(distributed.all_gather(meta))
         seen = metas[metas[:, 0] > 0]
         if len(seen) == 0:
@@ -389,6 +399,8 @@ class FisherInformation:
         if self.mode == "kronecker":
             distributed.all_reduce_sum(self._b_sum)
             distributed.all_reduce_sum(self._a_sum)
+            distributed.all_reduce_sum(self._m_sum)
+            self._pairs = float(metas[:, 6].sum())
         else:
             distributed.all_reduce_sum(self._sumsq)
         if self._fd is not None:
@@ -418,7 +430,8 @@ class FisherInformation:
         self._require_data("diagonal")
         if self.mode == "kronecker":
             b, a, t_bar = self.kronecker_factors()
-            return t_bar * torch.outer(b.diagonal(), a.diagonal()).reshape(-1)  # diag(T_bar B (x) A)
+            m, c = self.mean_term()
+            return t_bar * torch.outer(b.diagonal(), a.diagonal()).reshape(-1) + c * m.reshape(-1) ** 2
         return self._sumsq / self.num_sets
 
     def low_rank(self) -> tuple[Tensor, Tensor]:
@@ -442,11 +455,20 @@ class FisherInformation:
         n = max(self.num_descriptors, 1)
         return self._b_sum / n, self._a_sum / n, self.num_descriptors / self.num_sets
 
+    def mean_term(self) -> tuple[Tensor, float]:
+        """m = E[r z~^T] (C, d+1) float64, the mean per-descriptor gradient, and c = mean over sets of
+        T (T - 1): F's rank-one part c vec(m) vec(m)^T (kronecker)."""
+        self._require_data("mean_term")
+        if self.mode != "kronecker":
+            raise ValueError(f"FisherInformation.mean_term: needs mode='kronecker', this is {self.mode!r}")
+        return self._m_sum / max(self.num_descriptors, 1), self._pairs / self.num_sets
+
     def _build_factors(self) -> Any:
         """float64 whitening factors of the current statistics and damping."""
         if self.mode == "kronecker":
             b, a, t_bar = self.kronecker_factors()
-            return kronecker.KroneckerWhitener.build(b, a, t_bar, self.damping)
+            m, c = self.mean_term()
+            return kronecker.KroneckerWhitener.build(b, a, t_bar, self.damping, math.sqrt(c) * m)
         diag = self.diagonal()
         floor = self.damping * float(diag.mean())  # damping x mean diagonal
         if self.mode == "diagonal":
@@ -508,6 +530,7 @@ class FisherInformation:
             state["sketch_shrunk"] = self._fd.shrunk
         if self._b_sum is not None:
             state["b_sum"], state["a_sum"] = self._b_sum.cpu(), self._a_sum.cpu()
+            state["m_sum"], state["pairs"] = self._m_sum.cpu(), self._pairs
         return state
 
     def load_state_dict(self, state: dict[str, Any], *, device: torch.device | str | None = None) -> FisherInformation:
@@ -541,6 +564,10 @@ class FisherInformation:
             self._fd.shrunk = float(state["sketch_shrunk"])
         self._b_sum = state["b_sum"].to(device).clone() if "b_sum" in state else None
         self._a_sum = state["a_sum"].to(device).clone() if "a_sum" in state else None
+        self._m_sum, self._pairs = None, float(state.get("pairs", 0.0))
+        if self._b_sum is not None:  # a version 1 file has no mean term: zeros
+            self._m_sum = (state["m_sum"].to(device).clone() if "m_sum" in state
+                           else torch.zeros(shape, dtype=torch.float64, device=device))
         self._invalidate()
         return self
 

@@ -14,6 +14,22 @@ T_X terms). Then, for symmetric B and A and row-major vec,
 two small GEMMs per set: O((C + d + 1) D). Only B (C, C) and A (d+1, d+1) are
 stored, as float64 sums; merging two estimates adds them exactly.
 
+The mean term. Independent descriptors whose gradients have a non-zero mean m = E[g_t]
+(always, for sparse non-negative descriptors: r_t is biased) add the pairs t != t' of the
+set: E[G G^T] = T E[g g^T] + T (T - 1) m m^T, so
+
+    F = T_bar B (x) A + c u u^T,   u = vec(E[r z~^T]),   c = mean over sets of T (T - 1)
+
+(c u u^T can be most of ||F||). With K = T_bar B (x) A (damped as below) and
+w = K^(-1/2) sqrt(c) u, F = K^(1/2) (I + w w^T) K^(1/2), and
+
+    A_F = (I + (1/sqrt(1 + |w|^2) - 1) w^ w^T) K^(-1/2)        (w^ = w / |w|)
+
+satisfies A_F^T A_F = F^(-1) (the Fisher kernel is exact) and A_F F A_F^T = I: the whitening of
+the Kronecker part followed by a rank-one shrink along w, O(D) more per set. It is not the
+symmetric F^(-1/2) (which would need an eigendecomposition of size D); without the mean
+term (u = 0) it is the symmetric K^(-1/2).
+
 Damping floors the spectrum of F_k = T_bar B (x) A itself, as in the other modes:
 its eigenvalues are the products lambda_ij = T_bar e_B,i e_A,j of the factors'
 eigenvalues, with eigenvectors v_B,i (x) v_A,j, so with the floor
@@ -29,14 +45,16 @@ are treated as zero (pseudo-inverse), like dead coordinates in the diagonal mode
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-def descriptor_moments(r: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """Sums over descriptors: B_sum = r^T r (C, C) and A_sum = z~^T z~ (d+1, d+1), float64.
+def descriptor_moments(r: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Sums over descriptors: B_sum = r^T r (C, C), A_sum = z~^T z~ (d+1, d+1) and M_sum = r^T z~
+    (C, d+1), float64.
 
     r: (n, C) residuals (Eq. 11); z: (n, d) latents. The GEMMs run in the inputs' dtype
     (float32 for float32 models) and are accumulated in float64 by the caller.
@@ -50,7 +68,8 @@ def descriptor_moments(r: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     a_sum[:d, d] = zs
     a_sum[d, :d] = zs
     a_sum[d, d] = n
-    return b_sum, a_sum
+    m_sum = torch.cat([(r.t() @ z).to(torch.float64), r.sum(0, dtype=torch.float64)[:, None]], dim=1)
+    return b_sum, a_sum, m_sum
 
 
 def _eigh_psd(m: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,16 +89,20 @@ class KroneckerWhitener:
 
     Factored form (``scale`` None): out = left G right with left = T_bar^(-1/2) B^(-1/2) (C, C),
     right = A^(-1/2) (d+1, d+1). Rotated form: left = V_B, right = V_A and
-    out = V_B (scale * (V_B^T G V_A)) V_A^T with scale = S (C, d+1).
+    out = V_B (scale * (V_B^T G V_A)) V_A^T with scale = S (C, d+1). Then the mean term's
+    rank-one shrink: out += shrink * (out . w^) w^ (``direction`` w^ (D,), None without it).
     """
 
     left: Tensor
     right: Tensor
     scale: Tensor | None
+    direction: Tensor | None = None
+    shrink: float = 0.0
 
     @classmethod
-    def build(cls, b: Tensor, a: Tensor, t_bar: float, damping: float) -> KroneckerWhitener:
-        """From B (C, C), A (d+1, d+1) float64 (descriptor means), T_bar and the relative damping."""
+    def build(cls, b: Tensor, a: Tensor, t_bar: float, damping: float, u: Tensor | None = None) -> KroneckerWhitener:
+        """From B (C, C), A (d+1, d+1) float64 (descriptor means), T_bar, the relative damping and
+        the mean term sqrt(c) m (C, d+1) float64 (module docstring; None: no mean term)."""
         e_b, v_b = _eigh_psd(b)
         e_a, v_a = _eigh_psd(a)
         lam = t_bar * torch.outer(e_b, e_a)  # eigenvalues of T_bar B (x) A          (C, d+1)
@@ -87,12 +110,19 @@ class KroneckerWhitener:
         if floor == 0 or bool((lam >= floor).all()):  # S is an outer product: two GEMMs
             left = (v_b * _inv_sqrt_or_zero(t_bar * e_b)) @ v_b.t()
             right = (v_a * _inv_sqrt_or_zero(e_a)) @ v_a.t()
-            return cls(left, right, None)
-        return cls(v_b, v_a, _inv_sqrt_or_zero(lam.clamp_min(floor)))
+            whitener = cls(left, right, None)
+        else:
+            whitener = cls(v_b, v_a, _inv_sqrt_or_zero(lam.clamp_min(floor)))
+        if u is not None:
+            w = whitener.apply(u[None])[0]  # K^(-1/2) sqrt(c) u
+            norm2 = float(w @ w)
+            if norm2 > 0:
+                whitener.direction, whitener.shrink = w / math.sqrt(norm2), 1.0 / math.sqrt(1.0 + norm2) - 1.0
+        return whitener
 
     def to(self, dtype: torch.dtype, device: torch.device) -> KroneckerWhitener:
         cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
-        return KroneckerWhitener(cast(self.left), cast(self.right), cast(self.scale))
+        return KroneckerWhitener(cast(self.left), cast(self.right), cast(self.scale), cast(self.direction), self.shrink)
 
     def apply(self, g: Tensor) -> Tensor:
         """g (S, C, d+1) -> (S, C*(d+1)) whitened, in g's dtype."""
@@ -102,4 +132,7 @@ class KroneckerWhitener:
             rot = torch.matmul(self.left.t(), torch.matmul(g, self.right))  # V_B^T G V_A
             rot.mul_(self.scale)
             out = torch.matmul(self.left, torch.matmul(rot, self.right.t()))
-        return out.reshape(g.shape[0], -1)
+        out = out.reshape(g.shape[0], -1)
+        if self.direction is not None:  # rank-one shrink along w^ (mean term)
+            out = out + self.shrink * (out @ self.direction)[:, None] * self.direction
+        return out

@@ -44,6 +44,7 @@ class StageReport:
     summary: StoreSummary
     failures: list[tuple[str, str]] = field(default_factory=list)
     unit: str = "item"
+    notes: list[str] = field(default_factory=list)
 
     def lines(self, max_failures: int = 10) -> list[str]:
         rate = self.computed / self.seconds if self.seconds > 0 else float("nan")
@@ -56,7 +57,7 @@ class StageReport:
             out += [f"  {item_id}: {err}" for item_id, err in self.failures[:max_failures]]
             if len(self.failures) > max_failures:
                 out.append(f"  ... and {len(self.failures) - max_failures} more (see the items table of the manifest)")
-        return out
+        return out + self.notes
 
 
 def _reason(err: BaseException) -> str:

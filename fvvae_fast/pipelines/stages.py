@@ -1,5 +1,5 @@
 """The stages after the descriptors: FIM estimation, encoding into a Fisher-vector store, a
-minimal evaluation (linear SVM, C = 100, top-1). Each reads a store written by
+the evaluation protocol of :mod:`fvvae_fast.evaluation.protocol`. Each reads a store written by
 :func:`extract_descriptors` (memory-mapped) and works set batch by set batch.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..encode import fisher_encode
+from ..encode import degenerate_rows, fisher_encode
 from ..model import FVVAE
 from .. import distributed
 from ..store import ShardResult, Store, StoreError, item_records
@@ -123,21 +123,31 @@ def encode_store(
         for r in rows:
             by_shard.setdefault(r["idx"] // src.shard_items, []).append(r)
         total = sum(len(by_shard[k]) for k in pending)
+        degenerate = torch.zeros(2, dtype=torch.float64)  # all-zero, constant vectors computed here
         from tqdm.auto import tqdm
 
         with tqdm(total=total, desc="encode", unit="set", disable=not progress or not distributed.is_main(),
                   dynamic_ncols=True) as bar:
             for shard in pending:
                 results = _encode_shard(model, src, by_shard[shard], fim, normalize, batch_sets, device)
+                arrays = [r.array for r in results if r.array is not None]
+                if arrays:
+                    degenerate += torch.tensor(degenerate_rows(torch.from_numpy(np.concatenate(arrays))))
                 store.write_shard(shard, results)
                 bar.update(len(results))
                 if on_shard is not None:
                     on_shard(shard)
         distributed.finish_store(store)
         computed = distributed.total(total)
+        zero, constant = (int(v) for v in distributed.all_reduce_sum(degenerate))
+        notes = []
+        if constant:
+            notes.append(f"warning: {zero} of the {computed} vectors computed now are all zero and {constant} constant "
+                         f"(zero included): they carry nothing for a classifier; a collapsed model (decoder units "
+                         f"that are never active) gives such vectors: check the liveness logged by `fvvae train`")
         return StageReport("encode", Path(out), computed=computed, resumed=resumed, failed_now=0,
                            seconds=time.perf_counter() - t0, summary=store.summary(), failures=store.failures(),
-                           unit="set")
+                           unit="set", notes=notes)
     finally:
         store.close()
 
@@ -168,11 +178,12 @@ def _encode_shard(model: FVVAE, src: Store, rows: list[dict], fim, normalize: bo
     return [results[r["idx"]] for r in rows]
 
 
-def evaluate_store(store: Store, *, train_split: str = "train", test_split: str = "test", C: float = 100.0,
-                   max_iter: int = 10000) -> dict:
-    """Top-1 accuracy of a one-vs-all linear SVM (C = 100, paper section 5.2) trained on the
-    Fisher vectors of ``train_split`` and tested on ``test_split`` of a Fisher-vector store."""
-    from sklearn.svm import LinearSVC
+def evaluate_store(store: Store, *, train_split: str = "train", test_split: str = "test", C: float = 100.0) -> dict:
+    """The evaluation protocol (:func:`fvvae_fast.evaluation.evaluate_vectors`: one-vs-all linear SVM,
+    C = 100, top-1, top-3, mAP) trained on the Fisher vectors of ``train_split`` and tested on
+    ``test_split`` of a Fisher-vector store. Vectors stored without signed sqrt + L2 get it here,
+    so each is normalised exactly once."""
+    from ..evaluation.protocol import evaluate_vectors
 
     if store.kind != "fisher":
         raise StoreError(f"{store.path}: holds {store.kind}; evaluate needs the Fisher vectors of `fvvae encode`")
@@ -186,8 +197,6 @@ def evaluate_store(store: Store, *, train_split: str = "train", test_split: str 
             raise ValueError(f"{store.path}: split {name!r} has unlabelled items")
     if len(np.unique(y_train)) < 2:
         raise ValueError(f"{store.path}: split {train_split!r} has fewer than 2 classes")
-    t0 = time.perf_counter()
-    clf = LinearSVC(C=C, max_iter=max_iter, random_state=0).fit(X_train, y_train)
-    pred = clf.predict(X_test)
-    return {"top1": float((pred == y_test).mean()), "train": len(y_train), "test": len(y_test),
-            "classes": int(len(np.unique(y_train))), "seconds": time.perf_counter() - t0}
+    scores = evaluate_vectors(X_train, y_train, X_test, y_test, C=C, normalize=not store.config.get("normalize", True))
+    return {**scores.as_dict(), "seconds": scores.svm_seconds, "train": len(y_train), "test": len(y_test),
+            "classes": int(len(np.unique(y_train)))}
