@@ -8,6 +8,7 @@ the package falls back to the reference path.
 
 from __future__ import annotations
 
+import ast
 import glob
 import os
 import sys
@@ -15,6 +16,16 @@ import sys
 from setuptools import setup
 
 PIPELINES = ["torchvision", "av", "pillow", "scikit-learn", "matplotlib"]
+
+
+def package_version() -> str:
+    """fvvae_fast.__version__, read without importing the package (that imports torch)."""
+    with open(os.path.join("fvvae_fast", "__init__.py")) as f:
+        tree = ast.parse(f.read())
+    return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and any(getattr(target, "id", None) == "__version__" for target in node.targets))
+
+
 ext_modules = []
 cmdclass = {}
 sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
@@ -43,7 +54,7 @@ if sources and os.environ.get("FVVAE_NO_EXTENSION", "0") != "1":
 
 setup(
     name="fvvae_fast",
-    version="0.1.0",
+    version=package_version(),
     description="Fast Fisher vectors with a variational auto-encoder (FV-VAE, Qiu et al., CVPR 2017)",
     python_requires=">=3.10",
     packages=["fvvae_fast", "fvvae_fast.ops", "fvvae_fast.kernels", "fvvae_fast.fim", "fvvae_fast.pipelines",

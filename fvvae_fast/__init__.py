@@ -8,6 +8,7 @@ Public API (DESIGN section 3)::
     fv = fisher_encode(model, x, offsets, fim=fim, normalize=True)  # (S, C*(d+1))
     descriptors = spp(maps)                                         # (B, C, 7, 7) -> (B, 50, C)
     model = load_official(path)                                     # the released UCF101 weights
+    enc = FVVAEEncoder(latent_dim=255).fit(sets, labels)            # scikit-learn transformer (needs scikit-learn)
 """
 
 from .encode import fisher_encode, fisher_gradients, power_l2_normalize
@@ -37,4 +38,18 @@ __all__ = [
     "spp",
     "train",
 ]
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: setup.py and `fvvae --version` read it
+
+
+def __getattr__(name: str):
+    # FVVAEEncoder is imported on first use: scikit-learn is an optional dependency. It is not in
+    # __all__, so that `from fvvae_fast import *` works without scikit-learn.
+    if name == "FVVAEEncoder":
+        from .sklearn import FVVAEEncoder
+
+        return FVVAEEncoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "FVVAEEncoder"])

@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import distributed
+from . import __version__, distributed
 from .demo import DemoConfig, run_demo
 from .evaluation.compare import CompareConfig
 
@@ -529,6 +529,7 @@ def _common(p: argparse.ArgumentParser, device: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fvvae", description="FV-VAE Fisher vectors (Qiu et al., CVPR 2017).",
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"fvvae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # descriptors ----------------------------------------------------------------------

@@ -1,8 +1,13 @@
-"""Sets of descriptors in memory: (N, C) rows, (S+1,) offsets, (S,) labels."""
+"""Sets of descriptors in memory: (N, C) rows, (S+1,) offsets, (S,) labels.
+
+:func:`pack_sets` turns the forms users hold (a list of (n_i, C) arrays, (x, offsets), a nested
+tensor) into (N, C) + offsets; :func:`pad_sets` turns (N, C) + offsets into one padded batch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,3 +105,75 @@ def pad_sets(x: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
     row = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(offsets[:-1], lengths)
     owner = torch.repeat_interleave(torch.arange(s, device=x.device), lengths)
     return x.new_zeros((s, t_max, x.shape[1])).index_put_((owner, row), x), lengths
+
+
+def _descriptors(a: Any, where: str) -> Tensor:
+    """One (n, C) array or tensor of finite real numbers -> float32 tensor (on the tensor's device)."""
+    if not isinstance(a, Tensor):
+        try:
+            a = np.asarray(a)
+        except ValueError as err:  # ragged nested lists
+            raise ValueError(f"{where}: not an (n, C) array: {err}") from None
+        if a.dtype.kind not in "iuf":
+            raise TypeError(f"{where}: descriptors must be real numbers, got dtype {a.dtype}")
+        a = torch.from_numpy(a)
+    elif a.dtype == torch.bool or a.is_complex():
+        raise TypeError(f"{where}: descriptors must be real numbers, got dtype {a.dtype}")
+    if a.dim() != 2 or a.shape[1] == 0:
+        raise ValueError(f"{where}: descriptors must be (n, C) with C >= 1, got shape {tuple(a.shape)}")
+    a = a.detach().to(torch.float32)
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError(f"{where}: descriptors contain NaN or Inf")
+    return a
+
+
+def _offsets(a: Any, n: int, device: torch.device, where: str) -> Tensor:
+    """(S+1,) integers, non-decreasing from 0 to n -> int64 tensor on ``device``."""
+    o = a if isinstance(a, Tensor) else torch.from_numpy(np.asarray(a))
+    if o.is_floating_point() or o.is_complex() or o.dtype == torch.bool:
+        raise TypeError(f"{where}: offsets must be integers, got dtype {o.dtype}")
+    if o.dim() != 1 or o.numel() < 2:
+        raise ValueError(f"{where}: offsets must be (S+1,) with S >= 1, got shape {tuple(o.shape)}")
+    o = o.to(device=device, dtype=torch.int64)
+    if int(o[0]) != 0 or int(o[-1]) != n or bool((o.diff() < 0).any()):
+        raise ValueError(f"{where}: offsets must be non-decreasing from 0 to N={n}, got {int(o[0])}..{int(o[-1])}")
+    return o
+
+
+def pack_sets(sets: Any, where: str = "X") -> tuple[Tensor, Tensor]:
+    """Sets in any of three forms -> x (N, C) float32 and offsets (S+1,) int64 (both on x's device).
+
+    ``sets`` is a list of S arrays or tensors of shape (n_i, C) (an n_i may be 0), a tuple
+    (x (N, C), offsets (S+1,) integers non-decreasing from 0 to N), or a torch nested tensor
+    (S, j, C) (jagged or strided layout). Integer descriptors are converted to float32.
+    Raises TypeError (another container, non-numeric values) or ValueError (no sets, wrong
+    shapes, sets of different C, bad offsets, NaN or Inf), naming ``where``.
+
+    Example:
+        >>> x, offsets = pack_sets([np.ones((2, 3)), np.zeros((0, 3))])
+        >>> x.shape, offsets.tolist()
+        (torch.Size([2, 3]), [0, 2, 2])
+    """
+    if isinstance(sets, Tensor) and sets.is_nested:
+        sets = list(sets.unbind())
+    if isinstance(sets, tuple):
+        if len(sets) != 2:
+            raise TypeError(f"{where}: a tuple must be (x (N, C), offsets (S+1,)), got {len(sets)} items")
+        x = _descriptors(sets[0], f"{where}[0]")
+        offsets = _offsets(sets[1], x.shape[0], x.device, f"{where}[1]")
+    elif isinstance(sets, list):
+        if not sets:
+            raise ValueError(f"{where}: no sets (an empty list)")
+        parts = [_descriptors(a, f"{where}[{i}]") for i, a in enumerate(sets)]
+        c = parts[0].shape[1]
+        for i, p in enumerate(parts):
+            if p.shape[1] != c:
+                raise ValueError(f"{where}[{i}]: descriptors have C={p.shape[1]}, those of {where}[0] C={c}")
+        x = torch.cat(parts)
+        offsets = torch.tensor([0] + [p.shape[0] for p in parts], device=x.device).cumsum(0)
+    else:
+        shape = f" of shape {tuple(sets.shape)}" if hasattr(sets, "shape") else ""
+        raise TypeError(f"{where}: sets must be a list of (n_i, C) arrays or tensors, a tuple (x (N, C), offsets "
+                        f"(S+1,)) or a torch nested tensor; got {type(sets).__name__}{shape} "
+                        f"(one set: [x]; S sets of T descriptors (S, T, C): list(x))")
+    return x, offsets

@@ -69,6 +69,15 @@ def test_top_level_help_lists_the_stages(capsys):
         assert command in text
 
 
+def test_version(capsys):
+    import fvvae_fast
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fvvae {fvvae_fast.__version__}"
+
+
 def one_line_error(capsys, code: int, needle: str) -> None:
     err = capsys.readouterr().err.strip()
     assert code == 2

@@ -53,10 +53,31 @@ def test_public_api_of_the_design():
 
     import fvvae_fast as fv
 
-    for name in ("fisher_accumulate", "FVVAE", "fisher_encode", "spp", "load_official", "FisherInformation"):
+    for name in ("fisher_accumulate", "FVVAE", "fisher_encode", "spp", "load_official", "FisherInformation",
+                 "FVVAEEncoder"):
         assert callable(getattr(fv, name)), name
     assert list(inspect.signature(fv.fisher_encode).parameters)[:5] == ["model", "x", "offsets", "fim", "normalize"]
     assert list(inspect.signature(fv.fisher_accumulate).parameters)[:6] == ["x", "z", "weight", "bias", "inv_var",
                                                                              "offsets"]
     fim = fv.FisherInformation(mode="lowrank", rank=2, damping=0.0)
     assert fim.mode == "lowrank" and fim.rank == 2
+
+
+def test_scikit_learn_is_optional():
+    """`import fvvae_fast` needs no scikit-learn; FVVAEEncoder says how to get it."""
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["sklearn"] = None         # import sklearn -> ImportError
+        import fvvae_fast as fv
+        from fvvae_fast import *
+        assert "FVVAEEncoder" in dir(fv)
+        try:
+            fv.FVVAEEncoder
+        except ImportError as err:
+            assert "pip install scikit-learn" in str(err), err
+            print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

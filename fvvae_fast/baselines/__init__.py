@@ -2,7 +2,8 @@
 
 Every encoder takes raw descriptors x (N, C) float with offsets (S+1,) int64 and returns one
 vector per set, (S, D) float32; the protocol (:mod:`fvvae_fast.evaluation.protocol`) applies the
-signed square root and L2 to all of them alike.
+signed square root and L2 to all of them alike. ``GMMFisherVector`` and ``VLAD`` also take sets in
+the forms of :func:`fvvae_fast.sets.pack_sets` with ``transform(X)`` (a list of (n_i, C) arrays, ...).
 
 - :mod:`.pooling`: AVE, Concatenation, bilinear pooling (BP).
 - :mod:`.gmm_fisher`: improved Fisher vectors on a diagonal GMM (scikit-learn ``GaussianMixture``).

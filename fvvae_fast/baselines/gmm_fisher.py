@@ -13,12 +13,13 @@ and S2 = sum_t gamma_t (x_t^2)^T (K, C) of each set: never an (N, K, C) tensor. 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..sets import pad_sets
+from ..sets import pack_sets, pad_sets
 from .pooling import check_sets
 
 
@@ -96,3 +97,8 @@ class GMMFisherVector:
         g_sigma = (s2 - 2 * mu * s1 + (mu * mu - sigma * sigma) * s0[..., None]) / sigma.pow(2)
         g_sigma = g_sigma / (t * (2 * w).sqrt()[:, None])
         return torch.cat([g_mu.flatten(1), g_sigma.flatten(1)], dim=1)
+
+    def transform(self, X: Any) -> Tensor:
+        """:meth:`encode` of sets X given as a list of (n_i, C) arrays, (x, offsets) or a nested tensor
+        (:func:`fvvae_fast.sets.pack_sets`): (S, D) float32."""
+        return self.encode(*pack_sets(X, "GMMFisherVector.transform: X"))

@@ -8,11 +8,13 @@ from the per-set statistics S0 (K,) (counts) and S1 (K, C) (sums of assigned des
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..sets import pad_sets
+from ..sets import pack_sets, pad_sets
 from .pooling import check_sets
 
 
@@ -67,3 +69,8 @@ class VLAD:
         x_pad, _ = pad_sets(x, offsets)  # (S, T, C)
         s1 = torch.bmm(a_pad.transpose(1, 2), x_pad)  # (S, K, C)
         return (s1 - a_pad.sum(1)[..., None] * self.centres).flatten(1)
+
+    def transform(self, X: Any) -> Tensor:
+        """:meth:`encode` of sets X given as a list of (n_i, C) arrays, (x, offsets) or a nested tensor
+        (:func:`fvvae_fast.sets.pack_sets`): (S, D) float32."""
+        return self.encode(*pack_sets(X, "VLAD.transform: X"))
