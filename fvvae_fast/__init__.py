@@ -8,11 +8,13 @@ Public API (DESIGN section 3)::
     fv = fisher_encode(model, x, offsets, fim=fim, normalize=True)  # (S, C*(d+1))
     descriptors = spp(maps)                                         # (B, C, 7, 7) -> (B, 50, C)
     model = load_official(path)                                     # the released UCF101 weights
+    head = FisherVectorHead(model, fim)                             # the Fisher vector as a trainable layer
     enc = FVVAEEncoder(latent_dim=255).fit(sets, labels)            # scikit-learn transformer (needs scikit-learn)
 """
 
-from .encode import fisher_encode, fisher_gradients, power_l2_normalize
+from .encode import fisher_encode, fisher_gradients, power_l2_normalize, signed_sqrt
 from .fim import FisherInformation
+from .head import FisherVectorHead
 from .model import FVVAE, Losses, normalize_map
 from .official import load_official
 from .ops import fisher_accumulate
@@ -24,6 +26,7 @@ __all__ = [
     "FVVAE",
     "DescriptorSets",
     "FisherInformation",
+    "FisherVectorHead",
     "Losses",
     "TrainConfig",
     "TrainResult",
@@ -35,6 +38,7 @@ __all__ = [
     "normalize_map",
     "power_l2_normalize",
     "save_checkpoint",
+    "signed_sqrt",
     "spp",
     "train",
 ]

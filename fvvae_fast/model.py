@@ -61,7 +61,7 @@ class _ReconstructionError(torch.autograd.Function):
     """sum_t sum_c (ReLU(a_tc) - x_tc)^2 / (2 sigma_c^2) (the data term of L_rec, Eq. 8) and its gradient.
 
     a (N, C) decoder pre-activations W z + b, x (N, C), log_sigma (C,). Three passes over (N, C)
-    forward and two backward, where autograd of the plain formula makes about twelve: training
+    forward and three backward, where autograd of the plain formula makes about twelve: training
     is memory-bound outside its GEMMs.
     """
 
@@ -76,7 +76,7 @@ class _ReconstructionError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         a, err, sq, inv_var = ctx.saved_tensors
-        g_err = err.mul_(inv_var * grad)  # err is not needed again: reuse its memory
+        g_err = err * (inv_var * grad)
         g_x = -g_err if ctx.needs_input_grad[1] else None
         g_a = g_err.masked_fill_(a <= 0, 0.0) if ctx.needs_input_grad[0] else None
         g_log_sigma = -grad * sq * inv_var if ctx.needs_input_grad[2] else None

@@ -54,9 +54,10 @@ def test_public_api_of_the_design():
     import fvvae_fast as fv
 
     for name in ("fisher_accumulate", "FVVAE", "fisher_encode", "spp", "load_official", "FisherInformation",
-                 "FVVAEEncoder"):
+                 "FVVAEEncoder", "FisherVectorHead"):
         assert callable(getattr(fv, name)), name
     assert list(inspect.signature(fv.fisher_encode).parameters)[:5] == ["model", "x", "offsets", "fim", "normalize"]
+    assert list(inspect.signature(fv.FisherVectorHead).parameters) == ["model", "fim", "normalize"]
     assert list(inspect.signature(fv.fisher_accumulate).parameters)[:6] == ["x", "z", "weight", "bias", "inv_var",
                                                                              "offsets"]
     fim = fv.FisherInformation(mode="lowrank", rank=2, damping=0.0)

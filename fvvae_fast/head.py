@@ -1,0 +1,42 @@
+"""The FV-VAE Fisher vector as a trainable layer (DESIGN section 3; paper sections 1 and 4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .encode import Whitener, fisher_encode
+from .model import FVVAE
+
+
+class FisherVectorHead(nn.Module):
+    """descriptors -> FV-VAE Fisher vectors, differentiable in the descriptors and in every FV-VAE parameter.
+
+    ``forward(x, offsets)``: x (N, C) float descriptors (raw: the model preprocesses them) with
+    offsets (S+1,) int64, or dense (S, T, C) with offsets None -> (S, C*(d+1)), exactly
+    :func:`fvvae_fast.fisher_encode` (``fim`` whitening, then signed sqrt + L2 when ``normalize``).
+    Gradients are finite everywhere (the signed square root at 0 included) and flow through
+    ``fisher_accumulate``'s fused backward into x, so a backbone below the head trains too.
+    Under autocast the head runs in float32 (the Fisher accumulation needs one dtype).
+
+    Example:
+        >>> head = FisherVectorHead(FVVAE(in_dim=8, latent_dim=3))
+        >>> head(torch.rand(10, 8, requires_grad=True), torch.tensor([0, 4, 10])).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(self, model: FVVAE, fim: Whitener | None = None, normalize: bool = True) -> None:
+        super().__init__()
+        if not isinstance(model, FVVAE):
+            raise TypeError(f"FisherVectorHead: model must be an FVVAE, got {type(model).__name__}")
+        if fim is not None and not callable(getattr(fim, "whiten", None)):
+            raise TypeError(f"FisherVectorHead: fim must have whiten(G) (e.g. FisherInformation), got {type(fim).__name__}")
+        self.model, self.fim, self.normalize = model, fim, bool(normalize)
+
+    def forward(self, x: Tensor, offsets: Tensor | None = None) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            return fisher_encode(self.model, x.to(dtype), offsets, fim=self.fim, normalize=self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"fim={type(self.fim).__name__ if self.fim is not None else None}, normalize={self.normalize}"
