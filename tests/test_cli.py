@@ -3,6 +3,7 @@ config, and a run killed midway (SIGKILL) that restarts to byte-identical output
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -17,6 +18,7 @@ import pytest
 pytest.importorskip("av")
 
 from fvvae_fast.cli import main  # noqa: E402
+from fvvae_fast.evaluation import evaluate_vectors  # noqa: E402
 from fvvae_fast.store import Store  # noqa: E402
 
 from .test_pipelines import make_corrupt, make_video  # noqa: E402
@@ -128,6 +130,12 @@ def test_each_stage(tmp_path, videos, capsys):
     assert run_cli("evaluate", "--fisher", fisher, "--json", tmp_path / "eval.json") == 0
     out = capsys.readouterr().out
     assert "top-1 accuracy:" in out and "6 'train' vectors" in out and (tmp_path / "eval.json").is_file()
+    # one protocol: the command line's figures are evaluate_vectors' on the same (normalised) vectors
+    (X_train, y_train, _), (X_test, y_test, _) = (Store.open(fisher).vectors(s) for s in ("train", "test"))
+    want = evaluate_vectors(X_train, y_train, X_test, y_test, normalize=False)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert (saved["top1"], saved["top3"], saved["mean_ap"]) == (want.top1, want.top3, want.mean_ap)
+    assert f"top-1 accuracy: {100 * want.top1:.2f}%, top-3: {100 * want.top3:.2f}%" in out
     # rerunning a finished stage does nothing new
     assert run_cli("encode", "--model", model, "--fim", fim, "--descriptors", desc, "--out", fisher, "--quiet") == 0
     assert "0 sets computed" in capsys.readouterr().out

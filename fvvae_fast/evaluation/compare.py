@@ -8,8 +8,13 @@ Every representation goes through the same protocol (:func:`.protocol.evaluate_v
 - ``fig4b``: accuracy against lambda3 (0 is FV-VAE-).
 - ``fig4c``: compression of the FV-VAE vector by PCA and Random Maclaurin, against a smaller latent.
 
-Each finished row is written at once (atomically) to ``results.json`` in the output folder,
-stamped with a fingerprint of the data and the settings; a rerun with the same data and
+The ``table`` rows run for every seed of ``CompareConfig.seeds`` (a seed fixes the data split where
+the data come from a seeded split, the initial weights, the sampling, the GMM and k-means starts),
+the figures' sweeps for the first seed; :func:`summarize` gives each row's mean and standard
+deviation over seeds and :func:`spread_notes` says which differences exceed their spread.
+
+Each finished row is written at once (atomically) to ``results-seed<S>.json`` in the output
+folder, stamped with a fingerprint of the data and the settings; a rerun with the same data and
 settings skips the rows it has (models are retrained only for the rows still missing).
 """
 
@@ -37,7 +42,7 @@ from ..sets import DescriptorSets
 from ..train import TrainConfig, train
 from .protocol import evaluate_vectors
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
 FIM_MODES = ("none", "diagonal", "lowrank", "kronecker")
 
 
@@ -68,7 +73,8 @@ class CompareConfig:
     fit_descriptors: int = 20000  # training descriptors sampled to fit the GMM and k-means
     encode_batch_sets: int = 256
     svm_C: float = 100.0
-    seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    sweeps: bool = True  # the figures' rows (first seed)
 
     def __post_init__(self) -> None:
         for mode in (*self.fim_modes, self.sweep_fim):
@@ -76,6 +82,8 @@ class CompareConfig:
                 raise ValueError(f"CompareConfig: FIM modes must be among {FIM_MODES}, got {mode!r}")
         if self.latent_dim < 1 or self.iterations < 1:
             raise ValueError("CompareConfig: latent_dim and iterations must be >= 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"CompareConfig: seeds must be distinct and at least one, got {self.seeds}")
 
 
 @dataclass
@@ -106,9 +114,11 @@ class EvalData:
 
 @dataclass
 class Comparison:
-    """The rows (dicts: group, method, param, dim, top1, top3, mean_ap, encode_s) and the main model."""
+    """The rows of every seed (dicts: seed, group, method, param, dim, top1, top3, mean_ap, encode_s),
+    their :func:`summarize`, and the first seed's main model and FIM."""
 
     rows: list[dict]
+    summary: list[dict]
     model: FVVAE
     fim: FisherInformation | None
     out: Path
@@ -119,11 +129,12 @@ def _encode_sets(encode: Callable[[Tensor, Tensor], Tensor], sets: DescriptorSet
 
 
 class _Runner:
-    def __init__(self, data: EvalData, cfg: CompareConfig, out: Path, progress: bool) -> None:
-        self.data, self.cfg, self.out, self.progress = data, cfg, out, progress
-        self.path = out / "results.json"
-        self.stamp = {"version": RESULTS_VERSION, "data": data.fingerprint(),
-                      "config": json.loads(json.dumps(dataclasses.asdict(cfg)))}
+    def __init__(self, data: EvalData, cfg: CompareConfig, seed: int, out: Path, progress: bool) -> None:
+        self.data, self.cfg, self.seed, self.out, self.progress = data, cfg, seed, out, progress
+        self.path = out / f"results-seed{seed}.json"
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "seeds"}
+        self.stamp = {"version": RESULTS_VERSION, "data": data.fingerprint(), "seed": seed,
+                      "config": json.loads(json.dumps(settings))}
         self.rows: dict[str, dict] = {}
         if self.path.is_file():
             saved = json.loads(self.path.read_text())
@@ -131,7 +142,7 @@ class _Runner:
                 self.rows = {r["key"]: r for r in saved["rows"]}
         self.models: dict[tuple[int, float], FVVAE] = {}
         self.fims: dict[tuple[int, float, str], FisherInformation | None] = {}
-        g = torch.Generator().manual_seed(cfg.seed)
+        g = torch.Generator().manual_seed(seed)
         x = data.train.x
         pick = torch.randperm(x.shape[0], generator=g)[: cfg.fit_descriptors].sort().values.numpy()
         self.fit_sample = np.asarray(x[pick], dtype=np.float32)
@@ -148,7 +159,7 @@ class _Runner:
             train_v, test_v, encode_s = encoders()
             scores = evaluate_vectors(train_v, self.data.train.labels, test_v, self.data.test.labels, C=self.cfg.svm_C,
                                       normalize=not normalized)
-            self.rows[key] = {"key": key, "group": group, "method": method, "param": param,
+            self.rows[key] = {"key": key, "seed": self.seed, "group": group, "method": method, "param": param,
                               "dim": int(train_v.shape[1]), "encode_s": encode_s, **scores.as_dict()}
             self._save()
         return self.rows[key]
@@ -166,9 +177,9 @@ class _Runner:
         key = (latent, float(lambda3))
         if key not in self.models:
             num_classes = int(self.data.train.labels.max()) + 1 if lambda3 else 0
-            model = FVVAE(in_dim=self.data.train.dim, latent_dim=latent, num_classes=num_classes, seed=self.cfg.seed)
+            model = FVVAE(in_dim=self.data.train.dim, latent_dim=latent, num_classes=num_classes, seed=self.seed)
             cfg = TrainConfig(iterations=self.cfg.iterations, batch_sets=self.cfg.batch_sets, lambda3=lambda3,
-                              descriptors_per_set=self.cfg.descriptors_per_set, seed=self.cfg.seed,
+                              descriptors_per_set=self.cfg.descriptors_per_set, seed=self.seed,
                               checkpoint_every=self.cfg.iterations)
             train(model, self.data.train, cfg, progress=self.progress)
             self.models[key] = model.eval()
@@ -195,14 +206,9 @@ class _Runner:
         return self.data.train_global, self.data.test_global, 0.0
 
 
-def run_comparison(data: EvalData, cfg: CompareConfig | None = None, out: str | Path = "demo_out",
-                   progress: bool = True) -> Comparison:
-    """Evaluate every method of the module docstring on ``data``; rows saved to ``out/results.json``."""
-    cfg = cfg or CompareConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    r = _Runner(data, cfg, out, progress)
-    sample = r.fit_sample
+def _jobs(r: _Runner, sweeps: bool) -> list[tuple[str, str, str, Callable]]:
+    """(group, method, param, encoders) of the table and, with ``sweeps``, of the figures."""
+    cfg, data, sample, seed = r.cfg, r.data, r.fit_sample, r.seed
     d, l3 = cfg.latent_dim, cfg.lambda3
     jobs: list[tuple[str, str, str, Callable]] = []
     if data.train_global is not None and data.test_global is not None:
@@ -213,20 +219,22 @@ def run_comparison(data: EvalData, cfg: CompareConfig | None = None, out: str | 
         jobs.append(("table", "Concatenation", "", lambda: r.timed(concatenate)))
     jobs += [
         ("table", "FV (GMM)", f"K={cfg.gmm_components}",
-         lambda: r.timed(GMMFisherVector(cfg.gmm_components, seed=cfg.seed).fit(sample).encode)),
-        ("table", "VLAD", f"K={cfg.vlad_centres}", lambda: r.timed(VLAD(cfg.vlad_centres, seed=cfg.seed).fit(sample).encode)),
+         lambda: r.timed(GMMFisherVector(cfg.gmm_components, seed=seed).fit(sample).encode)),
+        ("table", "VLAD", f"K={cfg.vlad_centres}", lambda: r.timed(VLAD(cfg.vlad_centres, seed=seed).fit(sample).encode)),
         ("table", "BP", "", lambda: r.timed(bilinear_pool)),
         ("table", "FV-VAE-", f"d={d}, lambda3=0, FIM {cfg.sweep_fim}", lambda: r.fvvae(d, 0.0, cfg.sweep_fim)),
     ]
     for mode in cfg.fim_modes:
         jobs.append(("table", "FV-VAE", f"d={d}, lambda3={l3:g}, FIM {mode}" + (f" k={cfg.rank}" if mode == "lowrank" else ""),
                      lambda mode=mode: r.fvvae(d, l3, mode)))
+    if not sweeps:
+        return jobs
     for latent in cfg.latent_sweep:
         jobs.append(("fig4a", "FV-VAE", f"d={latent}", lambda latent=latent: r.fvvae(latent, l3, cfg.sweep_fim)))
     for k in cfg.gmm_sweep:
-        jobs.append(("fig4a", "FV (GMM)", f"K={k}", lambda k=k: r.timed(GMMFisherVector(k, seed=cfg.seed).fit(sample).encode)))
+        jobs.append(("fig4a", "FV (GMM)", f"K={k}", lambda k=k: r.timed(GMMFisherVector(k, seed=seed).fit(sample).encode)))
     for k in cfg.vlad_sweep:
-        jobs.append(("fig4a", "VLAD", f"K={k}", lambda k=k: r.timed(VLAD(k, seed=cfg.seed).fit(sample).encode)))
+        jobs.append(("fig4a", "VLAD", f"K={k}", lambda k=k: r.timed(VLAD(k, seed=seed).fit(sample).encode)))
     for lam in cfg.lambda3_sweep:
         jobs.append(("fig4b", "FV-VAE", f"lambda3={lam:g}", lambda lam=lam: r.fvvae(d, lam, cfg.sweep_fim)))
     c = data.train.dim
@@ -235,14 +243,52 @@ def run_comparison(data: EvalData, cfg: CompareConfig | None = None, out: str | 
         jobs.append(("fig4c", "latent", f"{dim}", lambda latent=latent: r.fvvae(latent, l3, cfg.sweep_fim)))
         jobs.append(("fig4c", "PCA", f"{dim}", lambda dim=dim: _compressed(r, "pca", dim)))
         jobs.append(("fig4c", "RM", f"{dim}", lambda dim=dim: _compressed(r, "rm", dim)))
-    rows = []
-    with tqdm(jobs, desc="methods", unit="method", disable=not progress) as bar:
-        for group, method, param, enc in bar:
-            bar.set_postfix_str(f"{method} {param}".strip()[:40])
-            # PCA and Random Maclaurin compress the normalised FV-VAE vector: it is not normalised again.
-            rows.append(r.row(group, method, param, enc, normalized=method in ("PCA", "RM")))
-    main_fim = r.fim(d, l3, cfg.sweep_fim)
-    return Comparison(rows, r.model(d, l3), main_fim, out)
+    return jobs
+
+
+def run_comparison(data: EvalData | Callable[[int], EvalData], cfg: CompareConfig | None = None,
+                   out: str | Path = "demo_out", progress: bool = True) -> Comparison:
+    """Evaluate every method of the module docstring for every seed; rows saved to ``out/results-seed<S>.json``.
+
+    ``data``: the descriptors, or a function of the seed that gives them (a seeded split).
+    """
+    cfg = cfg or CompareConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_for = data if callable(data) else (lambda _seed: data)
+    rows, first = [], None
+    for i, seed in enumerate(cfg.seeds):
+        r = _Runner(data_for(seed), cfg, seed, out, progress)
+        first = first or r
+        jobs = _jobs(r, sweeps=cfg.sweeps and i == 0)
+        with tqdm(jobs, desc=f"methods (seed {seed})", unit="method", disable=not progress) as bar:
+            for group, method, param, enc in bar:
+                bar.set_postfix_str(f"{method} {param}".strip()[:40])
+                # PCA and Random Maclaurin compress the normalised FV-VAE vector: it is not normalised again.
+                rows.append(r.row(group, method, param, enc, normalized=method in ("PCA", "RM")))
+    d, l3 = cfg.latent_dim, cfg.lambda3
+    return Comparison(rows, summarize(rows), first.model(d, l3), first.fim(d, l3, cfg.sweep_fim), out)
+
+
+METRICS = ("top1", "top3", "mean_ap", "encode_s")
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One row per (group, method, param) over the seeds: dim, n (seeds), and ``<metric>_mean`` and
+    ``<metric>_std`` (sample standard deviation; 0 for one seed) of top1, top3, mean_ap, encode_s."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["group"], row["method"], row["param"]), []).append(row)
+    out = []
+    for (group, method, param), runs in groups.items():
+        entry = {"group": group, "method": method, "param": param, "dim": runs[0]["dim"], "n": len(runs),
+                 "seeds": [r["seed"] for r in runs], "svm_converged": all(r["svm_converged"] for r in runs)}
+        for m in METRICS:
+            values = np.array([r[m] for r in runs], dtype=np.float64)
+            entry[f"{m}_mean"] = float(values.mean())
+            entry[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
 
 
 def _compressed(r: _Runner, how: str, dim: int) -> tuple[Tensor, Tensor, float]:
@@ -251,22 +297,56 @@ def _compressed(r: _Runner, how: str, dim: int) -> tuple[Tensor, Tensor, float]:
     tr, te = power_l2_normalize(tr), power_l2_normalize(te)
     t0 = time.perf_counter()
     if how == "pca":
-        pca = PCACompression(min(dim, *tr.shape), seed=r.cfg.seed).fit(tr)
+        pca = PCACompression(min(dim, *tr.shape), seed=r.seed).fit(tr)
         tr, te = pca.transform(tr), pca.transform(te)
     else:
-        rm = RandomMaclaurin(dim, in_dim=tr.shape[1], seed=r.cfg.seed)
+        rm = RandomMaclaurin(dim, in_dim=tr.shape[1], seed=r.seed)
         tr, te = rm.transform(tr), rm.transform(te)
     return tr, te, encode_s + time.perf_counter() - t0
 
 
-def format_table(rows: list[dict]) -> str:
-    """The Table-2-style comparison (group ``table``) as Markdown."""
-    lines = ["| method | settings | dim | top-1 | top-3 | mAP | encode s |", "|---|---|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        if row["group"] == "table":
-            mark = "" if row["svm_converged"] else " *"
-            lines.append(f"| {row['method']} | {row['param']} | {row['dim']:,} | {100 * row['top1']:.2f}%{mark} | "
-                         f"{100 * row['top3']:.2f}% | {100 * row['mean_ap']:.2f}% | {row['encode_s']:.2f} |")
-    if not all(row["svm_converged"] for row in rows if row["group"] == "table"):
+def _pm(entry: dict, metric: str, percent: bool = True) -> str:
+    scale, unit = (100.0, "%") if percent else (1.0, "")
+    mean, std = scale * entry[f"{metric}_mean"], scale * entry[f"{metric}_std"]
+    return f"{mean:.2f}{unit}" if entry["n"] == 1 else f"{mean:.2f} ± {std:.2f}{unit}"
+
+
+def format_table(summary: list[dict]) -> str:
+    """The Table-2-style comparison (group ``table`` of :func:`summarize`) as Markdown: mean ± std over seeds."""
+    seeds = max((e["n"] for e in summary if e["group"] == "table"), default=0)
+    lines = [f"| method | settings | dim | top-1 | top-3 | mAP | encode s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for e in summary:
+        if e["group"] == "table":
+            mark = "" if e["svm_converged"] else " *"
+            lines.append(f"| {e['method']} | {e['param']} | {e['dim']:,} | {_pm(e, 'top1')}{mark} | {_pm(e, 'top3')} | "
+                         f"{_pm(e, 'mean_ap')} | {e['encode_s_mean']:.2f} |")
+    if seeds > 1:
+        lines.append(f"\nmean ± sample standard deviation over {seeds} seeds")
+    if not all(e["svm_converged"] for e in summary if e["group"] == "table"):
         lines.append("\n\\* liblinear stopped at its iteration limit before converging")
     return "\n".join(lines)
+
+
+BASELINES = ("GA", "AVE", "Concatenation", "FV (GMM)", "VLAD", "BP")
+
+
+def spread_notes(summary: list[dict]) -> list[str]:
+    """How FV-VAE's table rows (with the paper's FIM, and the best) compare with each baseline's top-1:
+    the difference of the means and whether it exceeds twice its standard error over seeds."""
+    table = [e for e in summary if e["group"] == "table"]
+    ours = [e for e in table if e["method"] == "FV-VAE"]
+    if not ours:
+        return []
+    picked = {id(e): e for e in (next((e for e in ours if "FIM diagonal" in e["param"]), ours[0]),
+                                 max(ours, key=lambda e: e["top1_mean"]))}
+    lines = []
+    for e in picked.values():
+        for b in (b for b in table if b["method"] in BASELINES):
+            diff = 100 * (e["top1_mean"] - b["top1_mean"])
+            se = 100 * float(np.sqrt(e["top1_std"] ** 2 / e["n"] + b["top1_std"] ** 2 / b["n"]))
+            verdict = ("one seed: no spread" if min(e["n"], b["n"]) < 2 else
+                       "exceeds the spread" if abs(diff) > 2 * se else "within the spread")
+            lines.append(f"FV-VAE ({e['param']}) vs {b['method']}: {diff:+.2f} points top-1 "
+                         f"(2 standard errors {2 * se:.2f}: {verdict})")
+    return lines
