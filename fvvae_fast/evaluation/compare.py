@@ -62,7 +62,10 @@ class CompareConfig:
     descriptors_per_set: int | None = 16
     fim_modes: tuple[str, ...] = FIM_MODES
     sweep_fim: str = "diagonal"  # the FIM of the figures' FV-VAE rows
-    rank: int = 32
+    # Low-rank FIM: the top directions of the set-level F are, on labelled data of few classes, the
+    # class-mean directions, and whitening them removes what the classifier needs (validation top-1 on
+    # the built-in data, d = 31: k = 4 95.6%, 8 95.0%, 32 82.0%, 128 76.4%; diagonal 95.8%).
+    rank: int = 4
     gmm_components: int = 16
     vlad_centres: int = 32
     latent_sweep: tuple[int, ...] = (3, 7, 15, 31)

@@ -7,7 +7,9 @@ F is never formed: three modes estimate it in O(k D) memory or less.
 
 - ``"diagonal"``: exact diag F (float64 running sum of squares).
 - ``"lowrank"``: exact diag F plus a Frequent Directions sketch of the vec(G_X) rows;
-  F_hat = U L U^T + diag(max(diag F - diag(U L U^T), floor)) (see :mod:`.lowrank`).
+  F_hat = U L U^T + diag(max(diag F - diag(U L U^T), floor)) (see :mod:`.lowrank`). F is the
+  second moment of whole sets: on labelled data its top directions are the class means, and the
+  whitening flattens them (held-out accuracy falls as k grows); keep k small (a few).
 - ``"kronecker"``: F ~ T_bar * B (x) A + c * m m^T from per-descriptor residuals and latents
   (see :mod:`.kronecker`; m = E[r (x) z~] is the mean per-descriptor gradient and c the mean of
   T(T-1) over sets); it needs the descriptors, so it is fed by
@@ -496,7 +498,18 @@ class FisherInformation:
         return self._cast[key]
 
     def whiten(self, G: Tensor) -> Tensor:
-        """F^(-1/2) vec(G) per set: G (S, C, d+1) or (S, D) float -> (S, D), row-major vec over (C, d+1).
+        """A vec(G) per set with A^T A = F_hat^(-1): G (S, C, d+1) or (S, D) float -> (S, D), row-major vec.
+
+        Which A each mode applies (F_hat floored by ``damping`` as in the module docstring):
+
+        - ``diagonal``: A = diag(F)^(-1/2), the symmetric F_hat^(-1/2) (the paper's Eq. 13).
+        - ``lowrank``: A = (I + Q ((1 + Sigma)^(-1/2) - 1) Q^T) Delta_d^(-1/2) (:mod:`.lowrank`): the
+          symmetric whitening of Delta_d^(-1/2) F_hat Delta_d^(-1/2), not F_hat^(-1/2) itself.
+        - ``kronecker``: A = (I + (1/sqrt(1 + |w|^2) - 1) w^ w^T) K^(-1/2) with K^(-1/2) the symmetric
+          (T_bar B (x) A)^(-1/2) and the rank-one shrink of the mean term (:mod:`.kronecker`).
+
+        Both non-diagonal forms give the exact Fisher kernel G^T F_hat^(-1) G; they differ from the
+        symmetric F_hat^(-1/2) by a rotation, which the signed square root that follows does not ignore.
 
         float64 in -> float64 out, else float32; on G's device. O(k D) time and memory
         per set for diagonal (k = 0) and lowrank; O((C + d + 1) D) for kronecker. No sign
