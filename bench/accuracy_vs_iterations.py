@@ -44,7 +44,8 @@ def curve(seeds, budgets, modes, dataset, progress):
                 train_cfg = fv.TrainConfig(iterations=budget, batch_sets=cfg.batch_sets, lambda3=cfg.lambda3,
                                            descriptors_per_set=cfg.descriptors_per_set, seed=seed,
                                            checkpoint_every=budget)
-                fv.train(model, data.train, train_cfg, checkpoint=Path(tmp) / "ckpt.pt", progress=progress)
+                fv.train(model, data.train, train_cfg, checkpoint=Path(tmp) / "ckpt.pt", progress=progress,
+                         resume="extend")
                 for mode in modes:
                     fim = fv.FisherInformation(mode)
                     with torch.inference_mode():

@@ -268,7 +268,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         Path(args.out).unlink(missing_ok=True)
     distributed.barrier()
     t0 = time.perf_counter()
-    result = train(model, data, config, checkpoint=args.out, progress=not args.quiet)
+    result = train(model, data, config, checkpoint=args.out, progress=not args.quiet, log_dir=args.log_dir,
+                   resume="extend" if args.extend else "exact")
     seconds = time.perf_counter() - t0
     done = config.iterations - result.resumed_from
     last = result.history[-1] if result.history else {}
@@ -613,6 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split", help="train on this split (default: 'train' when the store has it, else all; 'all')")
     t.add_argument("--out", required=True, help="checkpoint file (resumed when it exists)")
     t.add_argument("--overwrite", action="store_true", help="start again instead of resuming from --out")
+    t.add_argument("--extend", action="store_true",
+                   help="train the run in --out on to a larger --iterations (recorded in the checkpoint); without "
+                        "it, resuming with any changed setting is refused")
+    t.add_argument("--log-dir", help="write TensorBoard scalars (losses, decoder liveness, sigma_x) to this folder")
     t.add_argument("--latent-dim", type=_positive_int, default=255, help="d: the FV has C x (d+1) dimensions")
     t.add_argument("--hidden-dim", type=_hidden, default=None,
                    help="encoder hidden layers: default (one of C), none, or sizes such as 512,512")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +27,11 @@ INIT_SAMPLE = 16384  # training descriptors that set the data-dependent start
 # Below this share of active decoder pre-activations the model is collapsing: its Fisher vectors
 # (Eq. 11 masks r_t by the active units) go to zero. Healthy runs stay above 0.2.
 LIVENESS_WARN = 0.01
+CHECKPOINT_SECONDS = 60.0  # a checkpoint at least this often (when a checkpoint file is given)
+RESUME_MODES = ("exact", "extend")
+# Settings whose change makes another run: resuming with a different value is refused.
+RUN_SETTINGS = ("batch_sets", "lr", "rho", "eps", "lambda1", "lambda2", "lambda3", "descriptors_per_set", "data_init",
+                "seed")
 
 
 class CollapseWarning(UserWarning):
@@ -75,8 +84,10 @@ class TrainResult:
 
 def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer: torch.optim.Optimizer | None = None,
                     iteration: int = 0, generators: tuple[torch.Generator, ...] = (),
-                    config: TrainConfig | None = None, history: list | None = None) -> None:
-    """Write a training checkpoint atomically (model config + weights, optimizer, RNG states, progress)."""
+                    config: TrainConfig | None = None, history: list | None = None,
+                    extended: list | None = None) -> None:
+    """Write a training checkpoint atomically (model config + weights, optimizer, RNG states, progress;
+    ``extended``: [from, to] iteration counts of each extension of the run)."""
     atomic_torch_save(
         {
             "version": CHECKPOINT_VERSION,
@@ -87,6 +98,7 @@ def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer: torch.opti
             "generator_states": [g.get_state() for g in generators],
             "train_config": None if config is None else dataclasses.asdict(config),
             "history": history or [],
+            "extended": extended or [],
         },
         path,
     )
@@ -107,6 +119,42 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return model.to(map_location).eval()
 
 
+def _check_resume(path: str | os.PathLike, ckpt: dict, config: TrainConfig, resume: str) -> list[list[int]]:
+    """Refuse to resume another run; returns the checkpoint's extensions, with this one if it extends."""
+    saved = ckpt.get("train_config") or {}
+    changed = [f"{k}={saved.get(k)!r} -> {getattr(config, k)!r}" for k in RUN_SETTINGS if saved.get(k) != getattr(config, k)]
+    if changed:
+        raise ValueError(f"{path}: the checkpoint is another run's; changed settings: {', '.join(changed)} "
+                         f"(start again with another checkpoint file, or remove this one)")
+    extended = [list(e) for e in ckpt.get("extended", [])]
+    before = saved.get("iterations")
+    if config.iterations == before:
+        return extended
+    if resume != "extend" or config.iterations < ckpt["iteration"]:
+        raise ValueError(f"{path}: the checkpoint's run is for iterations={before} (at {ckpt['iteration']}), "
+                         f"not {config.iterations}" + ("; extend it with resume='extend'" if
+                                                      config.iterations > ckpt["iteration"] else ""))
+    return [*extended, [before, config.iterations]]
+
+
+@contextlib.contextmanager
+def _deferred_interrupts():
+    """SIGINT and SIGTERM set a flag (the yielded list gets the signal's name) instead of stopping the
+    process mid-step; the training loop checks it after each iteration. Main thread only."""
+    caught: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda num, _frame: caught.append(signal.Signals(num).name))
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _check_labels(model: FVVAE, data: DescriptorSets, config: TrainConfig) -> bool:
     use = model.classifier is not None and config.lambda3 != 0.0
     if use and data.labels is None:
@@ -124,6 +172,7 @@ def train(
     checkpoint: str | os.PathLike | None = None,
     log_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    resume: str = "exact",
 ) -> TrainResult:
     """Train ``model`` on ``data`` (Algorithm 1) and return it with the loss history.
 
@@ -134,7 +183,12 @@ def train(
 
     If ``checkpoint`` names an existing file, training resumes from it (weights, optimizer,
     RNG, iteration, history), so an interrupted run continues exactly as if uninterrupted;
-    the file is rewritten atomically every ``checkpoint_every`` iterations and at the end.
+    the file is rewritten atomically every ``checkpoint_every`` iterations, at least every
+    ``CHECKPOINT_SECONDS``, at the end, and when SIGINT or SIGTERM arrives (the iteration under way
+    finishes, the checkpoint is written, then KeyboardInterrupt is raised). ``resume="exact"``
+    resumes only the same run: any setting that differs from the checkpoint's (``iterations``
+    included) is refused with a ValueError naming it; ``resume="extend"`` also trains a finished or
+    unfinished run on to a larger ``iterations`` (recorded in the checkpoint's ``extended``).
     ``log_dir`` writes TensorBoard scalars (needs the ``tensorboard`` package). Every logged row
     (progress bar, TensorBoard, the checkpoint's history) holds the loss terms and the decoder's
     health (:meth:`FVVAE.liveness` on the current batch); a :class:`CollapseWarning` is raised once
@@ -158,12 +212,16 @@ def train(
     optimizer = torch.optim.Adadelta(model.parameters(), lr=config.lr, rho=config.rho, eps=config.eps, foreach=True)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     noise = torch.Generator(device=device).manual_seed(config.seed + 1)
+    if resume not in RESUME_MODES:
+        raise ValueError(f"train: resume must be one of {RESUME_MODES}, got {resume!r}")
     history: list[dict[str, float]] = []
+    extended: list[list[int]] = []
     start = 0
     if checkpoint is not None and Path(checkpoint).exists():
         ckpt = _read_checkpoint(checkpoint)
         if ckpt["model_config"] != model.config():
             raise ValueError(f"{checkpoint}: checkpoint is for a model {ckpt['model_config']}, not {model.config()}")
+        extended = _check_resume(checkpoint, ckpt, config, resume)
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
         for g, state in zip((generator, noise), ckpt["generator_states"]):
@@ -182,41 +240,52 @@ def train(
     rank, world = distributed.rank_world()
     step = _data_parallel(model, lambdas, world, find_unused=model.classifier is not None and not use_labels)
 
+    last_save = time.monotonic()
+
     def save(iteration: int) -> None:
+        nonlocal last_save
         if checkpoint is not None and rank == 0:
-            save_checkpoint(checkpoint, model, optimizer, iteration, (generator, noise), config, history)
+            save_checkpoint(checkpoint, model, optimizer, iteration, (generator, noise), config, history, extended)
+        last_save = time.monotonic()
 
     warned = False
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
                disable=not progress or rank != 0, desc="train FV-VAE", unit="it")
-    for it in bar:
-        set_ids = torch.randperm(len(data), generator=generator)[:batch]
-        x, offsets, owner = data.gather(set_ids, config.descriptors_per_set, generator)
-        labels = data.labels[set_ids][owner] if use_labels else None
-        keep, eps = model.draw_noise(x.shape[0], noise, device)
-        lo, hi = (int(offsets[len(set_ids) * r // world]) for r in (rank, rank + 1))  # this rank's sets
-        part = slice(lo, hi)
-        losses = step(x[part].to(device), None if labels is None else labels[part].to(device),
-                      (None if keep is None else keep[part], eps[part]), x.shape[0])
-        optimizer.zero_grad(set_to_none=True)
-        losses[0].backward()
-        optimizer.step()
-        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
-            live = model.liveness(x[:LIVENESS_ROWS].to(device))
-            row = {"iteration": it + 1, **_summed(*losses), **live}
-            history.append(row)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("iteration", "sigma_x_max")})
-            if writer is not None:
-                for k, v in row.items():
-                    if k != "iteration":
-                        writer.add_scalar(f"{'decoder' if k in live else 'loss'}/{k}", v, it + 1)
-            if live["active"] < LIVENESS_WARN and not warned and rank == 0:
-                warned = True
-                warnings.warn(f"train: iteration {it + 1}: only {100 * live['active']:.3g}% of the decoder's "
-                              f"pre-activations are active ({100 * live['alive']:.3g}% of units alive): the model is "
-                              f"collapsing and its Fisher vectors will be (nearly) zero", CollapseWarning, stacklevel=2)
-        if (it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations:
-            save(it + 1)
+    with _deferred_interrupts() as interrupted:
+        for it in bar:
+            set_ids = torch.randperm(len(data), generator=generator)[:batch]
+            x, offsets, owner = data.gather(set_ids, config.descriptors_per_set, generator)
+            labels = data.labels[set_ids][owner] if use_labels else None
+            keep, eps = model.draw_noise(x.shape[0], noise, device)
+            lo, hi = (int(offsets[len(set_ids) * r // world]) for r in (rank, rank + 1))  # this rank's sets
+            part = slice(lo, hi)
+            losses = step(x[part].to(device), None if labels is None else labels[part].to(device),
+                          (None if keep is None else keep[part], eps[part]), x.shape[0])
+            optimizer.zero_grad(set_to_none=True)
+            losses[0].backward()
+            optimizer.step()
+            if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+                live = model.liveness(x[:LIVENESS_ROWS].to(device))
+                row = {"iteration": it + 1, **_summed(*losses), **live}
+                history.append(row)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("iteration", "sigma_x_max")})
+                if writer is not None:
+                    for k, v in row.items():
+                        if k != "iteration":
+                            writer.add_scalar(f"{'decoder' if k in live else 'loss'}/{k}", v, it + 1)
+                if live["active"] < LIVENESS_WARN and not warned and rank == 0:
+                    warned = True
+                    warnings.warn(f"train: iteration {it + 1}: only {100 * live['active']:.3g}% of the decoder's "
+                                  f"pre-activations are active ({100 * live['alive']:.3g}% of units alive): the model is "
+                                  f"collapsing and its Fisher vectors will be (nearly) zero", CollapseWarning, stacklevel=2)
+            if ((it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations or interrupted
+                    or time.monotonic() - last_save > CHECKPOINT_SECONDS):
+                save(it + 1)
+            if interrupted:
+                bar.close()
+                if writer is not None:
+                    writer.close()
+                raise KeyboardInterrupt(f"train: interrupted ({interrupted[0]}); checkpoint written at iteration {it + 1}")
     if writer is not None:
         writer.close()
     distributed.barrier()

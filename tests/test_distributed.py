@@ -119,7 +119,8 @@ def test_training_matches_single_process_and_resumes_under_another_world_size(tm
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     # two ranks train the first half; one process resumes their checkpoint to the end
     _spawn("train-half", tmp_path)
-    resumed = train(_model(), _data(), _config(4), checkpoint=tmp_path / "resume.pt", progress=False)
+    resumed = train(_model(), _data(), _config(4), checkpoint=tmp_path / "resume.pt", progress=False,
+                    resume="extend")
     assert resumed.resumed_from == 2
     for a, b in zip(single.state_dict().values(), resumed.model.state_dict().values()):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)

@@ -65,8 +65,9 @@ def test_resume_mid_run_equals_uninterrupted(tmp_path):
 
     whole = fv.train(fresh(), data, _config(), checkpoint=tmp_path / "a.pt", progress=False)
     fv.train(fresh(), data, _config(iterations=25, checkpoint_every=25), checkpoint=tmp_path / "b.pt", progress=False)
-    resumed = fv.train(fresh(), data, _config(), checkpoint=tmp_path / "b.pt", progress=False)
+    resumed = fv.train(fresh(), data, _config(), checkpoint=tmp_path / "b.pt", progress=False, resume="extend")
     assert resumed.resumed_from == 25
+    assert torch.load(tmp_path / "b.pt", weights_only=False)["extended"] == [[25, 60]]
     for key, value in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
     assert resumed.history == whole.history
@@ -95,3 +96,48 @@ def test_training_errors(tmp_path):
     fv.train(fv.FVVAE(16, 5), data, _config(iterations=2), checkpoint=tmp_path / "c.pt", progress=False)
     with pytest.raises(ValueError, match="checkpoint is for a model"):
         fv.train(fv.FVVAE(16, 6), data, _config(iterations=4), checkpoint=tmp_path / "c.pt", progress=False)
+
+
+def test_resume_refuses_another_run(tmp_path):
+    data = _problem()
+    fv.train(fv.FVVAE(16, 5, num_classes=3, seed=0), data, _config(iterations=10), checkpoint=tmp_path / "a.pt",
+             progress=False)
+    for change, words in (({"lr": 0.5}, "lr=1.0 -> 0.5"), ({"lambda3": 2.0}, "lambda3=1.0 -> 2.0"),
+                          ({"seed": 4}, "seed=3 -> 4")):
+        with pytest.raises(ValueError, match=f"changed settings: {words}"):
+            fv.train(fv.FVVAE(16, 5, num_classes=3), data, _config(iterations=10, **change),
+                     checkpoint=tmp_path / "a.pt", progress=False)
+    with pytest.raises(ValueError, match="run is for iterations=10.*resume='extend'"):
+        fv.train(fv.FVVAE(16, 5, num_classes=3), data, _config(iterations=20), checkpoint=tmp_path / "a.pt",
+                 progress=False)
+    again = fv.train(fv.FVVAE(16, 5, num_classes=3), data, _config(iterations=10), checkpoint=tmp_path / "a.pt",
+                     progress=False)
+    assert again.resumed_from == 10  # the same run, finished: nothing to do
+
+
+def test_sigint_writes_a_checkpoint_and_the_rerun_is_exact(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    data = _problem()
+    whole = fv.train(fv.FVVAE(16, 5, num_classes=3, seed=0), data, _config(), progress=False)
+    calls = []
+    liveness = fv.FVVAE.liveness
+
+    def interrupting(self, x):
+        calls.append(1)
+        if len(calls) == 3:  # during iteration 15 (logged every 5)
+            os.kill(os.getpid(), signal.SIGINT)
+        return liveness(self, x)
+
+    monkeypatch.setattr(fv.FVVAE, "liveness", interrupting)
+    with pytest.raises(KeyboardInterrupt, match="checkpoint written at iteration 15"):
+        fv.train(fv.FVVAE(16, 5, num_classes=3, seed=0), data, _config(checkpoint_every=1000),
+                 checkpoint=tmp_path / "i.pt", progress=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    monkeypatch.undo()
+    resumed = fv.train(fv.FVVAE(16, 5, num_classes=3, seed=0), data, _config(), checkpoint=tmp_path / "i.pt",
+                       progress=False)
+    assert resumed.resumed_from == 15
+    for key, value in whole.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
