@@ -60,3 +60,20 @@ def test_public_api_of_the_design():
                                                                              "offsets"]
     fim = fv.FisherInformation(mode="lowrank", rank=2, damping=0.0)
     assert fim.mode == "lowrank" and fim.rank == 2
+
+
+def test_kernels_come_from_the_checkout_of_the_package():
+    """A plain checkout (PYTHONPATH=<repo>, no install) runs its own top-level kernels/ as fvvae_fast.kernels."""
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("triton")
+    import fvvae_fast
+    from fvvae_fast.ops import dispatch
+
+    package = Path(fvvae_fast.__file__).resolve().parent
+    kernels = dispatch.import_kernels("fisher_accumulate")
+    folder = package / "kernels" if (package / "kernels").is_dir() else package.parent / "kernels"  # wheel or checkout
+    assert Path(kernels.__file__).resolve() == folder / "fisher_accumulate.py"
+    assert dispatch.import_kernels("fim_update").__name__ == "fvvae_fast.kernels.fim_update"

@@ -21,10 +21,7 @@ from .conftest import DEVICE
 
 _reason = dispatch.available("triton", DEVICE)
 pytestmark = pytest.mark.skipif(_reason is not None, reason=str(_reason))
-if _reason is None:
-    from fvvae_fast.kernels import fisher_accumulate as K
-else:  # pragma: no cover
-    K = None
+K = dispatch.import_kernels("fisher_accumulate") if _reason is None else None
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
