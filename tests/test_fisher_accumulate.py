@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fvvae_fast as fv
-from fvvae_fast.ops import naive, reference
+from fvvae_fast.ops import naive, reference, validate
 
 from .cases import CASE_IDS, CASES, Case, assert_matches_reference, generator, make_inputs
 
@@ -170,6 +170,49 @@ def test_mismatched_devices():
     args[2] = args[2].cuda()
     with pytest.raises(ValueError, match="weight is on cuda"):
         fv.fisher_accumulate(*args)
+
+
+def test_offsets_are_checked_on_the_host_only():
+    """Reading offsets syncs a CUDA stream: the checks run for CPU tensors, elsewhere with FVVAE_CHECK_OFFSETS=1."""
+    on_device = torch.zeros(3, dtype=torch.int64, device="meta")  # stands in for a CUDA tensor
+    assert validate._needs_host_checks(torch.zeros(3, dtype=torch.int64))
+    assert not validate._needs_host_checks(on_device)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FVVAE_CHECK_OFFSETS", "1")
+        assert validate._needs_host_checks(on_device)
+
+
+def test_device_path_never_reads_offsets(backend, monkeypatch):
+    """Inputs treated as CUDA tensors: forward and backward run without the offsets checks (no host sync)."""
+    def host_sync(*args):
+        raise AssertionError("the offsets checks ran: they read values, a host sync on CUDA")
+
+    monkeypatch.setattr(validate, "_needs_host_checks", lambda t: False)
+    monkeypatch.setattr(validate, "check_offsets", host_sync)
+    name, device = backend
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(CASES[1], torch.float32, device)]
+    out = fv.fisher_accumulate(*inputs, backend=name)
+    out.sum().backward()
+    assert_matches_reference(out, _ref64([t.detach() for t in inputs]), torch.float32, f"{name} unchecked")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_op_does_not_sync_and_is_captured_by_a_cuda_graph():
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(CASES[4], torch.float32, "cuda")]
+    grad = torch.randn((len(CASES[4].lengths), CASES[4].c, CASES[4].d + 1), device="cuda")
+    torch.autograd.grad(fv.fisher_accumulate(*inputs), inputs[:5], grad)  # warm-up: autotuning syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.autograd.grad(fv.fisher_accumulate(*inputs), inputs[:5], grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static = [t.detach() for t in inputs]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fv.fisher_accumulate(*static)
+    graph.replay()
+    torch.testing.assert_close(captured, fv.fisher_accumulate(*static))
 
 
 @st.composite

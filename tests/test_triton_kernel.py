@@ -177,3 +177,32 @@ def test_rejects_bad_out():
     inputs, _ = _inputs(case, torch.float32)
     with pytest.raises(ValueError, match="out"):
         K.fisher_accumulate_fwd(*inputs, out=torch.empty((1, 4, 3), device=DEVICE))
+
+
+def test_launchers_read_no_tensor_values_on_the_host(monkeypatch):
+    """No host sync (CUDA graphs can capture the op): forward and backward launchers never turn a
+    tensor into a Python value."""
+    inputs, _ = _inputs(_awkward_case(), torch.float32)
+
+    def host_sync(*args):
+        raise AssertionError("a launcher read a tensor value on the host")
+
+    with monkeypatch.context() as mp:
+        for method in ("item", "tolist", "__bool__", "__int__", "__float__"):
+            mp.setattr(torch.Tensor, method, host_sync)
+        out = K.fisher_accumulate_fwd(*inputs, chunk_rows=_block("BLOCK_T", min))
+        K.fisher_accumulate_bwd(torch.ones_like(out), *inputs, groups=3)
+
+
+def test_offsets_out_of_range_stay_in_bounds():
+    """Unchecked (CUDA) offsets are clamped on the device: rows past N or before 0 are never read."""
+    case = Case("bad-offsets", 5, 3, (4, 3))
+    inputs, as64 = _inputs(case, torch.float64)
+    bad = torch.tensor([-2, 9, 5, 12], device=DEVICE)  # clamped: [0, 7, 7, 7]
+    clamped = torch.tensor([0, 7, 7, 7])
+    got = K.fisher_accumulate_fwd(*inputs[:5], bad)
+    assert_matches_reference(got, reference.forward(*as64[:5], clamped), torch.float64, "clamped offsets")
+    grads = K.fisher_accumulate_bwd(torch.ones_like(got), *inputs[:5], bad)
+    for name, g, e in zip(GRAD_NAMES, grads, reference.backward(torch.ones(3, 5, 4, dtype=torch.float64),
+                                                                *as64[:5], clamped)):
+        assert_matches_reference(g, e, torch.float64, name)
