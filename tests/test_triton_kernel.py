@@ -2,8 +2,8 @@
 
 Runs on CUDA when present, else on CPU tensors under TRITON_INTERPRET=1 (set by conftest.py
 before anything imports Triton). Every output is poisoned with NaN before the launch, so an
-element a kernel forgot to write fails. Oracle: the float64 reference (fvvae_fast.ops.reference)
-on float64 copies of the (rounded) inputs; tolerances from tests/cases.py.
+element a kernel forgot to write fails. Oracle: ``check_forward`` / ``check_backward`` of
+tests/cases.py (the float64 reference on float64 copies of the rounded inputs, its tolerances).
 Reproduce a failure with FVVAE_TEST_SEED=<seed from the pytest header>.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from fvvae_fast.ops import dispatch, reference
 
-from .cases import CASE_IDS, CASES, SEED, TOLERANCES, Case, assert_matches_reference, make_inputs
+from .cases import CASE_IDS, CASES, SEED, Case, check_backward, check_forward, make_inputs, tolerance
 from .conftest import DEVICE
 
 _reason = dispatch.available("triton", DEVICE)
@@ -25,7 +25,6 @@ K = dispatch.import_kernels("fisher_accumulate") if _reason is None else None
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
-GRAD_NAMES = ("dx", "dz", "dweight", "dbias", "dinv_var")
 
 
 def _block(name: str, pick=max) -> int:
@@ -47,9 +46,7 @@ def _awkward_case() -> Case:
 
 
 def _inputs(case: Case, dtype: torch.dtype, salt: int = 0):
-    inputs = make_inputs(case, dtype, DEVICE, salt=salt)
-    as64 = tuple(t.double().cpu() if t.is_floating_point() else t.cpu() for t in inputs)
-    return inputs, as64
+    return make_inputs(case, dtype, DEVICE, salt=salt)
 
 
 def _poisoned(shape, dtype) -> torch.Tensor:
@@ -61,24 +58,24 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_forward(case: Case, dtype: torch.dtype, **kw) -> None:
-    inputs, as64 = _inputs(case, dtype)
+    inputs = _inputs(case, dtype)
     s = len(case.lengths)
     out = _poisoned((s, case.c, case.d + 1), _out_dtype(dtype))
     got = K.fisher_accumulate_fwd(*inputs, out=out, **kw)
     assert got.data_ptr() == out.data_ptr() and got.dtype == _out_dtype(dtype)
-    assert_matches_reference(got, reference.forward(*as64), dtype, f"forward {case.id} {dtype}")
+    check_forward(got, inputs, dtype, f"forward {case.id} {dtype}")
 
 
 def _check_backward(case: Case, dtype: torch.dtype, **kw) -> None:
-    inputs, as64 = _inputs(case, dtype)
+    inputs = _inputs(case, dtype)
     g = torch.Generator().manual_seed(SEED + 7)
     grad = torch.randn((len(case.lengths), case.c, case.d + 1), generator=g, dtype=torch.float64)
+    grad = grad.to(device=DEVICE, dtype=_out_dtype(dtype))
     out = tuple(_poisoned(t.shape, t.dtype) for t in inputs[:5])
-    got = K.fisher_accumulate_bwd(grad.to(device=DEVICE, dtype=_out_dtype(dtype)), *inputs, out=out, **kw)
-    want = reference.backward(grad, *as64)
-    for name, o, r, t, inp in zip(GRAD_NAMES, got, want, out, inputs):
+    got = K.fisher_accumulate_bwd(grad, *inputs, out=out, **kw)
+    for o, t, inp in zip(got, out, inputs):
         assert o.data_ptr() == t.data_ptr() and o.dtype == inp.dtype
-        assert_matches_reference(o, r, dtype, f"backward {name} {case.id} {dtype}")
+    check_backward(got, grad, inputs, dtype, f"backward {case.id} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -122,18 +119,17 @@ def test_long_set_split_many_ways():
     """A set far longer than a tile, split into 1..many chunks: the same G up to fp32 rounding."""
     bt = _block("BLOCK_T", min)
     case = Case("very-long", 9, 5, (2, 11 * bt + 3, 0, 1))
-    inputs, as64 = _inputs(case, torch.float32)
-    want = reference.forward(*as64)
+    inputs = _inputs(case, torch.float32)
     for chunk in (1, bt, 3 * bt + 1, 100 * bt):
         out = _poisoned((4, 9, 6), torch.float32)
-        assert_matches_reference(K.fisher_accumulate_fwd(*inputs, out=out, chunk_rows=chunk), want,
-                                 torch.float32, f"chunk_rows={chunk}")
+        check_forward(K.fisher_accumulate_fwd(*inputs, out=out, chunk_rows=chunk), inputs, torch.float32,
+                      f"chunk_rows={chunk}")
 
 
 def test_deterministic():
     """No atomics: a second run is bitwise identical, forward and backward, split or not."""
     case = _awkward_case()
-    inputs, _ = _inputs(case, torch.float32)
+    inputs = _inputs(case, torch.float32)
     kw = {"chunk_rows": _block("BLOCK_T", min)}
     a, b = K.fisher_accumulate_fwd(*inputs, **kw), K.fisher_accumulate_fwd(*inputs, **kw)
     assert torch.equal(a, b)
@@ -146,35 +142,32 @@ def test_deterministic():
 def test_fp16_large_inv_var_does_not_overflow():
     """r = v * diff exceeds the fp16 range; the kernel multiplies by v after the fp32 accumulation."""
     case = Case("big-inv-var", 6, 4, (30, 2))
-    inputs, as64 = _inputs(case, torch.float16)
-    x, z, w, b, v, off = inputs
+    x, z, w, b, v, off = _inputs(case, torch.float16)
     v = torch.full_like(v, 6.0e4)
     b = b + 4.0  # active ReLUs with |mu_x - x| > 1, so |r| > 6e4 > fp16 max
-    as64 = (*as64[:3], b.double().cpu(), v.double().cpu(), as64[5])
     got = K.fisher_accumulate_fwd(x, z, w, b, v, off)
     assert torch.isfinite(got).all()
-    assert_matches_reference(got, reference.forward(*as64), torch.float16, "fp16 large inv_var")
+    check_forward(got, (x, z, w, b, v, off), torch.float16, "fp16 large inv_var")
 
 
 def test_nan_propagates_like_reference():
     """A NaN in x (even where the ReLU is off) poisons its set's row of G, as in the reference."""
     case = Case("nan", 5, 3, (4, 3))
-    inputs, as64 = _inputs(case, torch.float32)
+    inputs = _inputs(case, torch.float32)
     x = inputs[0].clone()
     x[5, 2] = float("nan")
-    x64 = as64[0].clone()
-    x64[5, 2] = float("nan")
     got = K.fisher_accumulate_fwd(x, *inputs[1:])
-    want = reference.forward(x64, *as64[1:])
+    want = reference.forward(x.double().cpu(), *[t.double().cpu() if t.is_floating_point() else t.cpu()
+                                                 for t in inputs[1:]])
     assert torch.isnan(got[1, 2]).all() and not torch.isnan(got[0]).any()
-    atol, rtol = TOLERANCES[torch.float32]
+    atol, rtol = tolerance(torch.float32)
     torch.testing.assert_close(got.double().cpu(), want, atol=atol * max(1.0, float(want.nan_to_num().abs().max())),
                                rtol=rtol, equal_nan=True)
 
 
 def test_rejects_bad_out():
     case = Case("bad-out", 4, 3, (2,))
-    inputs, _ = _inputs(case, torch.float32)
+    inputs = _inputs(case, torch.float32)
     with pytest.raises(ValueError, match="out"):
         K.fisher_accumulate_fwd(*inputs, out=torch.empty((1, 4, 3), device=DEVICE))
 
@@ -182,7 +175,7 @@ def test_rejects_bad_out():
 def test_launchers_read_no_tensor_values_on_the_host(monkeypatch):
     """No host sync (CUDA graphs can capture the op): forward and backward launchers never turn a
     tensor into a Python value."""
-    inputs, _ = _inputs(_awkward_case(), torch.float32)
+    inputs = _inputs(_awkward_case(), torch.float32)
 
     def host_sync(*args):
         raise AssertionError("a launcher read a tensor value on the host")
@@ -197,12 +190,10 @@ def test_launchers_read_no_tensor_values_on_the_host(monkeypatch):
 def test_offsets_out_of_range_stay_in_bounds():
     """Unchecked (CUDA) offsets are clamped on the device: rows past N or before 0 are never read."""
     case = Case("bad-offsets", 5, 3, (4, 3))
-    inputs, as64 = _inputs(case, torch.float64)
+    inputs = _inputs(case, torch.float64)
     bad = torch.tensor([-2, 9, 5, 12], device=DEVICE)  # clamped: [0, 7, 7, 7]
-    clamped = torch.tensor([0, 7, 7, 7])
+    clamped = (*inputs[:5], torch.tensor([0, 7, 7, 7], device=DEVICE))
     got = K.fisher_accumulate_fwd(*inputs[:5], bad)
-    assert_matches_reference(got, reference.forward(*as64[:5], clamped), torch.float64, "clamped offsets")
-    grads = K.fisher_accumulate_bwd(torch.ones_like(got), *inputs[:5], bad)
-    for name, g, e in zip(GRAD_NAMES, grads, reference.backward(torch.ones(3, 5, 4, dtype=torch.float64),
-                                                                *as64[:5], clamped)):
-        assert_matches_reference(g, e, torch.float64, name)
+    check_forward(got, clamped, torch.float64, "clamped offsets")
+    grad = torch.ones_like(got)
+    check_backward(K.fisher_accumulate_bwd(grad, *inputs[:5], bad), grad, clamped, torch.float64, "clamped offsets")
