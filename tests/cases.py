@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fvvae_fast.ops import reference
+from fvvae_fast.ops.validate import opmath_dtype
 
 SEED = int(os.environ.get("FVVAE_TEST_SEED", random.randrange(2**31)))
 
@@ -70,31 +71,39 @@ def make_inputs(case: Case, dtype: torch.dtype = torch.float64, device: str | to
     return (*floats, offsets.to(device))
 
 
-def tolerance(dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> tuple[float, float]:
-    """(atol relative to max |ref|, rtol) for inputs of ``dtype``; writing the result in ``out_dtype``
-    adds its rounding, half an ulp relative to each element (2^-8 for bfloat16, 2^-11 for float16)."""
+def tolerance(dtype: torch.dtype, out_dtype: torch.dtype | None = None, scale: float = 1.0) -> tuple[float, float]:
+    """(atol, rtol) against the float64 reference for inputs of ``dtype`` and a result of max |ref| ``scale``.
+
+    A result written in a narrower ``out_dtype`` adds its rounding to nearest: half an ulp of each
+    element (2^-8 relative for bfloat16, 2^-11 for float16), half the subnormal spacing near 0, and
+    half an ulp of float32 when a float64 result reaches a 16-bit type through float32.
+    """
     atol, rtol = TOLERANCES[dtype]
-    if out_dtype is not None:
-        rtol += torch.finfo(out_dtype).eps / 2
+    atol *= scale
+    if out_dtype is not None and torch.finfo(out_dtype).eps > torch.finfo(opmath_dtype(dtype)).eps:
+        info = torch.finfo(out_dtype)
+        rtol += info.eps / 2
+        atol += info.smallest_normal * info.eps / 2
+        if dtype == torch.float64 and info.bits == 16:
+            rtol += torch.finfo(torch.float32).eps / 2
     return atol, rtol
 
 
 def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "",
                              out_dtype: torch.dtype | None = None, loose: torch.Tensor | None = None) -> None:
-    """Compare ``out`` with the float64 ``ref`` under :func:`tolerance`, atol scaled by max |ref|.
+    """Compare ``out`` with the float64 ``ref`` under :func:`tolerance` (atol scaled by max |ref|).
 
     ``loose``: a bool mask (broadcast against ``out``) of entries a ReLU mask flip may change; there
     ``out`` need only be finite where ``ref`` is (an unwritten, NaN-poisoned entry still fails).
     """
-    atol, rtol = tolerance(dtype, out_dtype)
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    scale = max(float(ref.abs().max()), 1.0) if ref.numel() else 1.0
+    atol, rtol = tolerance(dtype, out_dtype, max(float(ref.abs().max()), 1.0) if ref.numel() else 1.0)
     if loose is not None:
         loose = loose.expand_as(ref)
         unwritten = loose & ref.isfinite() & ~out.isfinite()
         assert not bool(unwritten.any()), f"{what}: {int(unwritten.sum())} entries not finite"
         out, ref = out.masked_fill(loose, 0.0), ref.masked_fill(loose, 0.0)
-    torch.testing.assert_close(out, ref, atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def _float64(inputs):
@@ -109,7 +118,7 @@ def mask_may_flip(inputs, dtype: torch.dtype) -> torch.Tensor:
     that depend on such a (t, c) are compared loosely (:func:`check_forward`, :func:`check_backward`).
     """
     _, z, weight, bias, *_ = _float64(inputs)
-    u = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
+    u = torch.finfo(opmath_dtype(dtype)).eps / 2
     bound = _MASK_ROUNDOFFS * u * torch.addmm(bias.abs(), z.abs(), weight.abs().t())
     return torch.addmm(bias, z, weight.t()).abs() <= bound
 

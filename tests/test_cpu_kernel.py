@@ -91,13 +91,14 @@ def _grad_for(case: Case, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn((len(case.lengths), case.c, case.d + 1), generator=generator(7), dtype=torch.float64).to(dtype)
 
 
-def _check_case(case: Case, dtype: torch.dtype, salt: int = 0) -> None:
+def _check_case(case: Case, dtype: torch.dtype, salt: int = 0, out_dtype: torch.dtype | None = None) -> None:
+    """Forward (G in out_dtype) and backward (the upstream grad in G's dtype) against the float64 reference."""
     inputs = make_inputs(case, dtype, salt=salt)
-    out = fwd(*inputs)
-    assert out.dtype == dtype and out.shape == (len(case.lengths), case.c, case.d + 1)
+    out = fwd(*inputs, out_dtype)
+    assert out.dtype == (out_dtype or dtype) and out.shape == (len(case.lengths), case.c, case.d + 1)
     assert not out.isnan().any(), "an output element was not written (poisoned NaN left)"
-    check_forward(out, inputs, dtype, f"{case.id} forward")
-    grad = _grad_for(case, dtype)
+    check_forward(out, inputs, dtype, f"{case.id} forward", out_dtype)
+    grad = _grad_for(case, out.dtype)
     grads = bwd(grad, *inputs)
     for name, g, t in zip(GRAD_NAMES, grads, inputs):
         assert g.dtype == t.dtype and g.shape == t.shape, name
@@ -109,6 +110,20 @@ def _check_case(case: Case, dtype: torch.dtype, salt: int = 0) -> None:
 @pytest.mark.parametrize("case", ALL, ids=ALL_IDS)
 def test_matches_reference(case: Case, dtype: torch.dtype, threads: int):
     _check_case(case, dtype)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["out-bf16", "out-f16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ALL, ids=ALL_IDS)
+def test_out_dtype_written_from_the_accumulators(case: Case, dtype: torch.dtype, out_dtype: torch.dtype,
+                                                 threads: int):
+    _check_case(case, dtype, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("gemm", GEMMS[1:])
+def test_out_dtype_on_every_gemm_path(gemm: str):
+    _C._set_gemm(gemm)
+    _check_case(EXTRA[0], torch.float32, out_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -233,7 +248,7 @@ def test_bad_arguments_are_refused(edit, match):
     [
         (torch.zeros(3, 6, 3), r"grad must have shape \(S, C, d\+1\)"),
         (torch.zeros(2, 6, 4), r"grad must have shape \(S, C, d\+1\)"),
-        (torch.zeros(3, 6, 4, dtype=torch.float64), "grad has dtype Double but expected Float"),
+        (torch.zeros(3, 6, 4, dtype=torch.int32), "grad must be float32, float64, float16 or bfloat16, got Int"),
         (torch.zeros(3, 4, 6).transpose(1, 2), "grad must be contiguous"),
         (torch.zeros(3, 6 * 4), r"grad must be 3-D \(S, C, d\+1\)"),
     ],
@@ -242,6 +257,12 @@ def test_bad_arguments_are_refused(edit, match):
 def test_bad_grad_is_refused(grad, match):
     with pytest.raises(RuntimeError, match="fisher_accumulate_backward_cpu: " + match):
         bwd(grad, *_args())
+
+
+def test_bad_out_dtype_is_refused():
+    with pytest.raises(RuntimeError, match="fisher_accumulate_cpu: out_dtype must be float32, float64, float16 or "
+                                           "bfloat16, got Int"):
+        fwd(*_args(), torch.int32)
 
 
 def test_gemm_hook_refuses_unknown_names():

@@ -15,6 +15,8 @@ from .cases import CASE_IDS, CASES, Case, assert_matches_reference, check_backwa
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
+HALF_OUT = [torch.bfloat16, torch.float16]
+HALF_OUT_IDS = ["out-bf16", "out-f16"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -50,6 +52,23 @@ def test_backward_matches_reference(backend, case: Case, dtype: torch.dtype):
     for g, t in zip(grads, inputs):
         assert g is not None and g.shape == t.shape and g.dtype == t.dtype
     check_backward(grads, grad.to(out), inputs, dtype, f"{name} backward")
+
+
+@pytest.mark.parametrize("out_dtype", HALF_OUT, ids=HALF_OUT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_out_dtype(backend, case: Case, dtype: torch.dtype, out_dtype: torch.dtype):
+    """G written in out_dtype (accumulated in the opmath dtype); the upstream grad arrives in out_dtype
+    and the gradients leave in the inputs' dtype."""
+    name, device = backend
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(case, dtype, device)]
+    out = fv.fisher_accumulate(*inputs, backend=name, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (len(case.lengths), case.c, case.d + 1)
+    check_forward(out, inputs, dtype, f"{name} forward", out_dtype)
+    grad = torch.randn(out.shape, generator=generator(7), dtype=torch.float64).to(device=device, dtype=out_dtype)
+    grads = torch.autograd.grad(out, inputs[:5], grad)
+    assert [g.dtype for g in grads] == [dtype] * 5
+    check_backward(grads, grad, inputs, dtype, f"{name} backward")
 
 
 def _at_zero(device="cpu"):
@@ -121,18 +140,20 @@ def test_default_backend_is_fastest_available():
     check_forward(fv.fisher_accumulate(x, z, w, b, v, off), (x, z, w, b, v, off), torch.float32)
 
 
-def test_opcheck_registration(backend):
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16], ids=["out-default", "out-bf16"])
+def test_opcheck_registration(backend, out_dtype):
     name, device = backend
     inputs = make_inputs(CASES[1], torch.float64, device)
-    args = (*[t.requires_grad_() if t.is_floating_point() else t for t in inputs], name, "propagate")
+    args = (*[t.requires_grad_() if t.is_floating_point() else t for t in inputs], name, "propagate", out_dtype)
     torch.library.opcheck(torch.ops.fvvae_fast.fisher_accumulate.default, args)
 
 
-def test_torch_compile_has_no_graph_break():
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16], ids=["out-default", "out-bf16"])
+def test_torch_compile_has_no_graph_break(out_dtype):
     inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(CASES[4], torch.float32)]
 
     def f(x, z, w, b, v, off):
-        return (fv.fisher_accumulate(x, z, w, b, v, off) * 2).sum()
+        return (fv.fisher_accumulate(x, z, w, b, v, off, out_dtype=out_dtype).float() * 2).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     out = compiled(*inputs)
@@ -188,6 +209,16 @@ def test_nan_policy():
         fv.fisher_accumulate(*args, nan_policy="raise")
     with pytest.raises(ValueError, match="nan_policy must be one of"):
         fv.fisher_accumulate(*_good(), nan_policy="omit")
+
+
+@pytest.mark.parametrize("out_dtype,error,match", [
+    ("bfloat16", TypeError, "out_dtype must be a torch.dtype or None, got 'bfloat16'"),
+    (torch.int32, ValueError, "out_dtype must be one of .* got torch.int32"),
+    (torch.float8_e4m3fn, ValueError, "out_dtype must be one of"),
+], ids=["str", "int32", "float8"])
+def test_bad_out_dtype_is_refused(out_dtype, error, match):
+    with pytest.raises(error, match=match):
+        fv.fisher_accumulate(*_good(), out_dtype=out_dtype)
 
 
 def test_bad_backend_name():

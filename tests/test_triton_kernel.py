@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from fvvae_fast.ops import dispatch, reference
+from fvvae_fast.ops.validate import result_dtype
 
 from .cases import CASE_IDS, CASES, SEED, Case, check_backward, check_forward, make_inputs, tolerance
 from .conftest import DEVICE
@@ -25,6 +26,8 @@ K = dispatch.import_kernels("fisher_accumulate") if _reason is None else None
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
+HALF_OUT = [torch.bfloat16, torch.float16]
+HALF_OUT_IDS = ["out-bf16", "out-f16"]
 
 
 def _block(name: str, pick=max) -> int:
@@ -53,24 +56,21 @@ def _poisoned(shape, dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_forward(case: Case, dtype: torch.dtype, **kw) -> None:
+def _check_forward(case: Case, dtype: torch.dtype, out_dtype: torch.dtype | None = None, **kw) -> None:
     inputs = _inputs(case, dtype)
     s = len(case.lengths)
-    out = _poisoned((s, case.c, case.d + 1), _out_dtype(dtype))
-    got = K.fisher_accumulate_fwd(*inputs, out=out, **kw)
-    assert got.data_ptr() == out.data_ptr() and got.dtype == _out_dtype(dtype)
-    check_forward(got, inputs, dtype, f"forward {case.id} {dtype}")
+    out = _poisoned((s, case.c, case.d + 1), result_dtype(dtype, out_dtype))
+    got = K.fisher_accumulate_fwd(*inputs, out_dtype=out_dtype, out=out, **kw)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == result_dtype(dtype, out_dtype)
+    check_forward(got, inputs, dtype, f"forward {case.id} {dtype}", out_dtype)
 
 
-def _check_backward(case: Case, dtype: torch.dtype, **kw) -> None:
+def _check_backward(case: Case, dtype: torch.dtype, grad_dtype: torch.dtype | None = None, **kw) -> None:
+    """The upstream grad in ``grad_dtype`` (G's dtype), the gradients in the inputs' dtype."""
     inputs = _inputs(case, dtype)
     g = torch.Generator().manual_seed(SEED + 7)
     grad = torch.randn((len(case.lengths), case.c, case.d + 1), generator=g, dtype=torch.float64)
-    grad = grad.to(device=DEVICE, dtype=_out_dtype(dtype))
+    grad = grad.to(device=DEVICE, dtype=result_dtype(dtype, grad_dtype))
     out = tuple(_poisoned(t.shape, t.dtype) for t in inputs[:5])
     got = K.fisher_accumulate_bwd(grad, *inputs, out=out, **kw)
     for o, t, inp in zip(got, out, inputs):
@@ -104,6 +104,23 @@ def test_backward_awkward(dtype, split):
     """'split': one-tile chunks and three row groups, each writing its partial of dW, db, dinv_var."""
     kw = {"chunk_rows": _block("BLOCK_T", min), "groups": 3} if split == "split" else {}
     _check_backward(_awkward_case(), dtype, **kw)
+
+
+@pytest.mark.parametrize("out_dtype", HALF_OUT, ids=HALF_OUT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_out_dtype_cases(case, dtype, out_dtype):
+    """G rounded to out_dtype in the store epilogue; the backward takes the upstream grad in out_dtype."""
+    _check_forward(case, dtype, out_dtype)
+    _check_backward(case, dtype, out_dtype)
+
+
+@pytest.mark.parametrize("out_dtype", HALF_OUT, ids=HALF_OUT_IDS)
+@pytest.mark.parametrize("split", ["split", "default"])
+def test_out_dtype_awkward(out_dtype, split):
+    """'split': split sets go through fp32 partials and the combine kernel, which rounds to out_dtype."""
+    kw = {"chunk_rows": _block("BLOCK_T", min)} if split == "split" else {}
+    _check_forward(_awkward_case(), torch.float32, out_dtype, **kw)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="model sizes are too slow for the interpreter")
@@ -160,9 +177,8 @@ def test_nan_propagates_like_reference():
     want = reference.forward(x.double().cpu(), *[t.double().cpu() if t.is_floating_point() else t.cpu()
                                                  for t in inputs[1:]])
     assert torch.isnan(got[1, 2]).all() and not torch.isnan(got[0]).any()
-    atol, rtol = tolerance(torch.float32)
-    torch.testing.assert_close(got.double().cpu(), want, atol=atol * max(1.0, float(want.nan_to_num().abs().max())),
-                               rtol=rtol, equal_nan=True)
+    atol, rtol = tolerance(torch.float32, scale=max(1.0, float(want.nan_to_num().abs().max())))
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol, equal_nan=True)
 
 
 def test_rejects_bad_out():

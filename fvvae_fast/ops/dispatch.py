@@ -1,7 +1,7 @@
 """The one dispatcher: which implementation of ``fisher_accumulate`` runs.
 
 Backends are implementations of the same op, each a (forward, backward) pair with
-the signatures of :mod:`fvvae_fast.ops.reference`:
+the signatures of :mod:`fvvae_fast.ops.reference` (``forward(..., offsets, *, out_dtype=None)``):
 
 - ``"reference"``: plain torch (:mod:`fvvae_fast.ops.reference`), any device.
 - ``"cpu"``: the compiled C++ kernel (``fvvae_fast._C``, sources in ``csrc/``), CPU tensors.
@@ -93,19 +93,12 @@ def _load(name: str) -> Backend | str:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 
-def _float32_or_64(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The C++ kernel computes in float32/float64 only; half inputs are widened (the output is float32 anyway)."""
-    return [t.float() if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64) else t for t in tensors]
-
-
-def _cpu_forward(x, z, weight, bias, inv_var, offsets):
-    return torch.ops.fvvae_fast.fisher_accumulate_cpu(*_float32_or_64(x, z, weight, bias, inv_var), offsets)
+def _cpu_forward(x, z, weight, bias, inv_var, offsets, *, out_dtype=None):
+    return torch.ops.fvvae_fast.fisher_accumulate_cpu(x, z, weight, bias, inv_var, offsets, out_dtype)
 
 
 def _cpu_backward(grad, x, z, weight, bias, inv_var, offsets):
-    inputs = (x, z, weight, bias, inv_var)
-    grads = torch.ops.fvvae_fast.fisher_accumulate_backward_cpu(grad, *_float32_or_64(*inputs), offsets)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
+    return torch.ops.fvvae_fast.fisher_accumulate_backward_cpu(grad, x, z, weight, bias, inv_var, offsets)
 
 
 def _interpreting() -> bool:

@@ -19,12 +19,18 @@ import os
 import torch
 
 NAN_POLICIES = ("propagate", "raise")
+OUT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_NAMES = ("x", "z", "weight", "bias", "inv_var")
 
 
-def output_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation ("opmath") dtype, which is also the output dtype."""
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation ("opmath") dtype of inputs of ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def result_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of G: ``out_dtype`` when given, else the opmath dtype of the inputs."""
+    return opmath_dtype(dtype) if out_dtype is None else out_dtype
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -39,6 +45,7 @@ def check_inputs(
     inv_var: torch.Tensor,
     offsets: torch.Tensor,
     nan_policy: str,
+    out_dtype: torch.dtype | None = None,
 ) -> None:
     """Raise TypeError/ValueError naming the argument when metadata is wrong."""
     tensors = dict(zip(_FLOAT_NAMES, (x, z, weight, bias, inv_var)), offsets=offsets)
@@ -86,6 +93,10 @@ def check_inputs(
         raise ValueError(f"fisher_accumulate: offsets must be (S+1,) with S >= 0, got {_describe(offsets)}")
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"fisher_accumulate: nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"fisher_accumulate: out_dtype must be a torch.dtype or None, got {out_dtype!r}")
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise ValueError(f"fisher_accumulate: out_dtype must be one of {OUT_DTYPES} or None, got {out_dtype}")
 
 
 def check_values(
