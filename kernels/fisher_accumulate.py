@@ -64,7 +64,9 @@ any GPU, not fast); the interpreter runs that very path.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import threading
 
 import torch
 import triton
@@ -77,6 +79,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _UPCAST_BF16_DOT = tl.constexpr(_INTERPRET)
 # The interpreter's fp32 -> bf16 cast truncates (a GPU rounds to nearest even): round the bits first.
 _ROUND_BF16_BITS = tl.constexpr(_INTERPRET)
+
+# Integer arguments that change with the batch are not specialised: Triton would otherwise compile a
+# variant for a value of 1 and for multiples of 16, so a new batch shape could recompile.
+_batch_jit = triton.jit(do_not_specialize=("S", "LEN_KEY", "N_ENTRIES", "PER_GROUP"))
 
 _FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")  # all exist in Triton 3.6 and 3.8
 FP32_PRECISION = os.environ.get("FVVAE_TRITON_FP32_PRECISION", "tf32x3")
@@ -251,7 +257,7 @@ def _decode_t(w_ptr, p_ptr, z_ptr, cols, col_ok, rows, row_ok, D: tl.constexpr,
 # loaded once and feeds both GEMMs; otherwise d is streamed in BLOCK_K slices per (d tile).
 # The bias column of G (j = d) is sum_t r_t: a row sum, no GEMM.
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@_batch_jit
 def _fwd_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, off_ptr,  # inputs
     chunk_set_ptr, chunk_ptr_ptr, slot_ptr_ptr,  # chunk table (see _chunk_table)
@@ -296,7 +302,7 @@ def _fwd_kernel(
                      v, pid_j, D)
 
 
-@triton.jit
+@_batch_jit
 def _combine_kernel(part_ptr, out_ptr, split_set_ptr, chunk_ptr_ptr, slot_ptr_ptr, S, E,
                     ACC: tl.constexpr, BLOCK: tl.constexpr):
     """out[s] = sum over the chunks of split set s of their partials, in chunk order, in out's dtype."""
@@ -319,7 +325,7 @@ _fwd_fma = _autotune(_FWD_FMA_CONFIGS)(_fwd_kernel)
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@_batch_jit
 def _bwd_rows_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, p_ptr, off_ptr,
     chunk_set_ptr, chunk_ptr_ptr,
@@ -377,7 +383,7 @@ def _bwd_rows_kernel(
                      mask=row_ok[:, None] & j_ok[None, :])
 
 
-@triton.jit
+@_batch_jit
 def _bwd_params_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, p_ptr, off_ptr,
     chunk_set_ptr, chunk_ptr_ptr,
@@ -498,10 +504,26 @@ def _in_bounds(offsets: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cummax(offsets.clamp(0, n), 0).values
 
 
-def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised scratch; NaN-filled under the interpreter so an unwritten element shows in tests."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device) if _INTERPRET else torch.empty(
-        shape, dtype=dtype, device=device)
+_SCRATCH = threading.local()  # per thread: {(name, device, stream, dtype): 1-D buffer}
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised scratch ``name`` of ``shape``: a view of a buffer kept per thread, device, stream
+    and dtype that only grows, so a steady batch shape allocates nothing. Stream order makes reuse
+    safe (one thread, one stream); a CUDA graph being captured gets a fresh tensor from its pool.
+    NaN-filled under the interpreter, so an unwritten element shows in tests."""
+    numel = math.prod(shape)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        buf = torch.empty(numel, dtype=dtype, device=device)
+    else:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+        cache = _SCRATCH.__dict__.setdefault("buffers", {})
+        key = (name, device, stream, dtype)
+        buf = cache.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    view = buf[:numel].view(shape)
+    return view.fill_(float("nan")) if _INTERPRET else view
 
 
 def _modes(dtype: torch.dtype):
@@ -557,7 +579,7 @@ def fisher_accumulate_fwd(
         return out
     chunk = chunk_rows or _default_chunk(n, triton.cdiv(c, 128) * triton.cdiv(d, 256), x.device)
     chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split = _chunk_table(offsets, chunk, n)
-    part = _scratch((max(n_slots, 1), c, d + 1), acc_dtype, x.device)
+    part = _scratch("partials", (max(n_slots, 1), c, d + 1), acc_dtype, x.device)
     kernel = _fwd_mma if use_dot else _fwd_fma
 
     def grid(meta):
@@ -630,8 +652,8 @@ def fisher_accumulate_bwd(
     n_groups = groups or max(1, min(n_entries, triton.cdiv(_target_programs(x.device), tiles)))
     per_group = triton.cdiv(n_entries, n_groups)
     n_groups = triton.cdiv(n_entries, per_group)
-    pw = _scratch((n_groups, c, d + 1), acc_dtype, x.device)
-    pv = _scratch((n_groups, c), acc_dtype, x.device)
+    pw = _scratch("dweight", (n_groups, c, d + 1), acc_dtype, x.device)
+    pv = _scratch("dinv_var", (n_groups, c), acc_dtype, x.device)
     params_kernel[lambda meta: (n_groups, triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(d, meta["BLOCK_J"]))](
         x, z, weight, bias, inv_var, p, offsets, chunk_set, chunk_ptr, pw, pv,
         s, c, d, n_entries, per_group, len_key, **meta_args,

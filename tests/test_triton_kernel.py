@@ -213,3 +213,49 @@ def test_offsets_out_of_range_stay_in_bounds():
     check_forward(got, clamped, torch.float64, "clamped offsets")
     grad = torch.ones_like(got)
     check_backward(K.fisher_accumulate_bwd(grad, *inputs[:5], bad), grad, clamped, torch.float64, "clamped offsets")
+
+
+_LAUNCHED = ("_fwd_kernel", "_combine_kernel", "_bwd_rows_kernel", "_bwd_params_kernel")
+
+
+def _launch_args(monkeypatch, *batches) -> dict[str, list[dict]]:
+    """{kernel: [its arguments by name, per launch]} over forward and backward of each batch."""
+    seen: dict[str, list[dict]] = {}
+    with monkeypatch.context() as mp:
+        for name in _LAUNCHED:
+            kernel = getattr(K, name)
+
+            def recording(*args, _kernel=kernel, _name=name, _run=kernel.run, **kwargs):
+                seen.setdefault(_name, []).append(dict(zip(_kernel.arg_names, args)))
+                return _run(*args, **kwargs)
+
+            mp.setattr(kernel, "run", recording)
+        for inputs in batches:
+            out = K.fisher_accumulate_fwd(*inputs, chunk_rows=_block("BLOCK_T", min))
+            K.fisher_accumulate_bwd(torch.ones_like(out), *inputs, groups=2)
+    return seen
+
+
+def test_batch_shapes_do_not_respecialise(monkeypatch):
+    """Integer arguments that vary with the batch (sets, lengths, entries) are not specialised on, so a
+    new batch shape reuses the compiled kernels (Triton specialises ints on == 1 and % 16)."""
+    batches = [_inputs(Case(f"batch{i}", 9, 5, lengths), torch.float32)
+               for i, lengths in enumerate([(40, 2, 9), (1,), (17, 0, 33, 5, 16, 64)])]
+    seen = _launch_args(monkeypatch, *batches)
+    assert set(seen) == set(_LAUNCHED)
+    for name, launches in seen.items():
+        kernel = getattr(K, name)
+        unspecialised = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"])
+        varying = {arg for arg, value in launches[0].items()
+                   if isinstance(value, int) and any(launch[arg] != value for launch in launches)}
+        assert varying and varying <= unspecialised, (name, varying - unspecialised)
+
+
+def test_scratch_is_reused_and_only_grows():
+    a = K._scratch("test", (2, 3), torch.float32, DEVICE)
+    b = K._scratch("test", (3, 2), torch.float32, DEVICE)
+    assert b.data_ptr() == a.data_ptr() and b.shape == (3, 2)
+    assert K._scratch("other", (2, 3), torch.float32, DEVICE).data_ptr() != a.data_ptr()  # used together
+    assert K._scratch("test", (2, 3), torch.float64, DEVICE).data_ptr() != a.data_ptr()
+    grown = K._scratch("test", (4, 5), torch.float32, DEVICE)
+    assert grown.shape == (4, 5) and K._scratch("test", (1,), torch.float32, DEVICE).data_ptr() == grown.data_ptr()
