@@ -131,7 +131,8 @@ def check_forward(out: torch.Tensor, inputs, dtype: torch.dtype, what: str = "",
     offsets = as64[5]
     owner = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets.diff())
     flips = mask_may_flip(inputs, dtype)
-    per_set = torch.zeros((offsets.numel() - 1, flips.shape[1]), dtype=torch.float64).index_add_(0, owner, flips.double())
+    per_set = torch.zeros((offsets.numel() - 1, flips.shape[1]), dtype=torch.float64)
+    per_set.index_add_(0, owner, flips.double())
     assert_matches_reference(out, reference.forward(*as64), dtype, what, out_dtype, (per_set > 0)[..., None])
 
 

@@ -274,7 +274,7 @@ def test_gemm_hook_refuses_unknown_names():
 
 _ASAN_CHILD = textwrap.dedent(
     """
-    import os, sys
+    import itertools, os, sys
     os.environ.pop("LD_PRELOAD", None)  # the compilers below run without the sanitizer runtime
     import torch
     from torch.utils.cpp_extension import load
@@ -296,10 +296,10 @@ _ASAN_CHILD = textwrap.dedent(
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for case in cases:
-                for dtype in (torch.float32, torch.float64):
+                for dtype, out_dtype in itertools.product((torch.float32, torch.float64), (None, torch.bfloat16)):
                     inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(case, dtype)]
-                    out = fv.fisher_accumulate(*inputs, backend="cpu")
-                    check_forward(out, inputs, dtype, case.id)
+                    out = fv.fisher_accumulate(*inputs, backend="cpu", out_dtype=out_dtype)
+                    check_forward(out, inputs, dtype, case.id, out_dtype)
                     grad = torch.randn(out.shape, dtype=torch.float64).to(out.dtype)
                     if out.numel():
                         got = torch.autograd.grad(out, inputs[:5], grad, allow_unused=True)
@@ -325,7 +325,8 @@ def _slow_selected(config) -> bool:
 @pytest.mark.slow
 def test_kernel_is_clean_under_address_sanitizer(request, tmp_path):
     """Builds the extension with -fsanitize=address and runs forward and backward (every
-    case, 1 and 2 threads, plain-loop and BLAS GEMMs) in a subprocess with libasan preloaded.
+    case, 1 and 2 threads, plain-loop and BLAS GEMMs, G in the opmath dtype and in bfloat16) in a
+    subprocess with libasan preloaded.
 
     Run with ``pytest -m slow tests/test_cpu_kernel.py``.
     """

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import fvvae_fast as fv
 from fvvae_fast.ops import naive, reference, validate
 
-from .cases import CASE_IDS, CASES, Case, assert_matches_reference, check_backward, check_forward, generator, make_inputs
+from .cases import (CASE_IDS, CASES, Case, assert_matches_reference, check_backward, check_forward, generator,
+                    make_inputs)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f64", "f32", "f16", "bf16"]

@@ -107,7 +107,7 @@ def test_backward_awkward(dtype, split):
 
 
 @pytest.mark.parametrize("out_dtype", HALF_OUT, ids=HALF_OUT_IDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_out_dtype_cases(case, dtype, out_dtype):
     """G rounded to out_dtype in the store epilogue; the backward takes the upstream grad in out_dtype."""

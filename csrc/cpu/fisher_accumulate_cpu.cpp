@@ -12,9 +12,9 @@
 //     G[s, c0:c1,  d] (+)= sum_t r_t               column sums of the segment
 //
 // so mu_x and r only ever exist for one [NT, NC] tile per thread, and the [NC, d+1] block
-// of the output a unit owns stays in L2 while it accumulates. An output in another type than
-// the accumulation (out_dtype, e.g. bfloat16) accumulates the block in a per-thread scratch
-// block instead and converts it into G once, when the set's last rows are in. Each unit writes every
+// of the output a unit owns stays in L2 while it accumulates. (G in another type than the
+// accumulation, out_dtype = bfloat16 say: the block accumulates in a per-thread scratch
+// block, converted into G once, when the set's last rows are in.) Each unit writes every
 // element of its blocks (the first rows of a set use beta = 0, empty sets get zeros), in a
 // fixed order; units are handed to threads dynamically (longest first) and no two units
 // write the same block, so there are no atomics, no shared accumulators, and the result
@@ -576,9 +576,10 @@ void backward(const Problem& p, const Gr* grad, const T* x, const T* z, const T*
   }
 }
 
-#define FV_INSTANTIATE(T, O)                                                                                \
-  template void forward<T, O>(const Problem&, const T*, const T*, const T*, const T*, const T*, const int64_t*, O*); \
-  template void backward<T, O>(const Problem&, const O*, const T*, const T*, const T*, const T*, const T*,           \
+#define FV_INSTANTIATE(T, O)                                                                              \
+  template void forward<T, O>(const Problem&, const T*, const T*, const T*, const T*, const T*, const int64_t*, \
+                              O*);                                                                            \
+  template void backward<T, O>(const Problem&, const O*, const T*, const T*, const T*, const T*, const T*,     \
                                const int64_t*, T*, T*, T*, T*, T*);
 #define FV_INSTANTIATE_ALL(T)     \
   FV_INSTANTIATE(T, float)        \
