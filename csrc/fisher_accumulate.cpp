@@ -7,8 +7,9 @@
 // every precondition the kernels rely on is checked again here (shapes, dtypes,
 // contiguity, offsets values) and reported as a RuntimeError naming the op and argument.
 //
-// float32 and float64 run natively; float16 and bfloat16 are computed in float32 (the
-// contract's output dtype) and their gradients are cast back to the input dtype.
+// float32 and float64 run natively; float16 and bfloat16 are computed in float32 and their
+// gradients are cast back to the input dtype. G is written in out_dtype (default: the compute
+// dtype) straight from the accumulators; the upstream grad may come in any floating dtype.
 //
 // The module is importable as fvvae_fast._C; it exposes test hooks (process-wide):
 //   _blas_available() -> bool        the kernels call the BLAS torch links (else at::addmm_)
@@ -21,6 +22,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string>
 
 #include "cpu/fisher_accumulate_cpu.h"
@@ -90,19 +92,25 @@ Checked check_inputs(const char* op, const at::Tensor& x, const at::Tensor& z, c
 at::Tensor in_compute(const at::Tensor& t) { return t.to(compute_type(t.scalar_type())); }
 
 at::Tensor fisher_accumulate_cpu(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
-                                 const at::Tensor& bias, const at::Tensor& inv_var, const at::Tensor& offsets) {
+                                 const at::Tensor& bias, const at::Tensor& inv_var, const at::Tensor& offsets,
+                                 std::optional<at::ScalarType> out_dtype) {
   const Checked chk = check_inputs(kFwd, x, z, weight, bias, inv_var, offsets);
   const auto& p = chk.p;
   const at::ScalarType ct = compute_type(chk.dtype);
-  at::Tensor out = at::empty({p.s, p.c, p.d + 1}, x.options().dtype(ct));
+  const at::ScalarType ot = out_dtype.value_or(ct);
+  TORCH_CHECK(supported_float(ot), kFwd, ": out_dtype must be float32, float64, float16 or bfloat16, got ", ot);
+  at::Tensor out = at::empty({p.s, p.c, p.d + 1}, x.options().dtype(ot));
   if (out.numel() == 0) return out;
   const at::Tensor xc = in_compute(x), zc = in_compute(z), wc = in_compute(weight), bc = in_compute(bias),
                    vc = in_compute(inv_var);
   AT_DISPATCH_FLOATING_TYPES(ct, kFwd, [&] {
-    fvvae_fast::cpu::forward<scalar_t>(p, xc.const_data_ptr<scalar_t>(), zc.const_data_ptr<scalar_t>(),
-                                       wc.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
-                                       vc.const_data_ptr<scalar_t>(), offsets.const_data_ptr<int64_t>(),
-                                       out.mutable_data_ptr<scalar_t>());
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ot, kFwd, [&] {
+      fvvae_fast::cpu::forward<acc_t, scalar_t>(p, xc.const_data_ptr<acc_t>(), zc.const_data_ptr<acc_t>(),
+                                                wc.const_data_ptr<acc_t>(), bc.const_data_ptr<acc_t>(),
+                                                vc.const_data_ptr<acc_t>(), offsets.const_data_ptr<int64_t>(),
+                                                out.mutable_data_ptr<scalar_t>());
+    });
   });
   return out;
 }
@@ -115,7 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fisher_ac
   const at::ScalarType ct = compute_type(chk.dtype);
   TORCH_CHECK(grad.defined(), kBwd, ": grad is undefined");
   TORCH_CHECK(grad.dim() == 3, kBwd, ": grad must be 3-D (S, C, d+1), got shape ", grad.sizes());
-  check_float(kBwd, "grad", grad, {p.s, p.c, p.d + 1}, ct, "(S, C, d+1)");
+  TORCH_CHECK(supported_float(grad.scalar_type()), kBwd, ": grad must be float32, float64, float16 or bfloat16, got ",
+              grad.scalar_type());
+  check_float(kBwd, "grad", grad, {p.s, p.c, p.d + 1}, grad.scalar_type(), "(S, C, d+1)");
 
   const auto opts = x.options().dtype(ct);
   at::Tensor gx = at::empty({p.n, p.c}, opts), gz = at::empty({p.n, p.d}, opts);
@@ -123,11 +133,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fisher_ac
   const at::Tensor xc = in_compute(x), zc = in_compute(z), wc = in_compute(weight), bc = in_compute(bias),
                    vc = in_compute(inv_var);
   AT_DISPATCH_FLOATING_TYPES(ct, kBwd, [&] {
-    fvvae_fast::cpu::backward<scalar_t>(
-        p, grad.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), zc.const_data_ptr<scalar_t>(),
-        wc.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
-        offsets.const_data_ptr<int64_t>(), gx.mutable_data_ptr<scalar_t>(), gz.mutable_data_ptr<scalar_t>(),
-        gw.mutable_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>(), gv.mutable_data_ptr<scalar_t>());
+    using acc_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), kBwd, [&] {
+      fvvae_fast::cpu::backward<acc_t, scalar_t>(
+          p, grad.const_data_ptr<scalar_t>(), xc.const_data_ptr<acc_t>(), zc.const_data_ptr<acc_t>(),
+          wc.const_data_ptr<acc_t>(), bc.const_data_ptr<acc_t>(), vc.const_data_ptr<acc_t>(),
+          offsets.const_data_ptr<int64_t>(), gx.mutable_data_ptr<acc_t>(), gz.mutable_data_ptr<acc_t>(),
+          gw.mutable_data_ptr<acc_t>(), gb.mutable_data_ptr<acc_t>(), gv.mutable_data_ptr<acc_t>());
+    });
   });
   if (chk.dtype != ct) {
     return {gx.to(chk.dtype), gz.to(chk.dtype), gw.to(chk.dtype), gb.to(chk.dtype), gv.to(chk.dtype)};

@@ -1,9 +1,10 @@
 """Fused Triton kernels of ``fisher_accumulate`` (forward and backward) and their launchers.
 
 Loaded by :mod:`fvvae_fast.ops.dispatch` as the ``"triton"`` backend: CUDA tensors, or CPU
-tensors under ``TRITON_INTERPRET=1`` (how CI runs it). Inputs arrive validated and contiguous,
-all in one floating dtype; ``offsets`` is (S+1,) int64. No host synchronisation: every grid is
-sized from shapes alone, so the launchers are safe under CUDA graphs.
+tensors under ``TRITON_INTERPRET=1`` (how CI runs it). Inputs arrive with checked shapes and
+dtypes, all in one floating dtype; ``offsets`` is (S+1,) int64, its values unchecked on CUDA (the
+launchers clamp it into [0, N] on the device, so no kernel leaves x). No host synchronisation:
+every grid is sized from shapes alone, so the launchers are safe under CUDA graphs.
 
 Math (DESIGN section 2; set s = rows offsets[s]:offsets[s+1], inv_var = v):
 
@@ -46,7 +47,9 @@ per set); each group stores one fp32 partial of [dW | db] and dv and the launche
 one ``torch.sum`` over groups (Liger-style: deterministic, no atomics). a and q are recomputed in
 both kernels instead of being stored (2 x 4 N C d extra flops, no (N, C) round trip).
 
-Dtypes. Accumulation is fp32 (fp64 for float64). fp16/bf16: the GEMM operands computed on chip
+Dtypes. Accumulation is fp32 (fp64 for float64); G is rounded once to ``out_dtype`` (default: the
+accumulation dtype; bf16 halves the bytes written) in the store epilogue (``_store_g``, and the
+combine kernel for split sets, whose partials stay fp32). fp16/bf16: the GEMM operands computed on chip
 (diff, m*q, da, v*diff) and the upstream grad are rounded to the input dtype for ``tl.dot``, as in
 any half-precision GEMM (backward: |v q| or |grad| beyond the fp16 range overflows, as fp16
 autograd would). fp32: ``tl.dot`` with ``input_precision=FP32_PRECISION``, default ``"tf32x3"``
@@ -61,7 +64,9 @@ any GPU, not fast); the interpreter runs that very path.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import threading
 
 import torch
 import triton
@@ -72,6 +77,12 @@ __all__ = ["fisher_accumulate_fwd", "fisher_accumulate_bwd", "FP32_PRECISION"]
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter keeps bf16 as raw uint16 and its tl.dot multiplies those bits: feed it fp32.
 _UPCAST_BF16_DOT = tl.constexpr(_INTERPRET)
+# The interpreter's fp32 -> bf16 cast truncates (a GPU rounds to nearest even): round the bits first.
+_ROUND_BF16_BITS = tl.constexpr(_INTERPRET)
+
+# Integer arguments that change with the batch are not specialised: Triton would otherwise compile a
+# variant for a value of 1 and for multiples of 16, so a new batch shape could recompile.
+_batch_jit = triton.jit(do_not_specialize=("S", "LEN_KEY", "N_ENTRIES", "PER_GROUP"))
 
 _FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")  # all exist in Triton 3.6 and 3.8
 FP32_PRECISION = os.environ.get("FVVAE_TRITON_FP32_PRECISION", "tf32x3")
@@ -196,6 +207,31 @@ def _relu_diff(a, x, ACC: tl.constexpr):
 
 
 @triton.jit
+def _rounded_for(val, ptr):
+    """``val`` (fp32 / fp64) rounded to nearest even in ``ptr``'s element type; a 16-bit type is
+    reached through fp32, as in the C++ kernel."""
+    ty: tl.constexpr = ptr.dtype.element_ty
+    if ty.primitive_bitwidth == 16:
+        val = val.to(tl.float32)
+        if _ROUND_BF16_BITS:
+            if ty == tl.bfloat16:  # add half an ulp of bf16 (ties to even), then truncation is exact
+                bits = val.to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                val = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return val.to(ty)
+
+
+@triton.jit
+def _store_g(dst, cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D: tl.constexpr):
+    """Epilogue of a [BLOCK_C, BLOCK_J] tile of G (Eq. 13 before F): dst[c, j] = v_c acc[c, j] and, from
+    the first d tile, the bias column dst[c, D] = v_c acc_b[c]; rounded once to dst's dtype (out_dtype)."""
+    tl.store(dst + cols[:, None] * (D + 1) + js[None, :], _rounded_for(acc * v[:, None], dst),
+             mask=col_ok[:, None] & j_ok[None, :])
+    if pid_j == 0:
+        tl.store(dst + cols * (D + 1) + D, _rounded_for(acc_b * v, dst), mask=col_ok)
+
+
+@triton.jit
 def _decode_t(w_ptr, p_ptr, z_ptr, cols, col_ok, rows, row_ok, D: tl.constexpr,
               WITH_Q: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -221,7 +257,7 @@ def _decode_t(w_ptr, p_ptr, z_ptr, cols, col_ok, rows, row_ok, D: tl.constexpr,
 # loaded once and feeds both GEMMs; otherwise d is streamed in BLOCK_K slices per (d tile).
 # The bias column of G (j = d) is sum_t r_t: a row sum, no GEMM.
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@_batch_jit
 def _fwd_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, off_ptr,  # inputs
     chunk_set_ptr, chunk_ptr_ptr, slot_ptr_ptr,  # chunk table (see _chunk_table)
@@ -259,19 +295,17 @@ def _fwd_kernel(
             acc = _mm(diff.to(zt.dtype), zt, acc, USE_DOT, PRECISION)
             acc_b += tl.sum(diff, axis=1)
         v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]; r_t = v * diff_t
-        if n_chunks == 1:
-            dst = out_ptr + s * C * (D + 1)
-        else:
-            dst = part_ptr + (tl.load(slot_ptr_ptr + s) + k) * C * (D + 1)
-        tl.store(dst + cols[:, None] * (D + 1) + js[None, :], acc * v[:, None], mask=col_ok[:, None] & j_ok[None, :])
-        if pid_j == 0:
-            tl.store(dst + cols * (D + 1) + D, acc_b * v, mask=col_ok)
+        if n_chunks == 1:  # straight into G, in its dtype
+            _store_g(out_ptr + s * C * (D + 1), cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D)
+        else:  # an ACC partial of a split set
+            _store_g(part_ptr + (tl.load(slot_ptr_ptr + s) + k) * C * (D + 1), cols, col_ok, js, j_ok, acc, acc_b,
+                     v, pid_j, D)
 
 
-@triton.jit
+@_batch_jit
 def _combine_kernel(part_ptr, out_ptr, split_set_ptr, chunk_ptr_ptr, slot_ptr_ptr, S, E,
                     ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """out[s] = sum over the chunks of split set s of their partials, in chunk order."""
+    """out[s] = sum over the chunks of split set s of their partials, in chunk order, in out's dtype."""
     s = tl.load(split_set_ptr + tl.program_id(0))
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] over the C*(D+1) elements
     ok = idx < E
@@ -281,7 +315,7 @@ def _combine_kernel(part_ptr, out_ptr, split_set_ptr, chunk_ptr_ptr, slot_ptr_pt
         acc = tl.zeros((BLOCK,), ACC)
         for k in range(0, n_chunks):
             acc += tl.load(part_ptr + (slot0 + k) * E + idx, mask=ok, other=0.0)
-        tl.store(out_ptr + s * E + idx, acc, mask=ok)
+        tl.store(out_ptr + s * E + idx, _rounded_for(acc, out_ptr), mask=ok)
 
 
 _fwd_mma = _autotune(_FWD_CONFIGS)(_fwd_kernel)
@@ -291,7 +325,7 @@ _fwd_fma = _autotune(_FWD_FMA_CONFIGS)(_fwd_kernel)
 # ----------------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@_batch_jit
 def _bwd_rows_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, p_ptr, off_ptr,
     chunk_set_ptr, chunk_ptr_ptr,
@@ -349,7 +383,7 @@ def _bwd_rows_kernel(
                      mask=row_ok[:, None] & j_ok[None, :])
 
 
-@triton.jit
+@_batch_jit
 def _bwd_params_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, p_ptr, off_ptr,
     chunk_set_ptr, chunk_ptr_ptr,
@@ -401,10 +435,8 @@ def _bwd_params_kernel(
                 acc_b += tl.sum(mq, axis=1)
                 acc_v += tl.sum(tl.where(row_ok[None, :], diff * q, 0.0), axis=1)
     v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]
-    dst = pw_ptr + g.to(tl.int64) * C * (D + 1)
-    tl.store(dst + cols[:, None] * (D + 1) + js[None, :], acc * v[:, None], mask=col_ok[:, None] & j_ok[None, :])
+    _store_g(pw_ptr + g.to(tl.int64) * C * (D + 1), cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D)
     if pid_j == 0:
-        tl.store(dst + cols * (D + 1) + D, acc_b * v, mask=col_ok)
         tl.store(pv_ptr + g.to(tl.int64) * C + cols, acc_v, mask=col_ok)
 
 
@@ -466,10 +498,32 @@ def _chunk_table(offsets: torch.Tensor, chunk: int, n: int):
     return chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split
 
 
-def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised scratch; NaN-filled under the interpreter so an unwritten element shows in tests."""
-    return torch.full(shape, float("nan"), dtype=dtype, device=device) if _INTERPRET else torch.empty(
-        shape, dtype=dtype, device=device)
+def _in_bounds(offsets: torch.Tensor, n: int) -> torch.Tensor:
+    """``offsets`` made non-decreasing within [0, n], on the device (no host sync; the identity on
+    valid offsets, which CUDA callers do not check): every row the kernels touch is a row of x."""
+    return torch.cummax(offsets.clamp(0, n), 0).values
+
+
+_SCRATCH = threading.local()  # per thread: {(name, device, stream, dtype): 1-D buffer}
+
+
+def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised scratch ``name`` of ``shape``: a view of a buffer kept per thread, device, stream
+    and dtype that only grows, so a steady batch shape allocates nothing. Stream order makes reuse
+    safe (one thread, one stream); a CUDA graph being captured gets a fresh tensor from its pool.
+    NaN-filled under the interpreter, so an unwritten element shows in tests."""
+    numel = math.prod(shape)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        buf = torch.empty(numel, dtype=dtype, device=device)
+    else:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
+        cache = _SCRATCH.__dict__.setdefault("buffers", {})
+        key = (name, device, stream, dtype)
+        buf = cache.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    view = buf[:numel].view(shape)
+    return view.fill_(float("nan")) if _INTERPRET else view
 
 
 def _modes(dtype: torch.dtype):
@@ -499,13 +553,15 @@ def fisher_accumulate_fwd(
     inv_var: torch.Tensor,
     offsets: torch.Tensor,
     *,
+    out_dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """G: (S, C, d+1) fp32 (fp64 for float64 input) from x (N, C), z (N, d), weight (C, d),
-    bias (C,), inv_var (C,), offsets (S+1,) int64. Deterministic (no atomics).
+    """G: (S, C, d+1) from x (N, C), z (N, d), weight (C, d), bias (C,), inv_var (C,), offsets
+    (S+1,) int64; accumulated in fp32 (fp64 for float64 input) and written in ``out_dtype``
+    (default: the accumulation dtype) by the kernels' epilogue. Deterministic (no atomics).
 
-    ``out``: optional preallocated (S, C, d+1) contiguous result (every element is overwritten).
+    ``out``: optional preallocated (S, C, d+1) contiguous result in that dtype (every element is overwritten).
     ``chunk_rows``: rows per program (default: chosen to fill the device); sets longer than it
     are split across programs and their fp32 partials summed in order.
     """
@@ -513,15 +569,17 @@ def fisher_accumulate_fwd(
     n, c = x.shape
     d = z.shape[1]
     s = offsets.shape[0] - 1
+    offsets = _in_bounds(offsets, n)
     acc_dtype, acc_tl, use_dot, precision = _modes(x.dtype)
+    out_dtype = out_dtype or acc_dtype
     if out is None:
-        out = torch.empty((s, c, d + 1), dtype=acc_dtype, device=x.device)
-    _check_out("out", out, (s, c, d + 1), acc_dtype, x.device)
+        out = torch.empty((s, c, d + 1), dtype=out_dtype, device=x.device)
+    _check_out("out", out, (s, c, d + 1), out_dtype, x.device)
     if s == 0:
         return out
     chunk = chunk_rows or _default_chunk(n, triton.cdiv(c, 128) * triton.cdiv(d, 256), x.device)
     chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split = _chunk_table(offsets, chunk, n)
-    part = _scratch((max(n_slots, 1), c, d + 1), acc_dtype, x.device)
+    part = _scratch("partials", (max(n_slots, 1), c, d + 1), acc_dtype, x.device)
     kernel = _fwd_mma if use_dot else _fwd_fma
 
     def grid(meta):
@@ -555,7 +613,7 @@ def fisher_accumulate_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dx, dz, dweight, dbias, dinv_var) of <grad, G>, each in its input's dtype.
 
-    ``grad``: (S, C, d+1) upstream gradient of G. ``out``: optional preallocated
+    ``grad``: (S, C, d+1) upstream gradient of G, in any floating dtype (G's). ``out``: optional preallocated
     (dx, dz, dweight, dbias, dinv_var), every element overwritten. ``chunk_rows``: rows per
     program of the row kernel and the unit of work of the param kernel; ``groups``: programs
     along the rows of the param kernel (one fp32 partial each, summed by ``torch.sum``).
@@ -565,6 +623,7 @@ def fisher_accumulate_bwd(
     n, c = x.shape
     d = z.shape[1]
     s = offsets.shape[0] - 1
+    offsets = _in_bounds(offsets, n)
     acc_dtype, acc_tl, use_dot, precision = _modes(x.dtype)
     inputs = (x, z, weight, bias, inv_var)
     if out is None:
@@ -593,8 +652,8 @@ def fisher_accumulate_bwd(
     n_groups = groups or max(1, min(n_entries, triton.cdiv(_target_programs(x.device), tiles)))
     per_group = triton.cdiv(n_entries, n_groups)
     n_groups = triton.cdiv(n_entries, per_group)
-    pw = _scratch((n_groups, c, d + 1), acc_dtype, x.device)
-    pv = _scratch((n_groups, c), acc_dtype, x.device)
+    pw = _scratch("dweight", (n_groups, c, d + 1), acc_dtype, x.device)
+    pv = _scratch("dinv_var", (n_groups, c), acc_dtype, x.device)
     params_kernel[lambda meta: (n_groups, triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(d, meta["BLOCK_J"]))](
         x, z, weight, bias, inv_var, p, offsets, chunk_set, chunk_ptr, pw, pv,
         s, c, d, n_entries, per_group, len_key, **meta_args,

@@ -31,7 +31,7 @@ import torch
 
 from fvvae_fast.ops import dispatch, reference
 
-from .cases import CASE_IDS, CASES, SEED, Case, assert_matches_reference, generator, make_inputs
+from .cases import CASE_IDS, CASES, SEED, Case, check_backward, check_forward, generator, make_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,29 +91,39 @@ def _grad_for(case: Case, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn((len(case.lengths), case.c, case.d + 1), generator=generator(7), dtype=torch.float64).to(dtype)
 
 
-def _ref_backward(grad, inputs):
-    return reference.backward(grad.double(), *[t.double() if t.is_floating_point() else t for t in inputs])
-
-
-def _check_case(case: Case, dtype: torch.dtype, salt: int = 0) -> None:
+def _check_case(case: Case, dtype: torch.dtype, salt: int = 0, out_dtype: torch.dtype | None = None) -> None:
+    """Forward (G in out_dtype) and backward (the upstream grad in G's dtype) against the float64 reference."""
     inputs = make_inputs(case, dtype, salt=salt)
-    out = fwd(*inputs)
-    assert out.dtype == dtype and out.shape == (len(case.lengths), case.c, case.d + 1)
+    out = fwd(*inputs, out_dtype)
+    assert out.dtype == (out_dtype or dtype) and out.shape == (len(case.lengths), case.c, case.d + 1)
     assert not out.isnan().any(), "an output element was not written (poisoned NaN left)"
-    assert_matches_reference(out, reference.forward(*[t.double() if t.is_floating_point() else t for t in inputs]),
-                             dtype, f"{case.id} forward")
-    grad = _grad_for(case, dtype)
+    check_forward(out, inputs, dtype, f"{case.id} forward", out_dtype)
+    grad = _grad_for(case, out.dtype)
     grads = bwd(grad, *inputs)
-    for name, g, e, t in zip(GRAD_NAMES, grads, _ref_backward(grad, inputs), inputs):
+    for name, g, t in zip(GRAD_NAMES, grads, inputs):
         assert g.dtype == t.dtype and g.shape == t.shape, name
         assert not g.isnan().any(), f"d{name}: an element was not written (poisoned NaN left)"
-        assert_matches_reference(g, e, dtype, f"{case.id} d{name}")
+    check_backward(grads, grad, inputs, dtype, case.id)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", ALL, ids=ALL_IDS)
 def test_matches_reference(case: Case, dtype: torch.dtype, threads: int):
     _check_case(case, dtype)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=["out-bf16", "out-f16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ALL, ids=ALL_IDS)
+def test_out_dtype_written_from_the_accumulators(case: Case, dtype: torch.dtype, out_dtype: torch.dtype,
+                                                 threads: int):
+    _check_case(case, dtype, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("gemm", GEMMS[1:])
+def test_out_dtype_on_every_gemm_path(gemm: str):
+    _C._set_gemm(gemm)
+    _check_case(EXTRA[0], torch.float32, out_dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -142,12 +152,12 @@ def test_half_inputs_compute_in_float32(dtype: torch.dtype):
     inputs = make_inputs(case, dtype)
     out = fwd(*inputs)
     assert out.dtype == torch.float32
-    assert_matches_reference(out, reference.forward(*[t.double() if t.is_floating_point() else t for t in inputs]),
-                             dtype, "half forward")
+    check_forward(out, inputs, dtype, "half forward")
     grad = _grad_for(case, torch.float32)
-    for name, g, e, t in zip(GRAD_NAMES, bwd(grad, *inputs), _ref_backward(grad, inputs), inputs):
+    grads = bwd(grad, *inputs)
+    for name, g, t in zip(GRAD_NAMES, grads, inputs):
         assert g.dtype == dtype and g.shape == t.shape, name
-        assert_matches_reference(g, e, dtype, f"half d{name}")
+    check_backward(grads, grad, inputs, dtype, "half")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -170,7 +180,7 @@ def test_nan_and_inf_propagate_like_the_reference():
     _C._set_poison(False)  # NaN is expected in the output here
     torch.testing.assert_close(fwd(*inputs), reference.forward(*inputs), equal_nan=True)
     grad = _grad_for(case, torch.float64)
-    for name, g, e in zip(GRAD_NAMES, bwd(grad, *inputs), _ref_backward(grad, inputs)):
+    for name, g, e in zip(GRAD_NAMES, bwd(grad, *inputs), reference.backward(grad, *inputs)):
         torch.testing.assert_close(g, e, equal_nan=True, msg=lambda m, name=name: f"d{name}: {m}")
 
 
@@ -238,7 +248,7 @@ def test_bad_arguments_are_refused(edit, match):
     [
         (torch.zeros(3, 6, 3), r"grad must have shape \(S, C, d\+1\)"),
         (torch.zeros(2, 6, 4), r"grad must have shape \(S, C, d\+1\)"),
-        (torch.zeros(3, 6, 4, dtype=torch.float64), "grad has dtype Double but expected Float"),
+        (torch.zeros(3, 6, 4, dtype=torch.int32), "grad must be float32, float64, float16 or bfloat16, got Int"),
         (torch.zeros(3, 4, 6).transpose(1, 2), "grad must be contiguous"),
         (torch.zeros(3, 6 * 4), r"grad must be 3-D \(S, C, d\+1\)"),
     ],
@@ -247,6 +257,12 @@ def test_bad_arguments_are_refused(edit, match):
 def test_bad_grad_is_refused(grad, match):
     with pytest.raises(RuntimeError, match="fisher_accumulate_backward_cpu: " + match):
         bwd(grad, *_args())
+
+
+def test_bad_out_dtype_is_refused():
+    with pytest.raises(RuntimeError, match="fisher_accumulate_cpu: out_dtype must be float32, float64, float16 or "
+                                           "bfloat16, got Int"):
+        fwd(*_args(), torch.int32)
 
 
 def test_gemm_hook_refuses_unknown_names():
@@ -258,7 +274,7 @@ def test_gemm_hook_refuses_unknown_names():
 
 _ASAN_CHILD = textwrap.dedent(
     """
-    import os, sys
+    import itertools, os, sys
     os.environ.pop("LD_PRELOAD", None)  # the compilers below run without the sanitizer runtime
     import torch
     from torch.utils.cpp_extension import load
@@ -271,8 +287,7 @@ _ASAN_CHILD = textwrap.dedent(
     sys.modules["fvvae_fast._C"] = mod  # the dispatcher's "cpu" backend is now the ASan build
     sys.path.insert(0, repo)
     import fvvae_fast as fv
-    from fvvae_fast.ops import reference
-    from tests.cases import CASES, Case, assert_matches_reference, make_inputs
+    from tests.cases import CASES, Case, check_backward, check_forward, make_inputs
 
     cases = CASES + [Case("c-tiles", 300, 40, (700, 0, 50, 50, 1, 333)), Case("odd", 64, 255, (3, 70, 2))]
     mod._set_poison(True)
@@ -281,16 +296,14 @@ _ASAN_CHILD = textwrap.dedent(
         for threads in (1, 2):
             torch.set_num_threads(threads)
             for case in cases:
-                for dtype in (torch.float32, torch.float64):
+                for dtype, out_dtype in itertools.product((torch.float32, torch.float64), (None, torch.bfloat16)):
                     inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(case, dtype)]
-                    out = fv.fisher_accumulate(*inputs, backend="cpu")
-                    ref_in = [t.detach().double() if t.is_floating_point() else t for t in inputs]
-                    assert_matches_reference(out, reference.forward(*ref_in), dtype, case.id)
-                    grad = torch.randn(out.shape, dtype=torch.float64)
+                    out = fv.fisher_accumulate(*inputs, backend="cpu", out_dtype=out_dtype)
+                    check_forward(out, inputs, dtype, case.id, out_dtype)
+                    grad = torch.randn(out.shape, dtype=torch.float64).to(out.dtype)
                     if out.numel():
-                        got = torch.autograd.grad(out, inputs[:5], grad.to(out.dtype), allow_unused=True)
-                        for g, e in zip(got, reference.backward(grad, *ref_in)):
-                            assert_matches_reference(g, e, dtype, case.id + " backward")
+                        got = torch.autograd.grad(out, inputs[:5], grad, allow_unused=True)
+                        check_backward(got, grad, inputs, dtype, case.id)
     # bad offsets through torch.ops: refused before any access
     x, z, w, b, v, _ = make_inputs(Case("v", 6, 3, (2, 0, 3)), torch.float32)
     for off in ([0, 9, 5], [0, 4, 2, 5], [0, 2, 9], [1, 5]):
@@ -312,7 +325,8 @@ def _slow_selected(config) -> bool:
 @pytest.mark.slow
 def test_kernel_is_clean_under_address_sanitizer(request, tmp_path):
     """Builds the extension with -fsanitize=address and runs forward and backward (every
-    case, 1 and 2 threads, plain-loop and BLAS GEMMs) in a subprocess with libasan preloaded.
+    case, 1 and 2 threads, plain-loop and BLAS GEMMs, G in the opmath dtype and in bfloat16) in a
+    subprocess with libasan preloaded.
 
     Run with ``pytest -m slow tests/test_cpu_kernel.py``.
     """

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fvvae_fast.fim.diagonal import reference_sum_of_squares, sum_of_squares
+from fvvae_fast.ops import dispatch
 
 from .cases import generator
 
@@ -20,10 +21,8 @@ def test_sum_of_squares_matches_float64(backend, shape, dtype):
     g = (torch.randn(shape, generator=generator(shape[0] * 7 + shape[1]), dtype=torch.float64) * 3).to(dtype)
     want = (g.double() ** 2).sum(0)
     if name == "triton":  # poison the output: an element the kernel forgets stays NaN
-        from fvvae_fast.kernels.fim_update import sum_of_squares as triton_sum_of_squares
-
-        out = triton_sum_of_squares(g.to(device), out=torch.full((shape[1],), float("nan"), dtype=torch.float64,
-                                                                 device=device))
+        poisoned = torch.full((shape[1],), float("nan"), dtype=torch.float64, device=device)
+        out = dispatch.import_kernels("fim_update").sum_of_squares(g.to(device), out=poisoned)
     elif name == "cpu":
         from fvvae_fast import _C
 
@@ -46,10 +45,9 @@ def test_non_contiguous_input_and_refusals(backend):
         with pytest.raises(RuntimeError, match="sum_of_squares_cpu: g must be 2-D"):
             torch.ops.fvvae_fast.sum_of_squares_cpu(torch.ones(3, device=device))
     if name == "triton":
-        from fvvae_fast.kernels.fim_update import sum_of_squares as triton_sum_of_squares
-
         with pytest.raises(ValueError, match="out must be"):
-            triton_sum_of_squares(torch.ones(2, 3, device=device), out=torch.empty(4, dtype=torch.float64))
+            dispatch.import_kernels("fim_update").sum_of_squares(torch.ones(2, 3, device=device),
+                                                                 out=torch.empty(4, dtype=torch.float64))
 
 
 def test_reference_is_chunked_like_the_estimator_expects():

@@ -9,16 +9,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fvvae_fast as fv
-from fvvae_fast.ops import naive, reference
+from fvvae_fast.ops import naive, reference, validate
 
-from .cases import CASE_IDS, CASES, Case, assert_matches_reference, generator, make_inputs
+from .cases import (CASE_IDS, CASES, Case, assert_matches_reference, check_backward, check_forward, generator,
+                    make_inputs)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
-
-
-def _ref64(inputs):
-    return reference.forward(*[t.double() if t.is_floating_point() else t for t in inputs])
+HALF_OUT = [torch.bfloat16, torch.float16]
+HALF_OUT_IDS = ["out-bf16", "out-f16"]
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -38,7 +37,7 @@ def test_forward_matches_reference(backend, case: Case, dtype: torch.dtype):
     assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert out.shape == (len(case.lengths), case.c, case.d + 1)
     assert out.device.type == torch.device(device).type
-    assert_matches_reference(out, _ref64(inputs), dtype, f"{name} forward")
+    check_forward(out, inputs, dtype, f"{name} forward")
     lengths = torch.tensor(case.lengths, dtype=torch.int64)
     assert bool((out[(lengths == 0).to(out.device)] == 0).all()), "empty sets must give exact zeros"
 
@@ -51,10 +50,62 @@ def test_backward_matches_reference(backend, case: Case, dtype: torch.dtype):
     grad = torch.randn((len(case.lengths), case.c, case.d + 1), generator=generator(7), dtype=torch.float64)
     out = fv.fisher_accumulate(*inputs, backend=name)
     grads = torch.autograd.grad(out, inputs[:5], grad.to(out), allow_unused=True)
-    expected = reference.backward(grad, *[t.detach().double() if t.is_floating_point() else t for t in inputs])
-    for what, g, e, t in zip(("x", "z", "weight", "bias", "inv_var"), grads, expected, inputs):
-        assert g is not None and g.shape == t.shape and g.dtype == t.dtype, what
-        assert_matches_reference(g, e, dtype, f"{name} d{what}")
+    for g, t in zip(grads, inputs):
+        assert g is not None and g.shape == t.shape and g.dtype == t.dtype
+    check_backward(grads, grad.to(out), inputs, dtype, f"{name} backward")
+
+
+@pytest.mark.parametrize("out_dtype", HALF_OUT, ids=HALF_OUT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_out_dtype(backend, case: Case, dtype: torch.dtype, out_dtype: torch.dtype):
+    """G written in out_dtype (accumulated in the opmath dtype); the upstream grad arrives in out_dtype
+    and the gradients leave in the inputs' dtype."""
+    name, device = backend
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(case, dtype, device)]
+    out = fv.fisher_accumulate(*inputs, backend=name, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.shape == (len(case.lengths), case.c, case.d + 1)
+    check_forward(out, inputs, dtype, f"{name} forward", out_dtype)
+    grad = torch.randn(out.shape, generator=generator(7), dtype=torch.float64).to(device=device, dtype=out_dtype)
+    grads = torch.autograd.grad(out, inputs[:5], grad)
+    assert [g.dtype for g in grads] == [dtype] * 5
+    check_backward(grads, grad, inputs, dtype, f"{name} backward")
+
+
+def _at_zero(device="cpu"):
+    """float32 inputs with a_tc = W z_t + b rounded to about 0 for a few (t, c): rows 0, 5, 21 (sets 0, 1, 1)."""
+    x, z, w, b, v, off = make_inputs(CASES[4], torch.float32, device)
+    for t, c in ((0, 3), (5, 7), (21, 30)):
+        b[c] = -(w[c].double() @ z[t].double()).float()
+    return x, z, w, b, v, off
+
+
+def test_oracle_accepts_either_mask_where_a_is_at_rounding_of_zero():
+    """The kernel's mask at a (t, c) with |a| at rounding level may be either: the oracle accepts both
+    (only there), and a plain comparison would not."""
+    inputs = _at_zero()
+    x, z, w, b, v = (u.double() for u in inputs[:5])
+    want = reference.forward(x, z, w, b, v, inputs[5])
+    t, c, s = 5, 7, 1
+    r = ((w[c] @ z[t] + b[c]).clamp_min(0) - x[t, c]) * v[c]  # the (t, c) term of G[s, c] with the mask on
+    flipped = want.clone()
+    flipped[s, c] -= r * torch.cat([z[t], z.new_ones(1)]) * (1 if w[c] @ z[t] + b[c] > 0 else -1)
+    with pytest.raises(AssertionError):
+        assert_matches_reference(flipped, want, torch.float32, "a flip is no rounding error")
+    check_forward(flipped.float(), inputs, torch.float32, "mask flipped")
+    broken = flipped.clone()
+    broken[0, 1, 2] += 1.0  # a row with no flippable entry is still compared tightly
+    with pytest.raises(AssertionError):
+        check_forward(broken.float(), inputs, torch.float32)
+
+
+def test_pre_activation_at_rounding_of_zero(backend):
+    name, device = backend
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in _at_zero(device)]
+    out = fv.fisher_accumulate(*inputs, backend=name)
+    check_forward(out, inputs, torch.float32, f"{name} forward")
+    grad = torch.randn(out.shape, generator=generator(3)).to(out)
+    check_backward(torch.autograd.grad(out, inputs[:5], grad), grad, inputs, torch.float32, f"{name} backward")
 
 
 def test_gradcheck(backend):
@@ -80,28 +131,30 @@ def test_non_contiguous_inputs(backend):
     x, z, w, b, v, off = make_inputs(CASES[4], torch.float32, device)
     out = fv.fisher_accumulate(x.t().contiguous().t(), z.t().contiguous().t(), w.t().contiguous().t(),
                                b, v, off, backend=name)
-    assert_matches_reference(out, _ref64((x, z, w, b, v, off)), torch.float32, "non-contiguous")
+    check_forward(out, (x, z, w, b, v, off), torch.float32, "non-contiguous")
 
 
 def test_default_backend_is_fastest_available():
     x, z, w, b, v, off = make_inputs(CASES[1], torch.float32)
     expected = "cpu" if fv.ops.dispatch.available("cpu", x.device) is None else "reference"
     assert fv.ops.dispatch.resolve(None, x.device) == expected
-    assert_matches_reference(fv.fisher_accumulate(x, z, w, b, v, off), _ref64((x, z, w, b, v, off)), torch.float32)
+    check_forward(fv.fisher_accumulate(x, z, w, b, v, off), (x, z, w, b, v, off), torch.float32)
 
 
-def test_opcheck_registration(backend):
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16], ids=["out-default", "out-bf16"])
+def test_opcheck_registration(backend, out_dtype):
     name, device = backend
     inputs = make_inputs(CASES[1], torch.float64, device)
-    args = (*[t.requires_grad_() if t.is_floating_point() else t for t in inputs], name, "propagate")
+    args = (*[t.requires_grad_() if t.is_floating_point() else t for t in inputs], name, "propagate", out_dtype)
     torch.library.opcheck(torch.ops.fvvae_fast.fisher_accumulate.default, args)
 
 
-def test_torch_compile_has_no_graph_break():
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16], ids=["out-default", "out-bf16"])
+def test_torch_compile_has_no_graph_break(out_dtype):
     inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(CASES[4], torch.float32)]
 
     def f(x, z, w, b, v, off):
-        return (fv.fisher_accumulate(x, z, w, b, v, off) * 2).sum()
+        return (fv.fisher_accumulate(x, z, w, b, v, off, out_dtype=out_dtype).float() * 2).sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     out = compiled(*inputs)
@@ -159,6 +212,16 @@ def test_nan_policy():
         fv.fisher_accumulate(*_good(), nan_policy="omit")
 
 
+@pytest.mark.parametrize("out_dtype,error,match", [
+    ("bfloat16", TypeError, "out_dtype must be a torch.dtype or None, got 'bfloat16'"),
+    (torch.int32, ValueError, "out_dtype must be one of .* got torch.int32"),
+    (torch.float8_e4m3fn, ValueError, "out_dtype must be one of"),
+], ids=["str", "int32", "float8"])
+def test_bad_out_dtype_is_refused(out_dtype, error, match):
+    with pytest.raises(error, match=match):
+        fv.fisher_accumulate(*_good(), out_dtype=out_dtype)
+
+
 def test_bad_backend_name():
     with pytest.raises(ValueError, match="backend must be one of"):
         fv.fisher_accumulate(*_good(), backend="cuda")
@@ -170,6 +233,49 @@ def test_mismatched_devices():
     args[2] = args[2].cuda()
     with pytest.raises(ValueError, match="weight is on cuda"):
         fv.fisher_accumulate(*args)
+
+
+def test_offsets_are_checked_on_the_host_only():
+    """Reading offsets syncs a CUDA stream: the checks run for CPU tensors, elsewhere with FVVAE_CHECK_OFFSETS=1."""
+    on_device = torch.zeros(3, dtype=torch.int64, device="meta")  # stands in for a CUDA tensor
+    assert validate._needs_host_checks(torch.zeros(3, dtype=torch.int64))
+    assert not validate._needs_host_checks(on_device)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FVVAE_CHECK_OFFSETS", "1")
+        assert validate._needs_host_checks(on_device)
+
+
+def test_device_path_never_reads_offsets(backend, monkeypatch):
+    """Inputs treated as CUDA tensors: forward and backward run without the offsets checks (no host sync)."""
+    def host_sync(*args):
+        raise AssertionError("the offsets checks ran: they read values, a host sync on CUDA")
+
+    monkeypatch.setattr(validate, "_needs_host_checks", lambda t: False)
+    monkeypatch.setattr(validate, "check_offsets", host_sync)
+    name, device = backend
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(CASES[1], torch.float32, device)]
+    out = fv.fisher_accumulate(*inputs, backend=name)
+    out.sum().backward()
+    check_forward(out, inputs, torch.float32, f"{name} unchecked")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_op_does_not_sync_and_is_captured_by_a_cuda_graph():
+    inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(CASES[4], torch.float32, "cuda")]
+    grad = torch.randn((len(CASES[4].lengths), CASES[4].c, CASES[4].d + 1), device="cuda")
+    torch.autograd.grad(fv.fisher_accumulate(*inputs), inputs[:5], grad)  # warm-up: autotuning syncs
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.autograd.grad(fv.fisher_accumulate(*inputs), inputs[:5], grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static = [t.detach() for t in inputs]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fv.fisher_accumulate(*static)
+    graph.replay()
+    torch.testing.assert_close(captured, fv.fisher_accumulate(*static))
 
 
 @st.composite
@@ -202,4 +308,4 @@ def test_fuzz_computed_correctly_or_refused(case, backend):
     except (ValueError, TypeError):
         return
     assert out.shape == (args[5].numel() - 1, args[0].shape[1], args[1].shape[1] + 1)
-    assert_matches_reference(out, _ref64(args), dtype, "fuzz")
+    check_forward(out, args, dtype, "fuzz")

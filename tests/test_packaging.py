@@ -82,3 +82,20 @@ def test_scikit_learn_is_optional():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_kernels_come_from_the_checkout_of_the_package():
+    """A plain checkout (PYTHONPATH=<repo>, no install) runs its own top-level kernels/ as fvvae_fast.kernels."""
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("triton")
+    import fvvae_fast
+    from fvvae_fast.ops import dispatch
+
+    package = Path(fvvae_fast.__file__).resolve().parent
+    kernels = dispatch.import_kernels("fisher_accumulate")
+    folder = package / "kernels" if (package / "kernels").is_dir() else package.parent / "kernels"  # wheel or checkout
+    assert Path(kernels.__file__).resolve() == folder / "fisher_accumulate.py"
+    assert dispatch.import_kernels("fim_update").__name__ == "fvvae_fast.kernels.fim_update"

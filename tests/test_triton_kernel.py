@@ -2,8 +2,8 @@
 
 Runs on CUDA when present, else on CPU tensors under TRITON_INTERPRET=1 (set by conftest.py
 before anything imports Triton). Every output is poisoned with NaN before the launch, so an
-element a kernel forgot to write fails. Oracle: the float64 reference (fvvae_fast.ops.reference)
-on float64 copies of the (rounded) inputs; tolerances from tests/cases.py.
+element a kernel forgot to write fails. Oracle: ``check_forward`` / ``check_backward`` of
+tests/cases.py (the float64 reference on float64 copies of the rounded inputs, its tolerances).
 Reproduce a failure with FVVAE_TEST_SEED=<seed from the pytest header>.
 """
 
@@ -15,20 +15,19 @@ import pytest
 import torch
 
 from fvvae_fast.ops import dispatch, reference
+from fvvae_fast.ops.validate import result_dtype
 
-from .cases import CASE_IDS, CASES, SEED, TOLERANCES, Case, assert_matches_reference, make_inputs
+from .cases import CASE_IDS, CASES, SEED, Case, check_backward, check_forward, make_inputs, tolerance
 from .conftest import DEVICE
 
 _reason = dispatch.available("triton", DEVICE)
 pytestmark = pytest.mark.skipif(_reason is not None, reason=str(_reason))
-if _reason is None:
-    from fvvae_fast.kernels import fisher_accumulate as K
-else:  # pragma: no cover
-    K = None
+K = dispatch.import_kernels("fisher_accumulate") if _reason is None else None
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
-GRAD_NAMES = ("dx", "dz", "dweight", "dbias", "dinv_var")
+HALF_OUT = [torch.bfloat16, torch.float16]
+HALF_OUT_IDS = ["out-bf16", "out-f16"]
 
 
 def _block(name: str, pick=max) -> int:
@@ -50,38 +49,33 @@ def _awkward_case() -> Case:
 
 
 def _inputs(case: Case, dtype: torch.dtype, salt: int = 0):
-    inputs = make_inputs(case, dtype, DEVICE, salt=salt)
-    as64 = tuple(t.double().cpu() if t.is_floating_point() else t.cpu() for t in inputs)
-    return inputs, as64
+    return make_inputs(case, dtype, DEVICE, salt=salt)
 
 
 def _poisoned(shape, dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
 
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_forward(case: Case, dtype: torch.dtype, **kw) -> None:
-    inputs, as64 = _inputs(case, dtype)
+def _check_forward(case: Case, dtype: torch.dtype, out_dtype: torch.dtype | None = None, **kw) -> None:
+    inputs = _inputs(case, dtype)
     s = len(case.lengths)
-    out = _poisoned((s, case.c, case.d + 1), _out_dtype(dtype))
-    got = K.fisher_accumulate_fwd(*inputs, out=out, **kw)
-    assert got.data_ptr() == out.data_ptr() and got.dtype == _out_dtype(dtype)
-    assert_matches_reference(got, reference.forward(*as64), dtype, f"forward {case.id} {dtype}")
+    out = _poisoned((s, case.c, case.d + 1), result_dtype(dtype, out_dtype))
+    got = K.fisher_accumulate_fwd(*inputs, out_dtype=out_dtype, out=out, **kw)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == result_dtype(dtype, out_dtype)
+    check_forward(got, inputs, dtype, f"forward {case.id} {dtype}", out_dtype)
 
 
-def _check_backward(case: Case, dtype: torch.dtype, **kw) -> None:
-    inputs, as64 = _inputs(case, dtype)
+def _check_backward(case: Case, dtype: torch.dtype, grad_dtype: torch.dtype | None = None, **kw) -> None:
+    """The upstream grad in ``grad_dtype`` (G's dtype), the gradients in the inputs' dtype."""
+    inputs = _inputs(case, dtype)
     g = torch.Generator().manual_seed(SEED + 7)
     grad = torch.randn((len(case.lengths), case.c, case.d + 1), generator=g, dtype=torch.float64)
+    grad = grad.to(device=DEVICE, dtype=result_dtype(dtype, grad_dtype))
     out = tuple(_poisoned(t.shape, t.dtype) for t in inputs[:5])
-    got = K.fisher_accumulate_bwd(grad.to(device=DEVICE, dtype=_out_dtype(dtype)), *inputs, out=out, **kw)
-    want = reference.backward(grad, *as64)
-    for name, o, r, t, inp in zip(GRAD_NAMES, got, want, out, inputs):
+    got = K.fisher_accumulate_bwd(grad, *inputs, out=out, **kw)
+    for o, t, inp in zip(got, out, inputs):
         assert o.data_ptr() == t.data_ptr() and o.dtype == inp.dtype
-        assert_matches_reference(o, r, dtype, f"backward {name} {case.id} {dtype}")
+    check_backward(got, grad, inputs, dtype, f"backward {case.id} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -112,6 +106,23 @@ def test_backward_awkward(dtype, split):
     _check_backward(_awkward_case(), dtype, **kw)
 
 
+@pytest.mark.parametrize("out_dtype", HALF_OUT, ids=HALF_OUT_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_out_dtype_cases(case, dtype, out_dtype):
+    """G rounded to out_dtype in the store epilogue; the backward takes the upstream grad in out_dtype."""
+    _check_forward(case, dtype, out_dtype)
+    _check_backward(case, dtype, out_dtype)
+
+
+@pytest.mark.parametrize("out_dtype", HALF_OUT, ids=HALF_OUT_IDS)
+@pytest.mark.parametrize("split", ["split", "default"])
+def test_out_dtype_awkward(out_dtype, split):
+    """'split': split sets go through fp32 partials and the combine kernel, which rounds to out_dtype."""
+    kw = {"chunk_rows": _block("BLOCK_T", min)} if split == "split" else {}
+    _check_forward(_awkward_case(), torch.float32, out_dtype, **kw)
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="model sizes are too slow for the interpreter")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_model_sizes_cuda(dtype):
@@ -125,18 +136,17 @@ def test_long_set_split_many_ways():
     """A set far longer than a tile, split into 1..many chunks: the same G up to fp32 rounding."""
     bt = _block("BLOCK_T", min)
     case = Case("very-long", 9, 5, (2, 11 * bt + 3, 0, 1))
-    inputs, as64 = _inputs(case, torch.float32)
-    want = reference.forward(*as64)
+    inputs = _inputs(case, torch.float32)
     for chunk in (1, bt, 3 * bt + 1, 100 * bt):
         out = _poisoned((4, 9, 6), torch.float32)
-        assert_matches_reference(K.fisher_accumulate_fwd(*inputs, out=out, chunk_rows=chunk), want,
-                                 torch.float32, f"chunk_rows={chunk}")
+        check_forward(K.fisher_accumulate_fwd(*inputs, out=out, chunk_rows=chunk), inputs, torch.float32,
+                      f"chunk_rows={chunk}")
 
 
 def test_deterministic():
     """No atomics: a second run is bitwise identical, forward and backward, split or not."""
     case = _awkward_case()
-    inputs, _ = _inputs(case, torch.float32)
+    inputs = _inputs(case, torch.float32)
     kw = {"chunk_rows": _block("BLOCK_T", min)}
     a, b = K.fisher_accumulate_fwd(*inputs, **kw), K.fisher_accumulate_fwd(*inputs, **kw)
     assert torch.equal(a, b)
@@ -149,34 +159,103 @@ def test_deterministic():
 def test_fp16_large_inv_var_does_not_overflow():
     """r = v * diff exceeds the fp16 range; the kernel multiplies by v after the fp32 accumulation."""
     case = Case("big-inv-var", 6, 4, (30, 2))
-    inputs, as64 = _inputs(case, torch.float16)
-    x, z, w, b, v, off = inputs
+    x, z, w, b, v, off = _inputs(case, torch.float16)
     v = torch.full_like(v, 6.0e4)
     b = b + 4.0  # active ReLUs with |mu_x - x| > 1, so |r| > 6e4 > fp16 max
-    as64 = (*as64[:3], b.double().cpu(), v.double().cpu(), as64[5])
     got = K.fisher_accumulate_fwd(x, z, w, b, v, off)
     assert torch.isfinite(got).all()
-    assert_matches_reference(got, reference.forward(*as64), torch.float16, "fp16 large inv_var")
+    check_forward(got, (x, z, w, b, v, off), torch.float16, "fp16 large inv_var")
 
 
 def test_nan_propagates_like_reference():
     """A NaN in x (even where the ReLU is off) poisons its set's row of G, as in the reference."""
     case = Case("nan", 5, 3, (4, 3))
-    inputs, as64 = _inputs(case, torch.float32)
+    inputs = _inputs(case, torch.float32)
     x = inputs[0].clone()
     x[5, 2] = float("nan")
-    x64 = as64[0].clone()
-    x64[5, 2] = float("nan")
     got = K.fisher_accumulate_fwd(x, *inputs[1:])
-    want = reference.forward(x64, *as64[1:])
+    want = reference.forward(x.double().cpu(), *[t.double().cpu() if t.is_floating_point() else t.cpu()
+                                                 for t in inputs[1:]])
     assert torch.isnan(got[1, 2]).all() and not torch.isnan(got[0]).any()
-    atol, rtol = TOLERANCES[torch.float32]
-    torch.testing.assert_close(got.double().cpu(), want, atol=atol * max(1.0, float(want.nan_to_num().abs().max())),
-                               rtol=rtol, equal_nan=True)
+    atol, rtol = tolerance(torch.float32, scale=max(1.0, float(want.nan_to_num().abs().max())))
+    torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=rtol, equal_nan=True)
 
 
 def test_rejects_bad_out():
     case = Case("bad-out", 4, 3, (2,))
-    inputs, _ = _inputs(case, torch.float32)
+    inputs = _inputs(case, torch.float32)
     with pytest.raises(ValueError, match="out"):
         K.fisher_accumulate_fwd(*inputs, out=torch.empty((1, 4, 3), device=DEVICE))
+
+
+def test_launchers_read_no_tensor_values_on_the_host(monkeypatch):
+    """No host sync (CUDA graphs can capture the op): forward and backward launchers never turn a
+    tensor into a Python value."""
+    inputs = _inputs(_awkward_case(), torch.float32)
+
+    def host_sync(*args):
+        raise AssertionError("a launcher read a tensor value on the host")
+
+    with monkeypatch.context() as mp:
+        for method in ("item", "tolist", "__bool__", "__int__", "__float__"):
+            mp.setattr(torch.Tensor, method, host_sync)
+        out = K.fisher_accumulate_fwd(*inputs, chunk_rows=_block("BLOCK_T", min))
+        K.fisher_accumulate_bwd(torch.ones_like(out), *inputs, groups=3)
+
+
+def test_offsets_out_of_range_stay_in_bounds():
+    """Unchecked (CUDA) offsets are clamped on the device: rows past N or before 0 are never read."""
+    case = Case("bad-offsets", 5, 3, (4, 3))
+    inputs = _inputs(case, torch.float64)
+    bad = torch.tensor([-2, 9, 5, 12], device=DEVICE)  # clamped: [0, 7, 7, 7]
+    clamped = (*inputs[:5], torch.tensor([0, 7, 7, 7], device=DEVICE))
+    got = K.fisher_accumulate_fwd(*inputs[:5], bad)
+    check_forward(got, clamped, torch.float64, "clamped offsets")
+    grad = torch.ones_like(got)
+    check_backward(K.fisher_accumulate_bwd(grad, *inputs[:5], bad), grad, clamped, torch.float64, "clamped offsets")
+
+
+_LAUNCHED = ("_fwd_kernel", "_combine_kernel", "_bwd_rows_kernel", "_bwd_params_kernel")
+
+
+def _launch_args(monkeypatch, *batches) -> dict[str, list[dict]]:
+    """{kernel: [its arguments by name, per launch]} over forward and backward of each batch."""
+    seen: dict[str, list[dict]] = {}
+    with monkeypatch.context() as mp:
+        for name in _LAUNCHED:
+            kernel = getattr(K, name)
+
+            def recording(*args, _kernel=kernel, _name=name, _run=kernel.run, **kwargs):
+                seen.setdefault(_name, []).append(dict(zip(_kernel.arg_names, args)))
+                return _run(*args, **kwargs)
+
+            mp.setattr(kernel, "run", recording)
+        for inputs in batches:
+            out = K.fisher_accumulate_fwd(*inputs, chunk_rows=_block("BLOCK_T", min))
+            K.fisher_accumulate_bwd(torch.ones_like(out), *inputs, groups=2)
+    return seen
+
+
+def test_batch_shapes_do_not_respecialise(monkeypatch):
+    """Integer arguments that vary with the batch (sets, lengths, entries) are not specialised on, so a
+    new batch shape reuses the compiled kernels (Triton specialises ints on == 1 and % 16)."""
+    batches = [_inputs(Case(f"batch{i}", 9, 5, lengths), torch.float32)
+               for i, lengths in enumerate([(40, 2, 9), (1,), (17, 0, 33, 5, 16, 64)])]
+    seen = _launch_args(monkeypatch, *batches)
+    assert set(seen) == set(_LAUNCHED)
+    for name, launches in seen.items():
+        kernel = getattr(K, name)
+        unspecialised = set(getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"])
+        varying = {arg for arg, value in launches[0].items()
+                   if isinstance(value, int) and any(launch[arg] != value for launch in launches)}
+        assert varying and varying <= unspecialised, (name, varying - unspecialised)
+
+
+def test_scratch_is_reused_and_only_grows():
+    a = K._scratch("test", (2, 3), torch.float32, DEVICE)
+    b = K._scratch("test", (3, 2), torch.float32, DEVICE)
+    assert b.data_ptr() == a.data_ptr() and b.shape == (3, 2)
+    assert K._scratch("other", (2, 3), torch.float32, DEVICE).data_ptr() != a.data_ptr()  # used together
+    assert K._scratch("test", (2, 3), torch.float64, DEVICE).data_ptr() != a.data_ptr()
+    grown = K._scratch("test", (4, 5), torch.float32, DEVICE)
+    assert grown.shape == (4, 5) and K._scratch("test", (1,), torch.float32, DEVICE).data_ptr() == grown.data_ptr()

@@ -12,7 +12,9 @@
 //     G[s, c0:c1,  d] (+)= sum_t r_t               column sums of the segment
 //
 // so mu_x and r only ever exist for one [NT, NC] tile per thread, and the [NC, d+1] block
-// of the output a unit owns stays in L2 while it accumulates. Each unit writes every
+// of the output a unit owns stays in L2 while it accumulates. (G in another type than the
+// accumulation, out_dtype = bfloat16 say: the block accumulates in a per-thread scratch
+// block, converted into G once, when the set's last rows are in.) Each unit writes every
 // element of its blocks (the first rows of a set use beta = 0, empty sets get zeros), in a
 // fixed order; units are handed to threads dynamically (longest first) and no two units
 // write the same block, so there are no atomics, no shared accumulators, and the result
@@ -29,7 +31,8 @@
 //
 // dx and dz rows belong to one chunk; dW, db, dinv_var are per-chunk partials (chunk 0
 // writes the outputs) summed in chunk order at the end: deterministic for a fixed number
-// of threads.
+// of threads. An upstream grad in another type (G's out_dtype) is converted per [NC, d+1]
+// tile of P into scratch, where the GEMMs read it.
 //
 // The tile GEMMs call the BLAS that torch links (MKL's sgemm_/dgemm_, single-threaded
 // inside our OpenMP region) when torch exports it, else at::addmm_ on tensor views.
@@ -217,6 +220,12 @@ class Scratch {
 template <typename T>
 void poison(T* ptr, int64_t elems) {
   if (g_poison.load(std::memory_order_relaxed)) std::fill(ptr, ptr + elems, std::numeric_limits<T>::quiet_NaN());
+}
+
+// dst[i] = src[i] rounded to nearest (even) in To.
+template <typename From, typename To>
+void convert(const From* __restrict src, int64_t elems, To* __restrict dst) {
+  for (int64_t i = 0; i < elems; ++i) dst[i] = static_cast<To>(src[i]);
 }
 
 // ---- element-wise tile passes -------------------------------------------------------
@@ -408,11 +417,12 @@ void advise_huge_pages(void* ptr, int64_t bytes) {
 
 // ---- forward ------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, typename O>
 void forward(const Problem& p, const T* x, const T* z, const T* weight, const T* bias, const T* inv_var,
-             const int64_t* offsets, T* out) {
+             const int64_t* offsets, O* out) {
+  constexpr bool kInPlace = std::is_same_v<T, O>;  // accumulate straight into G
   const int64_t C = p.c, d = p.d, D1 = d + 1;
-  advise_huge_pages(out, p.s * C * D1 * static_cast<int64_t>(sizeof(T)));
+  advise_huge_pages(out, p.s * C * D1 * static_cast<int64_t>(sizeof(O)));
   poison(out, p.s * C * D1);
   if (p.s == 0) return;
   const int64_t threads = num_threads();
@@ -431,7 +441,8 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
                    [&](int64_t u, int64_t v) { return group_rows(u / ctiles) > group_rows(v / ctiles); });
 
   for_each_unit(
-      static_cast<int64_t>(order.size()), threads, [&] { return Scratch<T>(nt * nc + nc); },
+      static_cast<int64_t>(order.size()), threads,
+      [&] { return Scratch<T>(nt * nc + nc + (kInPlace ? 0 : nc * D1)); },
       [&](Scratch<T>& scratch, int64_t k) {
         const int64_t u = order[static_cast<size_t>(k)];
         const int64_t g = u / ctiles, c0 = (u % ctiles) * nc, ncu = std::min(nc, C - c0);
@@ -439,10 +450,11 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
         const int64_t lo = offsets[s_begin], hi = offsets[s_end];
         T* a = scratch.data();    // [rows, ncu]: W z, then r
         T* colsum = a + nt * nc;  // [ncu]
+        T* acc = colsum + nc;     // [ncu, d+1]: the accumulators of G[s, c0:c0+ncu] (unless in place)
         // G[s, c0:c0+ncu, :]: an [ncu, d+1] block, leading dim d+1
         auto block = [&](int64_t s) { return out + (s * C + c0) * D1; };
         for (int64_t s = s_begin; s < s_end; ++s) {
-          if (offsets[s] == offsets[s + 1]) std::fill(block(s), block(s) + ncu * D1, T(0));
+          if (offsets[s] == offsets[s + 1]) std::fill(block(s), block(s) + ncu * D1, O(0));
         }
         int64_t s = s_begin;
         for (int64_t t0 = lo; t0 < hi; t0 += nt) {
@@ -455,7 +467,12 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
             const int64_t seg_end = std::min(offsets[s + 1], t1), rows = seg_end - t;
             const bool first = t == offsets[s];
             T* at = a + (t - t0) * ncu;
-            T* gs = block(s);
+            T* gs;
+            if constexpr (kInPlace) {
+              gs = block(s);
+            } else {
+              gs = acc;
+            }
             residual_tile(rows, ncu, at, x + t * C + c0, C, bias + c0, inv_var + c0, colsum);
             // G^T [d, ncu] (+)= z[t:seg_end]^T r   (G block row-major [ncu, d], leading dim d+1)
             gemm<T>('N', 'T', d, ncu, rows, T(1), z + t * d, d, at, ncu, first ? T(0) : T(1), gs, D1);
@@ -463,6 +480,9 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
               for (int64_t i = 0; i < ncu; ++i) gs[i * D1 + d] = colsum[i];
             } else {
               for (int64_t i = 0; i < ncu; ++i) gs[i * D1 + d] += colsum[i];
+            }
+            if constexpr (!kInPlace) {
+              if (seg_end == offsets[s + 1]) convert(acc, ncu * D1, block(s));  // the set is complete
             }
             t = seg_end;
           }
@@ -472,9 +492,10 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
 
 // ---- backward -----------------------------------------------------------------------
 
-template <typename T>
-void backward(const Problem& p, const T* grad, const T* x, const T* z, const T* weight, const T* bias,
+template <typename T, typename Gr>
+void backward(const Problem& p, const Gr* grad, const T* x, const T* z, const T* weight, const T* bias,
               const T* inv_var, const int64_t* offsets, T* gx, T* gz, T* gw, T* gb, T* gv) {
+  constexpr bool kInPlace = std::is_same_v<T, Gr>;  // the GEMMs read grad itself
   const int64_t N = p.n, C = p.c, d = p.d, D1 = d + 1;
   advise_huge_pages(gx, N * C * static_cast<int64_t>(sizeof(T)));
   advise_huge_pages(gz, N * d * static_cast<int64_t>(sizeof(T)));
@@ -496,13 +517,14 @@ void backward(const Problem& p, const T* grad, const T* x, const T* z, const T* 
   std::vector<T> partials(static_cast<size_t>((chunks - 1) * part_elems), T(0));
 
   for_each_unit(
-      chunks, threads, [&] { return Scratch<T>(2 * nt * nc + 3 * nc); },
+      chunks, threads, [&] { return Scratch<T>(2 * nt * nc + 3 * nc + (kInPlace ? 0 : nc * D1)); },
       [&](Scratch<T>& scratch, int64_t chunk) {
         T* a = scratch.data();   // [nt, nc]: W z, then diff * inv_var
         T* q = a + nt * nc;      // [nt, nc]: P[:, :d] z, then da
         T* pb = q + nt * nc;     // [nc]: P[c0:c1, d], gathered
         T* gbs = pb + nc;        // [nc]: tile column sums of da
         T* gvs = gbs + nc;       // [nc]: tile column sums of diff * q
+        T* ptile = gvs + nc;     // [nc, d+1]: P[c0:c1] converted to T (unless in place)
         T* pw = chunk == 0 ? gw : partials.data() + (chunk - 1) * part_elems;
         T* pbias = chunk == 0 ? gb : pw + C * d;
         T* pvar = chunk == 0 ? gv : pw + C * d + C;
@@ -512,12 +534,18 @@ void backward(const Problem& p, const T* grad, const T* x, const T* z, const T* 
         for (int64_t t0 = r0; t0 < r1;) {
           while (offsets[s + 1] <= t0) ++s;  // skip empty sets
           const int64_t rows = std::min({nt, r1 - t0, offsets[s + 1] - t0});
-          const T* pm = grad + s * C * D1;  // P = grad[s]: [C, d+1]
-          T* gzt = gz + t0 * d;             // dz rows of the tile: [rows, d]
+          const Gr* pm = grad + s * C * D1;  // P = grad[s]: [C, d+1]
+          T* gzt = gz + t0 * d;              // dz rows of the tile: [rows, d]
           for (int64_t c0 = 0; c0 < C; c0 += nc) {
             const int64_t ncu = std::min(nc, C - c0);
             const T* wc = weight + c0 * d;  // W[c0:c0+ncu]: [ncu, d], leading dim d
-            const T* pc = pm + c0 * D1;     // P[c0:c0+ncu, :d]: leading dim d+1
+            const T* pc;                    // P[c0:c0+ncu, :d]: leading dim d+1
+            if constexpr (kInPlace) {
+              pc = pm + c0 * D1;
+            } else {
+              convert(pm + c0 * D1, ncu * D1, ptile);
+              pc = ptile;
+            }
             for (int64_t i = 0; i < ncu; ++i) pb[i] = pc[i * D1 + d];
             gemm<T>('T', 'N', ncu, rows, d, T(1), wc, d, z + t0 * d, d, T(0), a, ncu);
             gemm<T>('T', 'N', ncu, rows, d, T(1), pc, D1, z + t0 * d, d, T(0), q, ncu);
@@ -548,15 +576,20 @@ void backward(const Problem& p, const T* grad, const T* x, const T* z, const T* 
   }
 }
 
-template void forward<float>(const Problem&, const float*, const float*, const float*, const float*, const float*,
-                             const int64_t*, float*);
-template void forward<double>(const Problem&, const double*, const double*, const double*, const double*,
-                              const double*, const int64_t*, double*);
-template void backward<float>(const Problem&, const float*, const float*, const float*, const float*, const float*,
-                              const float*, const int64_t*, float*, float*, float*, float*, float*);
-template void backward<double>(const Problem&, const double*, const double*, const double*, const double*,
-                               const double*, const double*, const int64_t*, double*, double*, double*, double*,
-                               double*);
+#define FV_INSTANTIATE(T, O)                                                                              \
+  template void forward<T, O>(const Problem&, const T*, const T*, const T*, const T*, const T*, const int64_t*, \
+                              O*);                                                                            \
+  template void backward<T, O>(const Problem&, const O*, const T*, const T*, const T*, const T*, const T*,     \
+                               const int64_t*, T*, T*, T*, T*, T*);
+#define FV_INSTANTIATE_ALL(T)     \
+  FV_INSTANTIATE(T, float)        \
+  FV_INSTANTIATE(T, double)       \
+  FV_INSTANTIATE(T, c10::Half)    \
+  FV_INSTANTIATE(T, c10::BFloat16)
+FV_INSTANTIATE_ALL(float)
+FV_INSTANTIATE_ALL(double)
+#undef FV_INSTANTIATE_ALL
+#undef FV_INSTANTIATE
 
 bool blas_available() {
 #if FV_HAVE_WEAK_BLAS

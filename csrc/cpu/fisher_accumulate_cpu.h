@@ -17,18 +17,21 @@ struct Problem {
   int64_t s;  // number of sets (S); offsets has s + 1 entries, 0 = o[0] <= ... <= o[s] = n
 };
 
-// G[s] = sum_t r_t [z_t; 1]^T for every set.
+// G[s] = sum_t r_t [z_t; 1]^T for every set, computed in T (float or double).
 //   x (N, C), z (N, d), weight (C, d), bias (C,), inv_var (C,), offsets (S+1,)
-//   out (S, C, d+1): every element is written (empty sets get zeros).
-template <typename T>
+//   out (S, C, d+1) in O (float, double, c10::Half or c10::BFloat16): every element is written
+//   (empty sets get zeros); O = T accumulates in place, any other O is converted from the T
+//   accumulators once per output block.
+template <typename T, typename O>
 void forward(const Problem& p, const T* x, const T* z, const T* weight, const T* bias, const T* inv_var,
-             const int64_t* offsets, T* out);
+             const int64_t* offsets, O* out);
 
-// Gradients of <grad, G>; grad (S, C, d+1).
+// Gradients of <grad, G>, computed in T; grad (S, C, d+1) in Gr (any of the types of O above,
+// converted to T tile by tile).
 //   gx (N, C) and gz (N, d): every element is written.
 //   gw (C, d), gb (C,), gv (C,): every element is written.
-template <typename T>
-void backward(const Problem& p, const T* grad, const T* x, const T* z, const T* weight, const T* bias,
+template <typename T, typename Gr>
+void backward(const Problem& p, const Gr* grad, const T* x, const T* z, const T* weight, const T* bias,
               const T* inv_var, const int64_t* offsets, T* gx, T* gz, T* gw, T* gb, T* gv);
 
 // Debug and test hooks (process-wide):

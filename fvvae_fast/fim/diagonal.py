@@ -36,9 +36,7 @@ def sum_of_squares(g: Tensor, *, backend: str | None = None) -> Tensor:
         g = g.contiguous()
         if name == "cpu":
             return torch.ops.fvvae_fast.sum_of_squares_cpu(g)
-        from ..kernels.fim_update import sum_of_squares as triton_sum_of_squares
-
-        return triton_sum_of_squares(g)
+        return dispatch.import_kernels("fim_update").sum_of_squares(g)
     return reference_sum_of_squares(g)
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..ops.validate import opmath_dtype
 from . import kronecker
 from .diagonal import inverse_sqrt, sum_of_squares
 from .lowrank import FrequentDirections, LowRankWhitener
@@ -65,10 +66,6 @@ class _ClassOrInstanceMethod:
 
     def __get__(self, obj, cls):
         return functools.partial(self.func, cls, obj)
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class FisherInformation:
@@ -245,7 +242,7 @@ class FisherInformation:
             raise ValueError("FisherInformation.update: G has NaN or Inf values")
         if self._sumsq is None:
             shape = (int(G.shape[1]), int(G.shape[2])) if G.dim() == 3 else None
-            self._start(rows.shape[1], shape, _opmath(rows.dtype), rows.device)
+            self._start(rows.shape[1], shape, opmath_dtype(rows.dtype), rows.device)
         if self.shape is None and G.dim() == 3:
             self.shape = (int(G.shape[1]), int(G.shape[2]))
         self._sumsq += sq.to(self._sumsq.device)
@@ -518,7 +515,7 @@ class FisherInformation:
         """
         self._require_data("whiten")
         rows = self._rows(G, "whiten", allow_empty=True)
-        rows = rows.to(_opmath(rows.dtype))
+        rows = rows.to(opmath_dtype(rows.dtype))
         f = self._factors_for(rows.dtype, rows.device)
         if self.mode == "diagonal":
             return rows * f

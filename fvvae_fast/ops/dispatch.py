@@ -1,12 +1,12 @@
 """The one dispatcher: which implementation of ``fisher_accumulate`` runs.
 
 Backends are implementations of the same op, each a (forward, backward) pair with
-the signatures of :mod:`fvvae_fast.ops.reference`:
+the signatures of :mod:`fvvae_fast.ops.reference` (``forward(..., offsets, *, out_dtype=None)``):
 
 - ``"reference"``: plain torch (:mod:`fvvae_fast.ops.reference`), any device.
 - ``"cpu"``: the compiled C++ kernel (``fvvae_fast._C``, sources in ``csrc/``), CPU tensors.
-- ``"triton"``: the fused Triton kernel (``fvvae_fast.kernels``), CUDA tensors, or CPU
-  tensors when ``TRITON_INTERPRET=1`` (how CI runs it).
+- ``"triton"``: the fused Triton kernel (``fvvae_fast.kernels``, see :func:`import_kernels`),
+  CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` (how CI runs it).
 
 ``backend=None`` picks the fastest available for the device and says once when it
 has to fall back to the reference.
@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -40,6 +44,35 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run here (not built, not installed, wrong device)."""
 
 
+_KERNELS = "fvvae_fast.kernels"
+
+
+def import_kernels(module: str) -> ModuleType:
+    """``fvvae_fast.kernels.<module>`` (imports Triton; ImportError without it).
+
+    A wheel ships the repository's top-level ``kernels/`` folder as the sub-package
+    ``fvvae_fast/kernels``. A source checkout has no such folder (plain ``PYTHONPATH=<repo>``,
+    or an editable install whose mapping may point at another checkout): there the package is
+    registered under that name from the ``kernels/`` folder beside this ``fvvae_fast``.
+    """
+    _register_checkout_kernels()
+    return importlib.import_module(f"{_KERNELS}.{module}")
+
+
+@functools.cache
+def _register_checkout_kernels() -> None:
+    package = Path(__file__).resolve().parents[1]  # fvvae_fast/
+    folder = package.parent / "kernels"
+    if _KERNELS in sys.modules or (package / "kernels").is_dir() or not (folder / "fisher_accumulate.py").is_file():
+        return  # already imported, an installed wheel, or not our checkout
+    spec = importlib.util.spec_from_file_location(_KERNELS, folder / "__init__.py",
+                                                  submodule_search_locations=[str(folder)])
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules[_KERNELS] = kernels
+    spec.loader.exec_module(kernels)
+    sys.modules["fvvae_fast"].kernels = kernels
+
+
 @functools.cache
 def _load(name: str) -> Backend | str:
     """The backend, or a string saying why it is unavailable (cached: imports run once)."""
@@ -53,26 +86,19 @@ def _load(name: str) -> Backend | str:
         return Backend("cpu", _cpu_forward, _cpu_backward)
     if name == "triton":
         try:
-            kernels = importlib.import_module("fvvae_fast.kernels.fisher_accumulate")
+            kernels = import_kernels("fisher_accumulate")
         except ImportError as err:
             return f"Triton is not importable ({err})"
         return Backend("triton", kernels.fisher_accumulate_fwd, kernels.fisher_accumulate_bwd)
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 
-def _float32_or_64(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The C++ kernel computes in float32/float64 only; half inputs are widened (the output is float32 anyway)."""
-    return [t.float() if t.is_floating_point() and t.dtype not in (torch.float32, torch.float64) else t for t in tensors]
-
-
-def _cpu_forward(x, z, weight, bias, inv_var, offsets):
-    return torch.ops.fvvae_fast.fisher_accumulate_cpu(*_float32_or_64(x, z, weight, bias, inv_var), offsets)
+def _cpu_forward(x, z, weight, bias, inv_var, offsets, *, out_dtype=None):
+    return torch.ops.fvvae_fast.fisher_accumulate_cpu(x, z, weight, bias, inv_var, offsets, out_dtype)
 
 
 def _cpu_backward(grad, x, z, weight, bias, inv_var, offsets):
-    inputs = (x, z, weight, bias, inv_var)
-    grads = torch.ops.fvvae_fast.fisher_accumulate_backward_cpu(grad, *_float32_or_64(*inputs), offsets)
-    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
+    return torch.ops.fvvae_fast.fisher_accumulate_backward_cpu(grad, x, z, weight, bias, inv_var, offsets)
 
 
 def _interpreting() -> bool:

@@ -13,14 +13,14 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .validate import check_inputs, check_values, output_dtype
+from .validate import check_inputs, check_values, result_dtype
 
 # Schemas of the C++ CPU kernels: defined here, implemented by csrc/ through
 # TORCH_LIBRARY_IMPL(fvvae_fast, CPU, m) when the extension is built.
 _lib = torch.library.Library("fvvae_fast", "FRAGMENT")
 _lib.define(
     "fisher_accumulate_cpu(Tensor x, Tensor z, Tensor weight, Tensor bias, Tensor inv_var, "
-    "Tensor offsets) -> Tensor"
+    "Tensor offsets, ScalarType? out_dtype=None) -> Tensor"
 )
 _lib.define(
     "fisher_accumulate_backward_cpu(Tensor grad, Tensor x, Tensor z, Tensor weight, Tensor bias, "
@@ -28,24 +28,23 @@ _lib.define(
 )
 
 
-def _empty_result(x: Tensor, s: int, c: int, d: int) -> Tensor:
-    return torch.zeros((s, c, d + 1), dtype=output_dtype(x.dtype), device=x.device)
-
-
 @torch.library.custom_op("fvvae_fast::fisher_accumulate", mutates_args=())
 def _fisher_accumulate_op(
-    x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, inv_var: Tensor, offsets: Tensor, backend: str, nan_policy: str
+    x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, inv_var: Tensor, offsets: Tensor, backend: str,
+    nan_policy: str, out_dtype: torch.dtype | None,
 ) -> Tensor:
     check_values(x, z, weight, bias, inv_var, offsets, nan_policy)
     s, (c, d) = offsets.shape[0] - 1, weight.shape
     if s == 0 or x.shape[0] == 0:
-        return _empty_result(x, s, c, d)
-    return dispatch.get(dispatch.resolve(backend, x.device)).forward(x, z, weight, bias, inv_var, offsets)
+        return torch.zeros((s, c, d + 1), dtype=result_dtype(x.dtype, out_dtype), device=x.device)
+    impl = dispatch.get(dispatch.resolve(backend, x.device))
+    return impl.forward(x, z, weight, bias, inv_var, offsets, out_dtype=out_dtype)
 
 
 @_fisher_accumulate_op.register_fake
-def _(x, z, weight, bias, inv_var, offsets, backend, nan_policy):
-    return x.new_empty((offsets.shape[0] - 1, weight.shape[0], weight.shape[1] + 1), dtype=output_dtype(x.dtype))
+def _(x, z, weight, bias, inv_var, offsets, backend, nan_policy, out_dtype):
+    shape = (offsets.shape[0] - 1, weight.shape[0], weight.shape[1] + 1)
+    return x.new_empty(shape, dtype=result_dtype(x.dtype, out_dtype))
 
 
 @torch.library.custom_op("fvvae_fast::fisher_accumulate_backward", mutates_args=())
@@ -65,14 +64,15 @@ def _(grad, x, z, weight, bias, inv_var, offsets, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, z, weight, bias, inv_var, offsets, backend, _ = inputs
+    x, z, weight, bias, inv_var, offsets, backend, *_ = inputs
     ctx.save_for_backward(x, z, weight, bias, inv_var, offsets)
     ctx.backend = backend
 
 
 def _backward(ctx, grad):
+    """The upstream grad arrives in G's dtype (out_dtype); the gradients leave in the inputs' dtypes."""
     grads = torch.ops.fvvae_fast.fisher_accumulate_backward(grad, *ctx.saved_tensors, ctx.backend)
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 _fisher_accumulate_op.register_autograd(_backward, setup_context=_setup_context)
@@ -88,6 +88,7 @@ def fisher_accumulate(
     *,
     backend: str | None = None,
     nan_policy: str = "propagate",
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Per-set raw FV-VAE gradient sums G_X (DESIGN section 2, paper Eq. 11-13 before F).
 
@@ -104,9 +105,13 @@ def fisher_accumulate(
         offsets: (S+1,) int64, offsets[0] = 0, non-decreasing, offsets[-1] = N.
         backend: None (fastest available), ``"reference"``, ``"cpu"`` or ``"triton"``.
         nan_policy: ``"propagate"`` (default, no scan) or ``"raise"`` (ValueError on NaN/Inf input).
+        out_dtype: None, or the dtype G is written in (float64, float32, float16, bfloat16):
+            accumulation stays float32 (float64 for float64 inputs), only the store rounds;
+            ``torch.bfloat16`` halves the bytes written for short sets.
 
     Returns:
-        (S, C, d+1) float32 (float64 for float64 inputs); empty sets give zeros.
+        (S, C, d+1) in ``out_dtype``, by default float32 (float64 for float64 inputs); empty sets
+        give zeros.
         ``G[s, c, j]`` is dL/dW[c, j] for j < d and dL/db[c] for j = d, without the minus
         sign of the Fisher vector. Differentiable in x, z, weight, bias and inv_var.
         Deterministic for a fixed backend, device and thread count.
@@ -117,10 +122,10 @@ def fisher_accumulate(
         >>> fisher_accumulate(x, z, w, b, iv, torch.tensor([0, 2, 2, 7])).shape
         torch.Size([3, 4, 4])
     """
-    check_inputs(x, z, weight, bias, inv_var, offsets, nan_policy)
+    check_inputs(x, z, weight, bias, inv_var, offsets, nan_policy, out_dtype)
     if backend is not None and backend not in dispatch.BACKENDS:
         raise ValueError(f"fisher_accumulate: backend must be one of {dispatch.BACKENDS} or None, got {backend!r}")
     return torch.ops.fvvae_fast.fisher_accumulate(
         x.contiguous(), z.contiguous(), weight.contiguous(), bias.contiguous(), inv_var.contiguous(),
-        offsets.contiguous(), backend or dispatch.AUTO, nan_policy,
+        offsets.contiguous(), backend or dispatch.AUTO, nan_policy, out_dtype,
     )

@@ -7,14 +7,15 @@ Reads like the paper. For descriptor t of set X with latent z_t (Eq. 10, 11):
     G_X  = sum_t r_t [z_t ; 1]^T                            (C, d+1)        (Eq. 13, before F)
 
 Rows are processed per set in chunks, so peak memory stays near inputs + output:
-nothing of size (N, C, d+1) is ever formed. Half inputs are computed in float32.
+nothing of size (N, C, d+1) is ever formed. Half inputs are computed in float32; G is
+accumulated in float32 (float64 for float64 inputs) and converted to ``out_dtype`` at the end.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .validate import output_dtype
+from .validate import opmath_dtype
 
 # Rows per chunk: keeps each (rows, C) temporary to about 4 M elements.
 _CHUNK_ELEMS = 1 << 22
@@ -50,9 +51,11 @@ def forward(
     bias: torch.Tensor,
     inv_var: torch.Tensor,
     offsets: torch.Tensor,
+    *,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """G: (S, C, d+1) in float32 (float64 for float64 inputs). Inputs already validated."""
-    dt = output_dtype(x.dtype)
+    """G: (S, C, d+1) in ``out_dtype``, default float32 (float64 for float64 inputs). Inputs already validated."""
+    dt = opmath_dtype(x.dtype)
     c, d = weight.shape
     w, b, v = weight.to(dt), bias.to(dt), inv_var.to(dt)
     out = torch.zeros((offsets.shape[0] - 1, c, d + 1), dtype=dt, device=x.device)
@@ -61,7 +64,7 @@ def forward(
         r = residual(xc, zc, w, b, v)
         out[s, :, :d] += r.t() @ zc  # sum_t r_t z_t^T   (Eq. 13)
         out[s, :, d] += r.sum(0)  # sum_t r_t         (the bias column)
-    return out
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def backward(
@@ -73,7 +76,8 @@ def backward(
     inv_var: torch.Tensor,
     offsets: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (x, z, weight, bias, inv_var) of <grad, G>, each in its input's dtype.
+    """Gradients (x, z, weight, bias, inv_var) of <grad, G>, each in its input's dtype; ``grad``
+    (S, C, d+1) in any floating dtype (G's).
 
     With P = grad[s] (C, d+1), q_t = P [z_t; 1] = dL/dr_t and m_t = [a_t > 0]:
         dx_t   = -inv_var * m_t * q_t
@@ -82,7 +86,7 @@ def backward(
         dW     =  sum_t da_t z_t^T,   db = sum_t da_t
         dinv_var = sum_t (mu_x,t - x_t) * m_t * q_t
     """
-    dt = output_dtype(x.dtype)
+    dt = opmath_dtype(x.dtype)
     c, d = weight.shape
     w, b, v = weight.to(dt), bias.to(dt), inv_var.to(dt)
     g = grad.to(dt)

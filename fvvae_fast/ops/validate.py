@@ -4,19 +4,33 @@ Shape, dtype and device checks run in the Python wrapper (they only read
 metadata, so they are free under ``torch.compile``). Checks that read tensor
 *values* (offsets monotone, NaN policy) run inside the op's implementation,
 which always executes eagerly, so a compiled graph never breaks on them.
+
+Reading values synchronises a CUDA stream with the host (and makes the op
+impossible to capture in a CUDA graph), so the offsets checks run on CPU tensors
+only, or everywhere with ``FVVAE_CHECK_OFFSETS=1`` (debugging). On CUDA the
+kernels stay in bounds whatever the offsets; invalid offsets give an unspecified G.
+``nan_policy="raise"`` is a scan the caller asks for: it synchronises on CUDA.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 NAN_POLICIES = ("propagate", "raise")
+OUT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_NAMES = ("x", "z", "weight", "bias", "inv_var")
 
 
-def output_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation ("opmath") dtype, which is also the output dtype."""
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation ("opmath") dtype of inputs of ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def result_dtype(dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of G: ``out_dtype`` when given, else the opmath dtype of the inputs."""
+    return opmath_dtype(dtype) if out_dtype is None else out_dtype
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -31,6 +45,7 @@ def check_inputs(
     inv_var: torch.Tensor,
     offsets: torch.Tensor,
     nan_policy: str,
+    out_dtype: torch.dtype | None = None,
 ) -> None:
     """Raise TypeError/ValueError naming the argument when metadata is wrong."""
     tensors = dict(zip(_FLOAT_NAMES, (x, z, weight, bias, inv_var)), offsets=offsets)
@@ -78,6 +93,10 @@ def check_inputs(
         raise ValueError(f"fisher_accumulate: offsets must be (S+1,) with S >= 0, got {_describe(offsets)}")
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"fisher_accumulate: nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"fisher_accumulate: out_dtype must be a torch.dtype or None, got {out_dtype!r}")
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise ValueError(f"fisher_accumulate: out_dtype must be one of {OUT_DTYPES} or None, got {out_dtype}")
 
 
 def check_values(
@@ -89,8 +108,23 @@ def check_values(
     offsets: torch.Tensor,
     nan_policy: str,
 ) -> None:
-    """Data-dependent checks: offsets form a valid partition of the N rows; NaN policy."""
-    n = x.shape[0]
+    """Data-dependent checks: offsets form a valid partition of the N rows (host-checked tensors
+    only, see :func:`_needs_host_checks`); NaN policy."""
+    if _needs_host_checks(offsets):
+        check_offsets(offsets, x.shape[0])
+    if nan_policy == "raise":
+        for name, t in zip(_FLOAT_NAMES, (x, z, weight, bias, inv_var)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"fisher_accumulate: {name} contains NaN or Inf (nan_policy='raise')")
+
+
+def _needs_host_checks(t: torch.Tensor) -> bool:
+    """True for CPU tensors (reading them is free), else only with FVVAE_CHECK_OFFSETS=1."""
+    return t.device.type == "cpu" or os.environ.get("FVVAE_CHECK_OFFSETS", "0") == "1"
+
+
+def check_offsets(offsets: torch.Tensor, n: int) -> None:
+    """offsets (S+1,) int64: offsets[0] = 0, non-decreasing, offsets[-1] = n. Reads values (syncs on CUDA)."""
     first, last = offsets[0].item(), offsets[-1].item()
     if first != 0:
         raise ValueError(f"fisher_accumulate: offsets[0] must be 0, got {first}")
@@ -102,7 +136,3 @@ def check_values(
             f"fisher_accumulate: offsets must be non-decreasing, but offsets[{bad + 1}] = "
             f"{offsets[bad + 1].item()} < offsets[{bad}] = {offsets[bad].item()}"
         )
-    if nan_policy == "raise":
-        for name, t in zip(_FLOAT_NAMES, (x, z, weight, bias, inv_var)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"fisher_accumulate: {name} contains NaN or Inf (nan_policy='raise')")
