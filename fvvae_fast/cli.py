@@ -46,6 +46,19 @@ class UsageError(ValueError):
     """A mistake in the command line or config file."""
 
 
+def _not_an_input(args: argparse.Namespace, *inputs: str) -> None:
+    """Refuse an --out that is (or holds) one of the stage's inputs: no command overwrites what it reads."""
+    out = Path(args.out).resolve()
+    for name in inputs:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        path = Path(value).resolve()
+        if out == path or out in path.parents:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"--out {args.out} would overwrite the input {flag} {value}: write to another path")
+
+
 def _say(args: argparse.Namespace, *lines: str) -> None:
     if distributed.is_main():  # under torchrun, rank 0 speaks for all
         for line in lines:
@@ -181,6 +194,7 @@ def _array_dataset(args: argparse.Namespace):
 def cmd_descriptors(args: argparse.Namespace) -> int:
     from .pipelines import ImageSource, PrecomputedSource, VideoSource, build_backbone, extract_descriptors
 
+    _not_an_input(args, "root", "annotations", "weights", "arrays", "offsets", "labels", "splits")
     source_kind = args.source or DEFAULT_SOURCE[args.dataset]
     if args.dataset == "arrays" and source_kind != "precomputed":
         raise UsageError("--dataset arrays holds precomputed descriptors: use --source precomputed")
@@ -246,6 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .store import Store
     from .train import TrainConfig, train
 
+    _not_an_input(args, "descriptors")
     store = Store.open(args.descriptors, kind="descriptors")
     split = _auto_split(store, args.split)
     data = store.sets(split)
@@ -300,6 +315,7 @@ def cmd_fim(args: argparse.Namespace) -> int:
     from .pipelines import estimate_fim
     from .store import Store
 
+    _not_an_input(args, "model", "descriptors")
     model = _load_any_model(args.model)
     store = Store.open(args.descriptors, kind="descriptors")
     split = _auto_split(store, args.split)
@@ -322,6 +338,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from .pipelines import encode_store
     from .store import Store
 
+    _not_an_input(args, "model", "fim", "descriptors")
     model = _load_any_model(args.model)
     fim = None
     extra = {"model_sha256": _file_digest(args.model)}

@@ -136,6 +136,14 @@ def test_each_stage(tmp_path, videos, capsys):
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert (saved["top1"], saved["top3"], saved["mean_ap"]) == (want.top1, want.top3, want.mean_ap)
     assert f"top-1 accuracy: {100 * want.top1:.2f}%, top-3: {100 * want.top3:.2f}%" in out
+    # no stage writes over its own inputs: refused with one line, the inputs untouched
+    before = {p: p.read_bytes() for p in (model, fim, desc / "manifest.sqlite")}
+    one_line_error(capsys, run_cli("encode", "--model", model, "--descriptors", desc, "--out", desc, "--overwrite"),
+                   "would overwrite the input --descriptors")
+    one_line_error(capsys, run_cli("fim", "--model", model, "--descriptors", desc, "--out", model),
+                   "would overwrite the input --model")
+    one_line_error(capsys, run_cli("train", "--descriptors", desc, "--out", desc), "would overwrite the input")
+    assert all(p.read_bytes() == b for p, b in before.items())
     # rerunning a finished stage does nothing new
     assert run_cli("encode", "--model", model, "--fim", fim, "--descriptors", desc, "--out", fisher, "--quiet") == 0
     assert "0 sets computed" in capsys.readouterr().out

@@ -44,7 +44,9 @@ def test_sparse_descriptors_train_with_live_units_and_nonzero_vectors(lambda3):
         warnings.simplefilter("error", CollapseWarning)
         model = _trained(data, lambda3)
     live = model.liveness(data.x)
-    assert live["active"] > 0.1 and live["alive"] > 0.5
+    # collapsed: 0 and 0. Healthy here after 100 iterations (8 seeds): lambda3 = 0 active >= 0.85, alive >= 0.96;
+    # lambda3 = 1000 active 0.10-0.24, alive 0.45-0.76 (both rise on with training).
+    assert live["active"] > 0.03 and live["alive"] > 0.25
     assert live["sigma_x_min"] >= float(model.log_sigma_x_floor.exp()) > 0
     with torch.inference_mode():
         vectors = fv.fisher_encode(model, data.x, data.offsets)
