@@ -382,8 +382,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.descriptors is not None and not Path(args.descriptors).is_dir():
         raise FileNotFoundError(f"{args.descriptors}: descriptor store not found (make one with `fvvae descriptors`)")
-    compare = dataclasses.replace(CompareConfig(), iterations=args.iterations, lambda3=args.lambda3,
-                                  latent_dim=args.latent_dim, seeds=args.seeds)
+    compare = dataclasses.replace(CompareConfig(), iterations=args.iterations, sweep_iterations=args.sweep_iterations,
+                                  lambda3=args.lambda3, latent_dim=args.latent_dim, seeds=args.seeds)
     config = DemoConfig(dataset=args.dataset, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                         compare=compare)
     run_demo(config, args.out, descriptors=args.descriptors, train_split=args.train_split,
@@ -735,7 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--test-per-class", type=_positive_int, default=DemoConfig.test_per_class,
                       help="built-in data: test images per class")
     demo.add_argument("--iterations", type=_positive_int, default=CompareConfig.iterations,
-                      help="FV-VAE training iterations (each model)")
+                      help="FV-VAE training iterations of the table's models")
+    demo.add_argument("--sweep-iterations", type=_positive_int, default=CompareConfig.sweep_iterations,
+                      help="FV-VAE training iterations of the figures' sweeps (Fig. 4)")
     demo.add_argument("--latent-dim", type=_positive_int, default=CompareConfig.latent_dim,
                       help="FV-VAE latent size d of the table's rows")
     demo.add_argument("--lambda3", type=float, default=CompareConfig.lambda3, help="classification loss weight")

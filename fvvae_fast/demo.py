@@ -138,9 +138,12 @@ def run_demo(config: DemoConfig | None = None, out: str | Path = "demo_out", *, 
     t_data = time.perf_counter() - t0
     result = run_comparison(data, cfg.compare, out, progress=progress)
     t_compare = time.perf_counter() - t0 - t_data
-    figures = [plot_dimension(result.rows, out / "fig4a_dimension.png"),
-               plot_lambda3(result.rows, out / "fig4b_lambda3.png"),
-               plot_compression(result.rows, out / "fig4c_compression.png")]
+    c = cfg.compare
+    settings = (f"{name}, seed {first}; FV-VAE {c.sweep_iterations} iterations, FIM {c.sweep_fim}, "
+                f"d={c.latent_dim}, lambda3={c.lambda3:g} unless varied")
+    figures = [plot_dimension(result.rows, out / "fig4a_dimension.png", settings),
+               plot_lambda3(result.rows, out / "fig4b_lambda3.png", settings),
+               plot_compression(result.rows, out / "fig4c_compression.png", settings)]
     if builtin is not None:
         figures.append(_image_attention(result, builtin, cfg))
         figures.append(_clip_attention(result, cfg))

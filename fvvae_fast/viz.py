@@ -28,7 +28,12 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_dimension(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+def _titled(ax, title: str, settings: str) -> None:
+    """The figure's title, with the settings it was measured under on a second line."""
+    ax.set_title(f"{title}\n{settings}" if settings else title, fontsize=9)
+
+
+def plot_dimension(rows: Sequence[dict], path: str | os.PathLike, settings: str = "") -> Path:
     """Fig. 4(a): top-1 against dimension (log 2), one line per method of the ``fig4a`` rows."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -36,25 +41,27 @@ def plot_dimension(rows: Sequence[dict], path: str | os.PathLike) -> Path:
         pts = sorted((r["dim"], 100 * r["top1"]) for r in rows if r["group"] == "fig4a" and r["method"] == method)
         ax.plot(*zip(*pts), marker="o", label=method)
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="dimension", ylabel="top-1 accuracy (%)", title="(a) accuracy vs dimension")
+    ax.set(xlabel="dimension", ylabel="top-1 accuracy (%)")
+    _titled(ax, "(a) accuracy vs dimension", settings)
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
 
 
-def plot_lambda3(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+def plot_lambda3(rows: Sequence[dict], path: str | os.PathLike, settings: str = "") -> Path:
     """Fig. 4(b): top-1 against lambda3 (symlog: lambda3 = 0 is FV-VAE-)."""
     plt = _pyplot()
     pts = sorted((float(r["param"].split("=")[1]), 100 * r["top1"]) for r in rows if r["group"] == "fig4b")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(*zip(*pts), marker="o", color="C3")
     ax.set_xscale("symlog", linthresh=1.0)
-    ax.set(xlabel="lambda3 (0 = FV-VAE-)", ylabel="top-1 accuracy (%)", title="(b) accuracy vs lambda3")
+    ax.set(xlabel="lambda3 (0 = FV-VAE-)", ylabel="top-1 accuracy (%)")
+    _titled(ax, "(b) accuracy vs lambda3", settings)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
-def plot_compression(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+def plot_compression(rows: Sequence[dict], path: str | os.PathLike, settings: str = "") -> Path:
     """Fig. 4(c): top-1 of PCA, Random Maclaurin and a smaller latent at each target dimension."""
     plt = _pyplot()
     sub = [r for r in rows if r["group"] == "fig4c"]
@@ -66,7 +73,8 @@ def plot_compression(rows: Sequence[dict], path: str | os.PathLike) -> Path:
         acc = {int(r["param"]): 100 * r["top1"] for r in sub if r["method"] == method}
         ax.bar(np.arange(len(dims)) + i * width, [acc.get(dm, np.nan) for dm in dims], width, label=method)
     ax.set_xticks(np.arange(len(dims)) + width * (len(methods) - 1) / 2, [str(dm) for dm in dims])
-    ax.set(xlabel="dimension", ylabel="top-1 accuracy (%)", title="(c) compression of FV-VAE")
+    ax.set(xlabel="dimension", ylabel="top-1 accuracy (%)")
+    _titled(ax, "(c) compression of FV-VAE", settings)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 

@@ -276,7 +276,7 @@ def test_demo_on_a_descriptor_store(tmp_path, videos, capsys):
     assert run_cli(*descriptor_args(videos, desc)) == 0
     capsys.readouterr()
     assert run_cli("demo", "--descriptors", desc, "--out", tmp_path / "cmp", "--iterations", "3",
-                   "--latent-dim", "3", "--quiet") == 0
+                   "--sweep-iterations", "2", "--latent-dim", "3", "--seeds", "0", "--quiet") == 0
     out = capsys.readouterr().out
     assert "6 'train' / 4 'test' sets, C=40" in out
     assert "| FV-VAE | d=3, lambda3=10, FIM kronecker | 160 |" in out and "| GA |" not in out

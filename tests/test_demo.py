@@ -24,7 +24,7 @@ def test_demo_smoke_on_a_tiny_subset(tmp_path, capsys):
     from fvvae_fast.cli import main
 
     code = main(["demo", "--out", str(tmp_path), "--train-per-class", "4", "--test-per-class", "2",
-                 "--iterations", "3", "--latent-dim", "3", "--quiet"])
+                 "--iterations", "3", "--sweep-iterations", "2", "--latent-dim", "3", "--seeds", "0,1", "--quiet"])
     assert code == 0
     out = capsys.readouterr().out
     for method in ("| GA |", "| AVE |", "| Concatenation |", "| FV (GMM) |", "| VLAD |", "| BP |", "| FV-VAE- |",
@@ -34,6 +34,7 @@ def test_demo_smoke_on_a_tiny_subset(tmp_path, capsys):
                  "fig6_temporal_attention"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "table.md").is_file() and (tmp_path / "results.json").is_file()
+    assert " ± " in out and "vs FV (GMM)" in out  # two seeds: mean ± std and the spread notes
 
 
 def test_demo_refuses_a_missing_store(tmp_path, capsys):

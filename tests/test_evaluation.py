@@ -48,7 +48,7 @@ def _data(train_sets=60, test_sets=30, dim=12, with_global=True):
     return EvalData(tr, te, *glob, name="generated")
 
 
-TINY = CompareConfig(latent_dim=3, iterations=5, batch_sets=16, rank=2, gmm_components=2, vlad_centres=3,
+TINY = CompareConfig(latent_dim=3, iterations=5, sweep_iterations=4, batch_sets=16, rank=2, gmm_components=2, vlad_centres=3,
                      latent_sweep=(1, 3), gmm_sweep=(1, 2), vlad_sweep=(2, 3), lambda3_sweep=(0.0, 10.0),
                      compress_latents=(1,), fit_descriptors=200, seeds=(0,))
 
