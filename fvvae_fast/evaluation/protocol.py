@@ -22,6 +22,17 @@ from ..encode import power_l2_normalize
 
 
 GRAM_MAX_SAMPLES = 20000
+GRAM_BLOCK = 4096  # columns per float32 GEMM of the Gram matrix; the blocks add up in float64
+
+
+def gram(a: Tensor, b: Tensor) -> Tensor:
+    """a b^T of float32 a (n, D) and b (m, D): (n, m) float64, float32 GEMMs over column blocks of
+    ``GRAM_BLOCK`` summed in float64 (rounding of a 4096-term dot product, not of a 131,072-term one;
+    2-3x faster than a float64 GEMM, and no float64 copy of the vectors)."""
+    out = torch.zeros((a.shape[0], b.shape[0]), dtype=torch.float64)
+    for lo in range(0, a.shape[1], GRAM_BLOCK):
+        out += (a[:, lo : lo + GRAM_BLOCK] @ b[:, lo : lo + GRAM_BLOCK].t()).double()
+    return out
 
 
 @dataclass(frozen=True)
@@ -81,10 +92,10 @@ def evaluate_vectors(
         warnings.simplefilter("always", ConvergenceWarning)
         if len(train_x) <= GRAM_MAX_SAMPLES:
             # The same linear SVM solved in the dual on the (n, n) Gram matrix: exact, and fast when D >> n.
-            gram = torch.from_numpy(train_x).double()
+            tr = torch.from_numpy(train_x)
             svm = OneVsRestClassifier(SVC(kernel="precomputed", C=C))
-            svm.fit((gram @ gram.t()).numpy(), train_y)
-            scores = svm.decision_function((torch.from_numpy(test_x).double() @ gram.t()).numpy())
+            svm.fit(gram(tr, tr).numpy(), train_y)
+            scores = svm.decision_function(gram(torch.from_numpy(test_x), tr).numpy())
         else:
             svm = LinearSVC(C=C, loss="hinge", dual=True, max_iter=max_iter, random_state=0).fit(train_x, train_y)
             scores = svm.decision_function(test_x)
