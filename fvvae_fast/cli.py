@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import __version__, distributed
 from .demo import DemoConfig, run_demo
-from .evaluation.builtin import DATASETS
+from .evaluation.builtin import DATASETS as BUILTIN_DATASETS
 from .evaluation.compare import CompareConfig
 
 EXIT_USAGE = 2
@@ -744,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=_seeds, default=CompareConfig.seeds,
                       help="comma-separated seeds (each: the split, the models, the baselines); the table gives "
                            "mean ± std over them")
-    demo.add_argument("--dataset", choices=tuple(DATASETS), default=DemoConfig.dataset, help="the built-in image set")
+    demo.add_argument("--dataset", choices=tuple(BUILTIN_DATASETS), default=DemoConfig.dataset, help="the built-in image set")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     return parser

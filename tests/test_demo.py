@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from fvvae_fast.ops import dispatch
 
 
 def test_builtin_data_files():
-    from fvvae_fast.evaluation.builtin import clip_path, load_animal_mnist, mobilenet_v2
+    from fvvae_fast.evaluation.builtin import clip_path, load_animal_mnist, load_mnist_digits, mobilenet_v2
 
     images, labels = load_animal_mnist()
     assert images.shape == (10000, 28, 28) and images.dtype.name == "uint8"
     assert sorted(set(labels.tolist())) == list(range(10))
+    digits, digit_labels = load_mnist_digits()
+    assert digits.shape == (5000, 28, 28) and digits.dtype.name == "uint8" and digits.max() == 255
+    assert np.bincount(digit_labels).tolist() == [500] * 10
     assert clip_path("bikes.mp4").stat().st_size > 100_000
     model = mobilenet_v2()
     assert model.features[10].conv[0][0].out_channels == 384
@@ -34,6 +38,7 @@ def test_demo_smoke_on_a_tiny_subset(tmp_path, capsys):
                  "fig6_temporal_attention"):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "table.md").is_file() and (tmp_path / "results.json").is_file()
+    assert "data: Animal-MNIST (animal-mnist 0.4), 40 train / 20 test images" in out
     assert " ± " in out and "vs FV (GMM)" in out  # two seeds: mean ± std and the spread notes
 
 
@@ -52,3 +57,13 @@ def test_reference_fallback_is_announced_once(monkeypatch):
         for _ in range(3):
             assert dispatch.resolve(None, torch.device("cpu")) == "reference"
     assert len([w for w in caught if "using the reference implementation" in str(w.message)]) == 1
+
+
+def test_demo_takes_either_builtin_data_set():
+    from fvvae_fast.cli import build_parser
+    from fvvae_fast.evaluation.builtin import DATASETS
+
+    assert set(DATASETS) == {"animal-mnist", "mnist-digits"}
+    for name in DATASETS:
+        assert build_parser().parse_args(["demo", "--dataset", name]).dataset == name
+    assert build_parser().parse_args(["descriptors", "--dataset", "folder", "--out", "x"]).dataset == "folder"

@@ -193,9 +193,9 @@ def builtin_data(train_per_class: int = 150, test_per_class: int = 50, *, size: 
     tr, te = _split(labels, train_per_class, test_per_class, seed)
     extractor = MobileNetDescriptors(mobilenet_v2(), layer)
     sets, glob = [], []
-    for name, idx in (("train", tr), ("test", te)):
+    for split, idx in (("train", tr), ("test", te)):
         desc, g = extract(extractor, images_to_frames(images[idx], size), progress=progress,
-                          desc=f"MobileNetV2 {name} images")
+                          desc=f"MobileNetV2 {split} images")
         sets.append(DescriptorSets.from_dense(desc, torch.as_tensor(labels[idx])))
         glob.append(g)
     side = int(round(desc.shape[1] ** 0.5))  # descriptors of a square map
