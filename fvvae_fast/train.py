@@ -285,7 +285,8 @@ def train(
                 bar.close()
                 if writer is not None:
                     writer.close()
-                raise KeyboardInterrupt(f"train: interrupted ({interrupted[0]}); checkpoint written at iteration {it + 1}")
+                where = f"checkpoint written at iteration {it + 1}" if checkpoint is not None else "no checkpoint file"
+                raise KeyboardInterrupt(f"train: interrupted ({interrupted[0]}) at iteration {it + 1}; {where}")
     if writer is not None:
         writer.close()
     distributed.barrier()

@@ -137,7 +137,7 @@ def test_sigint_writes_a_checkpoint_and_the_rerun_is_exact(tmp_path, monkeypatch
         return liveness(self, x)
 
     monkeypatch.setattr(fv.FVVAE, "liveness", interrupting)
-    with pytest.raises(KeyboardInterrupt, match="checkpoint written at iteration 15"):
+    with pytest.raises(KeyboardInterrupt, match="at iteration 15; checkpoint written at iteration 15"):
         fv.train(fv.FVVAE(16, 5, num_classes=3, seed=0), data, _config(checkpoint_every=1000),
                  checkpoint=tmp_path / "i.pt", progress=False)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
