@@ -21,7 +21,6 @@ for the traceback.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__, distributed
+from .io import file_sha256
 from .demo import DemoConfig, run_demo
 from .evaluation.builtin import DATASETS as BUILTIN_DATASETS
 from .evaluation.compare import CompareConfig
@@ -63,14 +63,6 @@ def _say(args: argparse.Namespace, *lines: str) -> None:
     if distributed.is_main():  # under torchrun, rank 0 speaks for all
         for line in lines:
             print(line, flush=True)
-
-
-def _file_digest(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _device(name: str) -> str:
@@ -341,14 +333,14 @@ def cmd_encode(args: argparse.Namespace) -> int:
     _not_an_input(args, "model", "fim", "descriptors")
     model = _load_any_model(args.model)
     fim = None
-    extra = {"model_sha256": _file_digest(args.model)}
+    extra = {"model_sha256": file_sha256(args.model)}
     if args.fim:
         from .fim import FisherInformation
 
         if not Path(args.fim).is_file():
             raise FileNotFoundError(f"{args.fim}: FIM file not found")
         fim = FisherInformation.load(args.fim)
-        extra["fim_sha256"] = _file_digest(args.fim)
+        extra["fim_sha256"] = file_sha256(args.fim)
     src = Store.open(args.descriptors, kind="descriptors")
     report = encode_store(model, src, args.out, fim=fim, normalize=args.normalize, batch_sets=args.batch_sets,
                           device=_device(args.device), overwrite=args.overwrite, progress=not args.quiet,
@@ -505,7 +497,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             argv.append("--overwrite")
         stamp = None
         if stage == "fim":  # one pass, not resumable: kept when made by the same settings from the same model
-            stamp = json.dumps({"argv": argv, "model_sha256": _file_digest(out / "model.pt")}, sort_keys=True)
+            stamp = json.dumps({"argv": argv, "model_sha256": file_sha256(out / "model.pt")}, sort_keys=True)
             stamp_file = out / "fim.stamp.json"
             if (not args.overwrite and (out / "fim.pt").is_file() and stamp_file.is_file()
                     and stamp_file.read_text() == stamp):

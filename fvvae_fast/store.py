@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_open
+from .io import atomic_open, file_sha256
 from .sets import DescriptorSets
 
 FORMAT = "fvvae_fast.store"
@@ -148,17 +148,43 @@ class _HashingWriter:
         return self.f.write(data)
 
 
+# (shard file, sha256, mtime, size) checked in this process: a file is hashed again only when it changed
+_VERIFIED: set[tuple[str, str, int, int]] = set()
+
+
+def _checked_map(path: Path, sha256: str | None) -> np.ndarray:
+    """The memory map of a shard whose bytes were checked against the manifest's sha256 (once per
+    process and version of the file; None: nothing recorded to check)."""
+    if sha256 is not None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise StoreError(f"{path}: shard file missing; rerun the stage that wrote this store") from None
+        key = (str(path), sha256, st.st_mtime_ns, st.st_size)
+        if key not in _VERIFIED:
+            found = file_sha256(path)
+            if found != sha256:
+                raise StoreError(f"{path}: checksum mismatch (sha256 {found[:16]}..., the manifest records "
+                                 f"{sha256[:16]}...): the shard changed after it was written; rerun the stage "
+                                 f"that wrote this store to recompute it")
+            _VERIFIED.add(key)
+    return np.load(path, mmap_mode="r")
+
+
 class ShardedArray:
     """A read-only 2-D array over row ranges of memory-mapped ``.npy`` shards.
 
     Behaves like an (N, dim) NumPy array for what training and scikit-learn need:
     ``shape``, ``ndim``, ``dtype``, ``len``, indexing by int, slice, or an integer index array
     (or tensor), and ``np.asarray(a)`` (which copies everything into memory). Each row read
-    touches only the shard pages it needs.
+    touches only the shard pages it needs. Each shard's bytes are checked against its recorded
+    sha256 (``digests``) when first mapped in the process.
     """
 
-    def __init__(self, segments: Sequence[tuple[Path, int, int]], dim: int, dtype: np.dtype) -> None:
+    def __init__(self, segments: Sequence[tuple[Path, int, int]], dim: int, dtype: np.dtype,
+                 digests: dict[Path, str] | None = None) -> None:
         self._segments = [(Path(p), int(lo), int(n)) for p, lo, n in segments if n > 0]
+        self._digests = digests or {}
         self._starts = np.cumsum([0] + [n for _, _, n in self._segments]).astype(np.int64)
         self._maps: dict[Path, np.ndarray] = {}
         self.dtype = np.dtype(dtype)
@@ -174,7 +200,7 @@ class ShardedArray:
     def _map(self, path: Path) -> np.ndarray:
         arr = self._maps.get(path)
         if arr is None:
-            arr = self._maps[path] = np.load(path, mmap_mode="r")
+            arr = self._maps[path] = _checked_map(path, self._digests.get(path))
         return arr
 
     def _rows(self, rows: np.ndarray) -> np.ndarray:
@@ -426,8 +452,9 @@ class Store:
             tmp.unlink(missing_ok=True)
         self.absorb_journals()
         bad = []
-        for shard, file, rows in self._db.execute("SELECT shard, file, rows FROM shards WHERE status = 'done'"):
-            if not self._shard_ok(self.path / file, rows):
+        for shard, file, rows, sha256 in self._db.execute(
+                "SELECT shard, file, rows, sha256 FROM shards WHERE status = 'done'").fetchall():
+            if not self._shard_ok(self.path / file, rows, sha256):
                 bad.append(shard)
         if bad:
             with _transaction(self._db):
@@ -436,12 +463,14 @@ class Store:
                     self._db.execute("UPDATE items SET status = 'pending', row = NULL, rows = NULL, error = NULL "
                                      "WHERE shard = ?", (shard,))
 
-    def _shard_ok(self, file: Path, rows: int) -> bool:
+    def _shard_ok(self, file: Path, rows: int, sha256: str | None = None) -> bool:
+        """The shard file is whole: its shape and dtype, and its bytes against ``sha256`` when given."""
         try:
             arr = np.load(file, mmap_mode="r")
         except (OSError, ValueError):
             return False
-        return arr.shape == (rows, self.dim) and arr.dtype == self.dtype
+        whole = arr.shape == (rows, self.dim) and arr.dtype == self.dtype
+        return whole and (sha256 is None or file_sha256(file) == sha256)
 
     def close(self) -> None:
         self._db.close()
@@ -582,9 +611,18 @@ class Store:
                              f"rerun the command that writes it to finish it")
         return rows
 
+    def _digests(self) -> dict[Path, str]:
+        return {self.path / file: sha256 for file, sha256 in
+                self._db.execute("SELECT file, sha256 FROM shards WHERE status = 'done'")}
+
+    def shard_array(self, shard: int) -> np.ndarray:
+        """The rows of one done shard, memory-mapped, its bytes checked against the manifest: (rows, dim)."""
+        file = self.path / f"shards/shard-{shard:05d}.npy"
+        return _checked_map(file, self._digests().get(file))
+
     def array(self, split: str | None = None) -> ShardedArray:
         """All rows of the done items (optionally of one split), in item order: (N, dim)."""
-        return ShardedArray(self._segments(self._done(split)), self.dim, self.dtype)
+        return ShardedArray(self._segments(self._done(split)), self.dim, self.dtype, self._digests())
 
     def sets(self, split: str | None = None) -> DescriptorSets:
         """The done items as :class:`~fvvae_fast.DescriptorSets` (x memory-mapped, offsets, labels)."""
@@ -592,7 +630,7 @@ class Store:
         counts = np.array([r["rows"] for r in rows], dtype=np.int64)
         offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
         labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
-        x = ShardedArray(self._segments(rows), self.dim, self.dtype)
+        x = ShardedArray(self._segments(rows), self.dim, self.dtype, self._digests())
         return DescriptorSets(x, offsets, labels)
 
     def vectors(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -603,7 +641,7 @@ class Store:
         rows = self._done(split)
         if any(r["rows"] != 1 for r in rows):
             raise StoreError(f"{self.path}: holds sets of several rows per item ({self.kind}), not one vector per item")
-        X = ShardedArray(self._segments(rows), self.dim, self.dtype).as_array()
+        X = ShardedArray(self._segments(rows), self.dim, self.dtype, self._digests()).as_array()
         return X, np.array([r["label"] for r in rows], dtype=np.int64), [r["item_id"] for r in rows]
 
 

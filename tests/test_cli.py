@@ -153,6 +153,18 @@ def test_each_stage(tmp_path, videos, capsys):
     capsys.readouterr()
     one_line_error(capsys, run_cli("encode", "--model", tmp_path / "m2.pt", "--descriptors", desc, "--out", fisher),
                    "other settings")
+    # a shard changed on disk: every reader refuses it with one line; rerunning the writer recomputes it
+    for shard in sorted((desc / "shards").glob("shard-*.npy")):
+        arr = np.load(shard, mmap_mode="r+")
+        arr[0, 0] += 1.0
+        arr.flush()
+        del arr
+    one_line_error(capsys, run_cli("train", "--descriptors", desc, "--out", tmp_path / "m3.pt", "--iterations", "2",
+                                   "--quiet"), "checksum mismatch")
+    assert run_cli(*descriptor_args(videos, desc)) == 0
+    capsys.readouterr()
+    assert run_cli("train", "--descriptors", desc, "--out", tmp_path / "m3.pt", "--latent-dim", "5", "--iterations",
+                   "2", "--batch-sets", "4", "--lambda3", "1", "--quiet") == 0
 
 
 @pytest.mark.skipif(not OFFICIAL.is_file(), reason="released weights not found")

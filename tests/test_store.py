@@ -217,3 +217,32 @@ def test_unreadable_manifest_is_a_store_error(tmp_path):
         make(tmp_path)
     make(tmp_path, overwrite=True).close()  # --overwrite replaces it
     assert Store.open(tmp_path / "s").summary().items == 7
+
+
+def _flip_a_value(path) -> None:
+    """Change one float of a shard in place, keeping its shape: only the checksum can tell."""
+    arr = np.load(path, mmap_mode="r+")
+    arr[0, 0] += 1.0
+    arr.flush()
+    del arr
+
+
+def test_a_changed_shard_is_refused_by_readers_and_recomputed_by_the_writer(tmp_path):
+    with make(tmp_path) as store:
+        fill(store)
+    _flip_a_value(tmp_path / "s/shards/shard-00001.npy")
+    store = Store.open(tmp_path / "s", kind="descriptors")
+    sets = store.sets()
+    np.testing.assert_array_equal(sets.x[0:1], item_array(0)[:1])  # an intact shard reads as before
+    with pytest.raises(StoreError, match=r"shard-00001.npy: checksum mismatch"):
+        sets.x[int(sets.offsets[3])]  # item 3: the first of shard 1
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        store.shard_array(1)
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        np.asarray(store.array())
+    with make(tmp_path) as writer:  # the writer stage, rerun: the changed shard is pending again
+        assert writer.pending_shards() == [1]
+        fill(writer)
+    sets = Store.open(tmp_path / "s", kind="descriptors").sets()
+    a, b = int(sets.offsets[3]), int(sets.offsets[4])
+    np.testing.assert_array_equal(sets.x[a:b], item_array(3))

@@ -21,12 +21,13 @@ by a forward hook that stops the forward pass at that module.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from ..io import file_sha256
 
 PRESETS: dict[str, tuple[str, str]] = {
     "vgg19-pool5": ("vgg19", "features.36"),
@@ -38,14 +39,6 @@ PRESETS: dict[str, tuple[str, str]] = {
 
 class BackboneError(ValueError):
     """A backbone that cannot be built as asked (unknown model or layer, bad weights file)."""
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -210,7 +203,7 @@ def build_backbone(
                 raise BackboneError(f"{path}: tensor {k.removeprefix(prefix)} has shape {tuple(v.shape)}, "
                                     f"{arch} needs {tuple(wanted[k].shape)}")
         extractor.load_state_dict(sub, strict=True)
-        backbone = Backbone(extractor, arch, layer, os.fspath(path), _file_digest(path), None)
+        backbone = Backbone(extractor, arch, layer, os.fspath(path), file_sha256(path), None)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

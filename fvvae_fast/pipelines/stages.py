@@ -165,7 +165,7 @@ def _encode_shard(model: FVVAE, src: Store, rows: list[dict], fim, normalize: bo
         if r["status"] != "done":
             results[r["idx"]] = ShardResult(r["idx"], error=f"no descriptors ({r['error']})")
     if done:
-        data = np.load(src.path / f"shards/shard-{done[0]['shard']:05d}.npy", mmap_mode="r")
+        data = src.shard_array(done[0]["shard"])
         with torch.inference_mode():
             for lo in range(0, len(done), batch_sets):
                 part = done[lo : lo + batch_sets]
