@@ -443,3 +443,17 @@ def test_extract_precomputed_arrays_and_folder(tmp_path):
     assert report.failures == [("c1/wrong.npy", "descriptors of shape (2, 5), expected (n, 6)")]
     with pytest.raises(ValueError, match="offsets"):
         array_items(x, np.array([0, 11]))
+
+
+def test_non_finite_descriptors_are_skipped_and_counted(tmp_path):
+    x = np.random.default_rng(1).standard_normal((10, 6)).astype(np.float32)
+    x[5, 2], x[8, 0] = np.nan, np.inf  # both in set 2 (rows 4..9)
+    offsets = np.array([0, 2, 4, 10])
+    items = array_items(x, offsets, labels=[0, 1, 0], splits=["train"] * 3)
+    report = extract_descriptors(PrecomputedSource(arrays=(x, offsets)), Dataset("arr", items, ["a", "b"]),
+                                 tmp_path / "a", progress=False)
+    assert report.summary.done == 2 and report.summary.failed == 1
+    assert [err for _, err in report.failures] == ["non-finite descriptors (NaN or Inf): the item is skipped, "
+                                                   "never trained on"]
+    sets = Store.open(tmp_path / "a").sets()
+    assert len(sets) == 2 and np.isfinite(np.asarray(sets.x)).all()

@@ -144,10 +144,13 @@ class _ShardRun:
             self._run(self.queued)
         out = []
         for idx in self.order:
+            array = None if idx in self.errors else torch.cat(self.chunks[idx])
+            if array is not None and not bool(torch.isfinite(array).all()):
+                self.errors[idx] = "non-finite descriptors (NaN or Inf): the item is skipped, never trained on"
             if idx in self.errors:
                 out.append(ShardResult(idx, error=self.errors[idx]))
             else:
-                out.append(ShardResult(idx, array=torch.cat(self.chunks[idx]).numpy()))
+                out.append(ShardResult(idx, array=array.numpy()))
         return out
 
 
