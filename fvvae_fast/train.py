@@ -27,6 +27,9 @@ INIT_SAMPLE = 16384  # training descriptors that set the data-dependent start
 # Below this share of active decoder pre-activations the model is collapsing: its Fisher vectors
 # (Eq. 11 masks r_t by the active units) go to zero. Healthy runs stay above 0.2.
 LIVENESS_WARN = 0.01
+# ... for at least this many iterations: a large lambda3 can dip below it for a few iterations early on
+# and recover (sparse generated data, lambda3 = 1000: 0.7% at iteration 10, 59% at 1,000).
+LIVENESS_PATIENCE = 50
 CHECKPOINT_SECONDS = 60.0  # a checkpoint at least this often (when a checkpoint file is given)
 RESUME_MODES = ("exact", "extend")
 # Settings whose change makes another run: resuming with a different value is refused.
@@ -192,7 +195,8 @@ def train(
     ``log_dir`` writes TensorBoard scalars (needs the ``tensorboard`` package). Every logged row
     (progress bar, TensorBoard, the checkpoint's history) holds the loss terms and the decoder's
     health (:meth:`FVVAE.liveness` on the current batch); a :class:`CollapseWarning` is raised once
-    when fewer than ``LIVENESS_WARN`` of the pre-activations are active.
+    when fewer than ``LIVENESS_WARN`` of the pre-activations have been active for ``LIVENESS_PATIENCE``
+    iterations.
 
     Inside a torch.distributed process group (``torchrun``; :mod:`fvvae_fast.distributed`) it is
     DistributedDataParallel over sets: every rank draws the same global batch and its noise, and
@@ -248,7 +252,7 @@ def train(
             save_checkpoint(checkpoint, model, optimizer, iteration, (generator, noise), config, history, extended)
         last_save = time.monotonic()
 
-    warned = False
+    warned, low_since = False, None
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
                disable=not progress or rank != 0, desc="train FV-VAE", unit="it")
     with _deferred_interrupts() as interrupted:
@@ -273,7 +277,8 @@ def train(
                     for k, v in row.items():
                         if k != "iteration":
                             writer.add_scalar(f"{'decoder' if k in live else 'loss'}/{k}", v, it + 1)
-                if live["active"] < LIVENESS_WARN and not warned and rank == 0:
+                low_since = (low_since or it + 1) if live["active"] < LIVENESS_WARN else None
+                if low_since is not None and it + 1 - low_since >= LIVENESS_PATIENCE and not warned and rank == 0:
                     warned = True
                     warnings.warn(f"train: iteration {it + 1}: only {100 * live['active']:.3g}% of the decoder's "
                                   f"pre-activations are active ({100 * live['alive']:.3g}% of units alive): the model is "

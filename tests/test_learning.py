@@ -195,7 +195,7 @@ def test_fisher_vector_head_is_fisher_encode_and_trains():
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] and not torch.equal(backbone.weight, before)
 
 
