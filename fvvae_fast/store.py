@@ -617,8 +617,10 @@ class Store:
 
     def shard_array(self, shard: int) -> np.ndarray:
         """The rows of one done shard, memory-mapped, its bytes checked against the manifest: (rows, dim)."""
-        file = self.path / f"shards/shard-{shard:05d}.npy"
-        return _checked_map(file, self._digests().get(file))
+        row = self._db.execute("SELECT file, sha256 FROM shards WHERE shard = ? AND status = 'done'", (shard,)).fetchone()
+        if row is None:
+            raise StoreError(f"{self.path}: shard {shard} is not done")
+        return _checked_map(self.path / row[0], row[1])
 
     def array(self, split: str | None = None) -> ShardedArray:
         """All rows of the done items (optionally of one split), in item order: (N, dim)."""
