@@ -124,7 +124,7 @@ def run_demo(config: DemoConfig | None = None, out: str | Path = "demo_out", *, 
         name = builtin.name
 
         def data(seed: int) -> EvalData:
-            b = _builtin(cfg, out, progress, seed)
+            b = builtin if seed == first else _builtin(cfg, out, progress, seed)  # the first split is loaded
             return EvalData(b.train, b.test, b.train_global, b.test_global, name=b.name)
 
         print(f"data: {name}, {len(builtin.train)} train / {len(builtin.test)} test images (a split per seed), "
