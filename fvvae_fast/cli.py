@@ -125,12 +125,9 @@ def _nonneg_int(text: str) -> int:
 
 def _seeds(text: str) -> tuple[int, ...]:
     try:
-        seeds = tuple(int(s) for s in text.split(","))
+        return tuple(int(s) for s in text.split(","))  # CompareConfig checks they are distinct
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
-    return seeds
 
 
 def _default_workers() -> int:
@@ -642,7 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random descriptors per set and iteration (default all; 50 = one video frame)")
     t.add_argument("--lr", type=float, default=1.0, help="AdaDelta learning rate")
     t.add_argument("--lambda3", type=float, default=1000.0, help="weight of the classification loss (0 = FV-VAE-)")
-    t.add_argument("--seed", type=int, default=0, help="seed of everything random: initial weights, the data-dependent start, set sampling, dropout, z noise")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of everything random: initial weights, the data-dependent start, set sampling, "
+                        "dropout, z noise")
     t.add_argument("--checkpoint-every", type=_positive_int, default=500, help="iterations between checkpoints")
     _common(t)
     t.set_defaults(func=cmd_train)
