@@ -12,15 +12,24 @@ Public API (DESIGN section 3)::
     enc = FVVAEEncoder(latent_dim=255).fit(sets, labels)            # scikit-learn transformer (needs scikit-learn)
 """
 
-from .encode import fisher_encode, fisher_gradients, power_l2_normalize, signed_sqrt
-from .fim import FisherInformation
-from .head import FisherVectorHead
-from .model import FVVAE, Losses, normalize_map
-from .official import load_official
-from .ops import fisher_accumulate
-from .sets import DescriptorSets
-from .spp import spp
-from .train import TrainConfig, TrainResult, load_model, save_checkpoint, train
+import importlib
+import sys
+import types
+
+# The public names and the module of each, imported on first use: `import fvvae_fast` (and `fvvae
+# --help`) does not import torch until a name is used.
+_EXPORTS = {
+    "FVVAE": "model", "Losses": "model", "normalize_map": "model",
+    "DescriptorSets": "sets",
+    "FisherInformation": "fim",
+    "FisherVectorHead": "head",
+    "TrainConfig": "train", "TrainResult": "train", "load_model": "train", "save_checkpoint": "train", "train": "train",
+    "fisher_accumulate": "ops",
+    "fisher_encode": "encode", "fisher_gradients": "encode", "power_l2_normalize": "encode", "signed_sqrt": "encode",
+    "load_official": "official",
+    "spp": "spp",
+    "FVVAEEncoder": "sklearn",  # needs scikit-learn: not in __all__, so that `import *` works without it
+}
 
 __all__ = [
     "FVVAE",
@@ -45,15 +54,23 @@ __all__ = [
 __version__ = "0.1.0"  # the one place: setup.py and `fvvae --version` read it
 
 
-def __getattr__(name: str):
-    # FVVAEEncoder is imported on first use: scikit-learn is an optional dependency. It is not in
-    # __all__, so that `from fvvae_fast import *` works without scikit-learn.
-    if name == "FVVAEEncoder":
-        from .sklearn import FVVAEEncoder
+class _Package(types.ModuleType):
+    """Resolves the public names lazily. The functions `train` and `spp` share their names with their
+    modules: importing the module must not replace the function on the package."""
 
-        return FVVAEEncoder
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(self, name: str):
+        if name not in _EXPORTS:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        types.ModuleType.__setattr__(self, name, value)
+        return value
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (isinstance(value, types.ModuleType) and name in _EXPORTS and name == _EXPORTS[name]):
+            types.ModuleType.__setattr__(self, name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*globals(), *_EXPORTS})
 
 
-def __dir__() -> list[str]:
-    return sorted([*globals(), "FVVAEEncoder"])
+sys.modules[__name__].__class__ = _Package

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import UserError
 from .io import atomic_open, file_sha256
 from .sets import DescriptorSets
 
@@ -100,7 +101,7 @@ def _release(lock: tuple[str, Any]) -> None:
     f.close()
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """A store that cannot be used as asked (wrong kind, other configuration, locked, damaged)."""
 
 

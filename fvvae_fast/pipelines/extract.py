@@ -59,6 +59,12 @@ class StageReport:
                 out.append(f"  ... and {len(self.failures) - max_failures} more (see the items table of the manifest)")
         return out + self.notes
 
+    def figures(self) -> dict:
+        """The counts and time as JSON values."""
+        s = self.summary
+        return {"computed": self.computed, "resumed": self.resumed, "failed_now": self.failed_now,
+                "seconds": self.seconds, "done": s.done, "failed": s.failed, "items": s.items}
+
 
 def _reason(err: BaseException) -> str:
     text = str(err).strip().replace("\n", " ")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..model import normalize_map
 from ..official import RELEASE_CROP, RELEASE_RESIZE, center_crop, release_preprocess
 from ..spp import PAPER_LEVELS, dense_descriptors, spp, spp_size
@@ -29,7 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS = ("torchvision", "release")
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """An item that cannot be read (corrupt, truncated, missing): the item is skipped and logged."""
 
 

@@ -1,0 +1,168 @@
+"""The whole chain from one TOML (or YAML) file: sections load straight into the stage jobs.
+
+Top-level ``out`` is the run's folder; sections ``[descriptors]``, ``[train]``, ``[fim]``
+(optional; ``enabled = false`` skips it), ``[encode]``, ``[evaluate]`` hold the fields of
+:class:`~.jobs.DescriptorsJob` and the others; the files between stages are set by the runner,
+and relative paths are relative to the config file.
+
+A rerun redoes only what changed: each stage's settings, chained with those of the stages before
+it, are recorded in ``OUT/stamps.json`` as the stage starts. A stage whose record matches resumes
+(descriptors, train, encode) or is kept when it had finished (fim, evaluate); a stage whose record
+differs is redone from scratch, and with it every stage after it, except that a larger
+``iterations`` alone extends the trained model. ``OUT/config.json`` gets the resolved settings
+and ``OUT/results.json`` what each stage reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .. import distributed
+from ..io import atomic_open
+from .jobs import JOBS, Job
+from .options import JobError
+
+STAGES = tuple(JOBS)
+# the files between stages, in the run's folder
+RUN_PATHS = {
+    "descriptors": {"out": "descriptors"},
+    "train": {"descriptors": "descriptors", "out": "model.pt"},
+    "fim": {"descriptors": "descriptors", "model": "model.pt", "out": "fim.pt"},
+    "encode": {"descriptors": "descriptors", "model": "model.pt", "fim": "fim.pt", "out": "fisher"},
+    "evaluate": {"fisher": "fisher", "json": "evaluation.json"},
+}
+RESUMABLE = ("descriptors", "train", "encode")
+# settings that change how a stage runs, not what it produces
+OPERATIONAL = ("overwrite", "extend", "device", "workers", "log_dir", "checkpoint_every", "batch_frames")
+
+
+def read_config(path: str | Path) -> dict:
+    """The parsed TOML or YAML file (a table of stage sections)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    raw = path.read_bytes()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise JobError(f"{path}: YAML configs need PyYAML (pip install pyyaml); or write it as TOML") from None
+        try:
+            data = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise JobError(f"{path}: invalid YAML: {err}") from None
+    else:
+        import tomllib
+
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise JobError(f"{path}: invalid TOML: {err}") from None
+    if not isinstance(data, dict):
+        raise JobError(f"{path}: expected a table of stage sections")
+    return data
+
+
+def plan(path: str | Path, out: str | Path | None = None) -> tuple[Path, list[Job]]:
+    """The run's folder and its jobs, in order, from the config file ``path``."""
+    path = Path(path)
+    cfg = read_config(path)
+    base = path.resolve().parent
+    unknown = set(cfg) - set(STAGES) - {"out"}
+    if unknown:
+        raise JobError(f"{path}: unknown section(s) {', '.join(sorted(unknown))} (sections: out, {', '.join(STAGES)})")
+    folder = Path(out) if out is not None else Path(str(cfg.get("out") or ""))
+    if out is None and (not str(folder) or str(folder) == "."):
+        raise JobError(f"{path}: set `out = \"folder\"` (top level) or --out")
+    if out is None and not folder.is_absolute():
+        folder = base / folder
+    if "descriptors" not in cfg:
+        raise JobError(f"{path}: needs a [descriptors] section (the dataset and the backbone)")
+    use_fim = isinstance(cfg.get("fim"), dict) and cfg["fim"].get("enabled", True)
+    jobs = []
+    for stage in STAGES:
+        if stage == "fim" and not use_fim:
+            continue
+        section = cfg.get(stage) or {}
+        if not isinstance(section, dict):
+            raise JobError(f"{path}: [{stage}] must be a table")
+        section = {k: v for k, v in section.items() if k != "enabled"}
+        fixed = {k: str(folder / v) for k, v in RUN_PATHS[stage].items() if k != "fim" or use_fim}
+        jobs.append(JOBS[stage].from_section(section, f"{path} [{stage}]", base, fixed))
+    return folder, jobs
+
+
+def _stamp(job: Job, upstream: str) -> tuple[str, dict]:
+    settings = {k: v for k, v in job.settings().items() if k not in OPERATIONAL and k not in RUN_PATHS[job.stage]}
+    text = json.dumps({"stage": job.stage, "settings": settings, "upstream": upstream}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest(), settings
+
+
+def _write_json(path: Path, data: dict) -> None:
+    if distributed.is_main():
+        with atomic_open(path, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+    distributed.barrier()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise JobError(f"{path}: not a JSON file ({err}); delete it to redo the whole run") from None
+    if not isinstance(data, dict):
+        raise JobError(f"{path}: expected a JSON object; delete it to redo the whole run")
+    return data
+
+
+def run_config(path: str | Path, *, out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+               say: Callable[[str], None] = print) -> dict:
+    """Run the chain of the config file ``path``; returns {stage: what it reported}. ``overwrite``:
+    redo every stage from scratch."""
+    t0 = time.perf_counter()
+    folder, jobs = plan(path, out)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamps = {} if overwrite else _read_json(folder / "stamps.json")
+    results = _read_json(folder / "results.json")
+    _write_json(folder / "config.json", {job.stage: job.settings() for job in jobs})
+    upstream, redo_rest = "", overwrite
+    for job in jobs:
+        stamp, settings = _stamp(job, upstream)
+        upstream = stamp
+        before = stamps.get(job.stage) or {}
+        same = not redo_rest and before.get("stamp") == stamp
+        if same and before.get("complete") and job.stage not in RESUMABLE:
+            say(f"== {job.stage}: done before with these settings and inputs, kept")
+            continue
+        changes = {}
+        if not same and before.get("settings") and not redo_rest:
+            old = before["settings"]
+            changes = {k for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
+        if not same:
+            redo_rest = True
+            if changes == {"iterations"} and settings["iterations"] > before["settings"]["iterations"]:
+                job = dataclasses.replace(job, extend=True)
+            elif hasattr(job, "overwrite"):
+                job = dataclasses.replace(job, overwrite=bool(before) or overwrite)
+            why = f" (changed: {', '.join(sorted(changes))})" if changes else ""
+            say(f"== {job.stage}: {'redone' if before else 'new'}{why}")
+        else:
+            say(f"== {job.stage}: {'resumed' if not before.get('complete') else 'checked'}")
+        stamps[job.stage] = {"stamp": stamp, "settings": settings, "complete": False}
+        _write_json(folder / "stamps.json", stamps)
+        report = job.run(progress=progress, say=say)
+        for line in report.lines():
+            say(line)
+        results[job.stage] = report.figures()
+        stamps[job.stage]["complete"] = True
+        _write_json(folder / "stamps.json", stamps)
+        _write_json(folder / "results.json", results)
+    say(f"run: {', '.join(job.stage for job in jobs)} done in {time.perf_counter() - t0:.1f} s; outputs in {folder}")
+    return results

@@ -1,0 +1,440 @@
+"""The stages as jobs: one typed dataclass per stage whose fields are the stage's settings (defaults,
+checks and help in one place, :mod:`.options`), and whose ``run()`` does the work and returns a
+report. The command line and the config runner (:mod:`.config`) only build these jobs::
+
+    from fvvae_fast.pipelines.jobs import DescriptorsJob, TrainJob, EncodeJob
+    DescriptorsJob(dataset="folder", root="videos", weights="vgg19.pth", out="desc").run()
+    TrainJob(descriptors="desc", out="model.pt", iterations=2000).run()
+    EncodeJob(model="model.pt", descriptors="desc", out="fisher").run()
+
+Under torchrun every job spreads its work over the processes; its report is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from .. import distributed
+from ..io import atomic_open, file_sha256
+from ..model import FVVAE
+from ..official import RELEASE_NORM_SCALE
+from ..train import TrainConfig
+from .options import Job, JobError, hidden_layers, integer, integers, number, option
+
+DATASETS = ("ucf101", "cub", "activitynet", "folder", "arrays")
+SOURCES = ("video", "image", "precomputed")
+DEFAULT_SOURCE = {"ucf101": "video", "activitynet": "video", "cub": "image", "folder": "video", "arrays": "precomputed"}
+DEFAULT_BACKBONE = {"video": "vgg19-pool5", "image": "vgg19-conv5_4"}
+DEFAULT_SIZE = {"video": 224, "image": 448}
+TRAIN_SPLITS = ("train", "training")  # UCF101/CUB/folders, ActivityNet
+TEST_SPLITS = {"train": "test", "training": "validation"}
+FIM_MODES = ("diagonal", "lowrank", "kronecker")
+
+_MODEL = inspect.signature(FVVAE).parameters
+_positive = integer(1)
+
+
+def device_of(name: str) -> str:
+    """'auto' (cuda when available, else cpu) or a torch device name that exists here."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise JobError(f"device (--device) {name!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise JobError(f"device (--device) {name}: CUDA is not available on this machine")
+    return name
+
+
+def _device_option():
+    return option("auto", "torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+
+
+def _store_split(store, split: str | None) -> str | None:
+    """None: the store's training split when it has one, else all items; 'all': all items."""
+    if split == "all":
+        return None
+    if split is None:
+        return next((s for s in TRAIN_SPLITS if s in store.splits()), None)
+    if split not in store.splits():
+        raise JobError(f"{store.path}: no split {split!r} (splits: {', '.join(map(repr, store.splits()))}; "
+                       f"'all' for every item)")
+    return split
+
+
+def load_any_model(path: str) -> FVVAE:
+    """An FV-VAE from a checkpoint of `fvvae train` or from the release's .mat file."""
+    from ..official import load_official
+    from ..train import load_model
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: model file not found")
+    return load_official(p) if p.suffix.lower() == ".mat" else load_model(p)
+
+
+@dataclass
+class JobReport:
+    """What a job that writes one file did: the lines it reports and its figures (JSON values)."""
+
+    messages: list[str]
+    values: dict
+
+    def lines(self) -> list[str]:
+        return self.messages
+
+    def figures(self) -> dict:
+        return self.values
+
+
+@dataclass
+class DescriptorsJob(Job):
+    """Decode the items of a dataset, run a backbone, pool the conv maps into descriptors (video: 25
+    frames x 50 SPP descriptors; image: 448x448 -> 28x28 = 784) and write one set per item to a
+    sharded store. Rerun to resume after a crash; unreadable items are skipped, logged and counted."""
+
+    stage: ClassVar[str] = "descriptors"
+    out: str = option(help="store folder (created, or resumed when it exists)", required=True, group="output")
+    dataset: str = option(help="layout: ucf101 (--root videos, --annotations ucfTrainTestlist/), cub (--root "
+                          "CUB_200_2011/), activitynet (--annotations the v1.3 JSON, --root videos), folder (--root "
+                          "with one folder per class, optionally under train/ test/), arrays (--arrays, --offsets)",
+                          required=True, choices=DATASETS, group="dataset")
+    root: str | None = option(help="dataset folder (videos, images, or per-item .npy files)", input=True,
+                              group="dataset")
+    annotations: str | None = option(help="UCF101: the folder of classInd.txt and the split lists (default: "
+                                     "ROOT/ucfTrainTestlist or beside ROOT); ActivityNet: the JSON file", input=True,
+                                     group="dataset")
+    split: int = option(1, "UCF101 train/test split", parse=integer(1, 3), group="dataset")
+    subset: tuple[str, ...] | None = option(help="only the items of these splits (e.g. train test)", many=True,
+                                            group="dataset")
+    arrays: str | None = option(help="--dataset arrays: (N, C) .npy of descriptors", input=True, group="dataset")
+    offsets: str | None = option(help="--dataset arrays: (S+1,) int .npy, set s = rows offsets[s]:offsets[s+1]",
+                                 input=True, group="dataset")
+    labels: str | None = option(help="--dataset arrays: (S,) int .npy of labels (optional)", input=True,
+                                group="dataset")
+    splits: str | None = option(help="--dataset arrays: text file, one split name per set (optional)", input=True,
+                                group="dataset")
+    source: str | None = option(help="what an item is (default: video for ucf101/activitynet/folder, image for cub)",
+                                choices=SOURCES, group="source and backbone")
+    backbone: str | None = option(help="preset (vgg19-pool5, vgg19-conv5_4, resnet152-res5c, mobilenet_v2) or any "
+                                  "torchvision model name with --layer (default: vgg19-pool5 for video, vgg19-conv5_4 "
+                                  "for images)", group="source and backbone")
+    layer: str | None = option(help="the layer whose output is the conv map (a torchvision feature-extraction node or "
+                               "submodule name), overrides the preset's", group="source and backbone")
+    weights: str | None = option(help="local state_dict file of the backbone (nothing is downloaded)", input=True,
+                                 group="source and backbone")
+    random_weights: bool = option(False, "allow random backbone weights (tests only)", group="source and backbone")
+    seed: int = option(0, "seed of the random backbone weights", parse=integer(), group="source and backbone")
+    preprocess: str = option("torchvision", "torchvision: RGB, ImageNet mean/std; release: the released model's "
+                             "Caffe input (240x320 resize, 224 crop, BGR minus [104,117,123])",
+                             choices=("torchvision", "release"), group="source and backbone")
+    map_scale: float | None = option(help="the release's whole-map L2 normalisation times this scale before pooling "
+                                     f"({RELEASE_NORM_SCALE:g} for the released model)", parse=number,
+                                     group="source and backbone")
+    release: bool = option(False, "the released model's pipeline: vgg19-pool5, --preprocess release, --map-scale "
+                           f"{RELEASE_NORM_SCALE:g} (give --weights: VGG-19 converted from Caffe)",
+                           group="source and backbone")
+    frames: int = option(25, "video: frames sampled uniformly over the clip", parse=_positive,
+                         group="sampling and pooling")
+    size: int | None = option(help="input size: video crop (default 224), image side (default 448)", parse=_positive,
+                              group="sampling and pooling")
+    resize: int | None = option(help="video, torchvision preprocessing: shorter side before the crop (default size * "
+                                "256 / 224)", parse=_positive, group="sampling and pooling")
+    levels: tuple[int, ...] = option((6, 3, 2, 1), "video: SPP grid sizes", parse=integers(1),
+                                     group="sampling and pooling")
+    box: bool = option(False, "images: crop to the bounding box first (CUB '+box')", group="sampling and pooling")
+    overwrite: bool = option(False, "delete an existing store at --out first", group="output")
+    shard_items: int = option(32, "items per shard: the unit of resumption; a shard's descriptors stay in memory "
+                              "until written", parse=_positive, group="output")
+    batch_frames: int = option(64, "frames per backbone batch", parse=_positive, group="output")
+    workers: int | None = option(help="decoding worker processes (default: min(4, cores - 1); 0: decode in the main "
+                                 "process)", parse=integer(0), group="output")
+    dtype: str = option("float32", "stored descriptor type", choices=("float32", "float16"), group="output")
+    device: str = _device_option()
+
+    def _dataset(self, source_kind: str):
+        from . import datasets as ds
+
+        def need(name: str) -> Path:
+            if getattr(self, name) is None:
+                raise JobError(f"--dataset {self.dataset} needs --{name.replace('_', '-')}")
+            return Path(getattr(self, name))
+
+        if self.dataset == "ucf101":
+            return ds.read_ucf101(need("root"), self.annotations, split=self.split)
+        if self.dataset == "cub":
+            return ds.read_cub(need("root"))
+        if self.dataset == "activitynet":
+            return ds.read_activitynet(need("annotations"), need("root"))
+        exts = {"video": ds.VIDEO_EXTENSIONS, "image": ds.IMAGE_EXTENSIONS, "precomputed": (".npy",)}[source_kind]
+        return ds.read_folder(need("root"), exts)
+
+    def _arrays(self):
+        import numpy as np
+
+        from .datasets import Dataset
+        from .sources import array_items
+
+        if self.arrays is None or self.offsets is None:
+            raise JobError("--dataset arrays needs --arrays X.npy (N, C) and --offsets OFFSETS.npy (S+1,)")
+        x = np.load(self.arrays, mmap_mode="r")
+        offsets = np.load(self.offsets)
+        if x.ndim != 2:
+            raise JobError(f"{self.arrays}: expected an (N, C) array, got shape {x.shape}")
+        labels = np.load(self.labels) if self.labels else None
+        splits = None
+        if self.splits:
+            splits = [line.strip() for line in Path(self.splits).read_text().splitlines()]
+            splits = [s for s in splits if s != ""] if len(splits) != len(offsets) - 1 else splits
+        items = array_items(x, offsets, labels, splits)
+        classes = [str(c) for c in range(int(labels.max()) + 1)] if labels is not None and len(labels) else []
+        return Dataset(Path(self.arrays).stem, items, classes), (x, np.asarray(offsets, dtype=np.int64))
+
+    def run(self, progress: bool = True, say=print):
+        """Write the store; returns the :class:`StageReport`. ``say`` gets the opening line."""
+        from . import ImageSource, PrecomputedSource, VideoSource, build_backbone, extract_descriptors
+
+        self.refuse_own_inputs(self.out)
+        kind = self.source or DEFAULT_SOURCE[self.dataset]
+        if self.dataset == "arrays" and kind != "precomputed":
+            raise JobError("--dataset arrays holds precomputed descriptors: use --source precomputed")
+        backbone_name, preprocess, map_scale = self.backbone, self.preprocess, self.map_scale
+        if self.release:
+            if kind != "video":
+                raise JobError("--release is the released model's video pipeline: use it with --source video")
+            backbone_name, preprocess = backbone_name or "vgg19-pool5", "release"
+            map_scale = map_scale or RELEASE_NORM_SCALE
+        dataset, arrays = self._arrays() if self.dataset == "arrays" else (self._dataset(kind), None)
+        if self.subset:
+            dataset = dataset.split(*self.subset)
+            if not dataset.items:
+                raise JobError(f"no item in subset(s) {', '.join(self.subset)}")
+        device = device_of(self.device)
+        backbone = None
+        size = self.size or DEFAULT_SIZE.get(kind)
+        if kind == "precomputed":
+            source = PrecomputedSource(arrays=arrays)
+        elif kind == "video":
+            source = VideoSource(preprocess=preprocess, map_scale=map_scale, frames=self.frames, size=size,
+                                 resize=self.resize or round(size * 256 / 224), levels=self.levels)
+        else:
+            source = ImageSource(preprocess=preprocess, map_scale=map_scale, size=size, use_box=self.box)
+        if kind != "precomputed":
+            backbone = build_backbone(backbone_name or DEFAULT_BACKBONE[kind], self.layer, weights=self.weights,
+                                      random_weights=self.random_weights, seed=self.seed, device=device)
+        splits = ", ".join(repr(s) for s in dataset.splits())
+        say(f"descriptors: {len(dataset.items)} {kind} items of {dataset.name} ({len(dataset.classes)} classes, "
+            f"splits: {splits}) -> {self.out}")
+        workers = self.workers if self.workers is not None else default_workers()
+        return extract_descriptors(source, dataset, self.out, backbone, shard_items=self.shard_items,
+                                   batch_frames=self.batch_frames, workers=workers, device=device, dtype=self.dtype,
+                                   overwrite=self.overwrite, progress=progress)
+
+
+def default_workers() -> int:
+    import os
+
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class TrainJob(Job):
+    """Train FV-VAE (AdaDelta, Algorithm 1) on the sets of a descriptor store. The checkpoint --out is
+    rewritten atomically every --checkpoint-every iterations (and on Ctrl-C); rerunning resumes from it."""
+
+    stage: ClassVar[str] = "train"
+    descriptors: str = option(help="descriptor store (from `fvvae descriptors`)", required=True, input=True)
+    out: str = option(help="checkpoint file (resumed when it exists)", required=True)
+    split: str | None = option(help="train on this split (default: 'train' when the store has it, else all; 'all')")
+    overwrite: bool = option(False, "start again instead of resuming from --out")
+    extend: bool = option(False, "train the run in --out on to a larger --iterations (recorded in the checkpoint); "
+                          "without it, resuming with any changed setting is refused")
+    log_dir: str | None = option(help="write TensorBoard scalars (losses, decoder liveness, sigma_x) to this folder",
+                                 path=True)
+    latent_dim: int = option(_MODEL["latent_dim"].default, "d: the FV has C x (d+1) dimensions", parse=_positive)
+    hidden_dim: int | list[int] | None = option(_MODEL["hidden_dim"].default, "encoder hidden layers: default (one "
+                                                "of C), none, or sizes such as 512,512", parse=hidden_layers)
+    norm: str = option("auto", "descriptor preprocessing; auto: map when the store was made with --map-scale, "
+                       "else descriptor", choices=("auto", "descriptor", "map", "none"))
+    norm_scale: float | None = option(help="norm='map' scale recorded in the model (default: the store's map scale)",
+                                      parse=number)
+    dropout: float = option(_MODEL["dropout"].default, "dropout on the encoder input", parse=number)
+    num_classes: int | None = option(help="classifier on z (default: the store's classes; 0 = none)",
+                                     parse=integer(0))
+    iterations: int = option(TrainConfig.iterations, "AdaDelta iterations", parse=_positive)
+    batch_sets: int = option(TrainConfig.batch_sets, "sets per mini-batch", parse=_positive)
+    descriptors_per_set: int | None = option(help="random descriptors per set and iteration (default all; 50 = one "
+                                             "video frame)", parse=_positive)
+    lr: float = option(TrainConfig.lr, "AdaDelta learning rate", parse=number)
+    lambda3: float = option(TrainConfig.lambda3, "weight of the classification loss (0 = FV-VAE-)", parse=number)
+    seed: int = option(TrainConfig.seed, "seed of everything random: initial weights, the data-dependent start, set "
+                       "sampling, dropout, z noise", parse=integer())
+    checkpoint_every: int = option(TrainConfig.checkpoint_every, "iterations between checkpoints", parse=_positive)
+    device: str = _device_option()
+
+    def run(self, progress: bool = True, say=print) -> JobReport:
+        from ..store import Store
+        from ..train import train
+
+        self.refuse_own_inputs(self.out)
+        store = Store.open(self.descriptors, kind="descriptors")
+        split = _store_split(store, self.split)
+        data = store.sets(split)
+        map_scale = (store.config.get("source") or {}).get("map_scale")
+        norm = self.norm if self.norm != "auto" else ("map" if map_scale else "descriptor")
+        norm_scale = self.norm_scale if self.norm_scale is not None else float(map_scale or 1.0)
+        num_classes = self.num_classes
+        if num_classes is None:
+            num_classes = len(store.classes) if self.lambda3 != 0 and store.classes else 0
+        if num_classes and len(data) and int(data.labels.min()) < 0:
+            raise JobError(f"{store.path}: some training items have no label; use --lambda3 0 or --num-classes 0")
+        model = FVVAE(in_dim=store.dim, latent_dim=self.latent_dim, num_classes=num_classes,
+                      hidden_dim=self.hidden_dim, norm=norm, norm_scale=norm_scale, dropout=self.dropout,
+                      seed=self.seed)
+        config = TrainConfig(iterations=self.iterations, batch_sets=self.batch_sets, lr=self.lr, lambda3=self.lambda3,
+                             descriptors_per_set=self.descriptors_per_set, seed=self.seed,
+                             device=device_of(self.device), checkpoint_every=self.checkpoint_every)
+        say(f"train: {len(data)} sets ({data.x.shape[0]} descriptors, C={store.dim}) of split "
+            f"{split if split is not None else 'all'!r}; model {model.config()}")
+        if self.overwrite and distributed.is_main():
+            Path(self.out).unlink(missing_ok=True)
+        distributed.barrier()
+        t0 = time.perf_counter()
+        result = train(model, data, config, checkpoint=self.out, progress=progress, log_dir=self.log_dir,
+                       resume="extend" if self.extend else "exact")
+        seconds = time.perf_counter() - t0
+        done = config.iterations - result.resumed_from
+        last = result.history[-1] if result.history else {}
+        losses = ", ".join(f"{k}={last[k]:.4g}" for k in ("rec", "reg", "cls", "total") if k in last)
+        lines = [f"train: {done} iterations in {seconds:.1f} s (resumed from {result.resumed_from}); "
+                 f"last losses: {losses or 'n/a'}"]
+        if "active" in last:
+            lines.append(f"decoder: {100 * last['active']:.1f}% of pre-activations active, {100 * last['alive']:.1f}% "
+                         f"of units alive, sigma_x in [{last['sigma_x_min']:.3g}, {last['sigma_x_max']:.3g}]")
+        lines.append(f"model: {self.out}")
+        return JobReport(lines, {"iterations": done, "resumed_from": result.resumed_from, "seconds": seconds, **last})
+
+
+@dataclass
+class FimJob(Job):
+    """One pass over the training sets of a descriptor store: a streaming estimate of the Fisher
+    information F (Eq. 12; diagonal, diagonal + low rank, or Kronecker) saved for encode."""
+
+    stage: ClassVar[str] = "fim"
+    model: str = option(help="checkpoint from `fvvae train`, or a released .mat file", required=True, input=True)
+    descriptors: str = option(help="descriptor store", required=True, input=True)
+    out: str = option(help="FIM file to write", required=True)
+    split: str | None = option(help="estimate on this split (default: 'train' when present, else all; 'all')")
+    mode: str = option("diagonal", "estimate of F", choices=FIM_MODES)
+    rank: int | None = option(help="--mode lowrank: rank k", parse=_positive)
+    damping: float | None = option(help="floor relative to the mean diagonal (default: the estimator's; 0 = the "
+                                   "release's normalize_raw_fv)", parse=number)
+    batch_sets: int = option(32, "sets per batch", parse=_positive)
+    device: str = _device_option()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mode == "lowrank" and not self.rank:
+            raise JobError("--mode lowrank needs --rank K")
+        if self.mode != "lowrank" and self.rank:
+            raise JobError(f"--rank is only for --mode lowrank, not {self.mode}")
+
+    def run(self, progress: bool = True, say=print) -> JobReport:
+        from ..store import Store
+        from .stages import estimate_fim
+
+        self.refuse_own_inputs(self.out)
+        model = load_any_model(self.model)
+        store = Store.open(self.descriptors, kind="descriptors")
+        split = _store_split(store, self.split)
+        t0 = time.perf_counter()
+        fim = estimate_fim(model, store, mode=self.mode, rank=self.rank, damping=self.damping, split=split,
+                           batch_sets=self.batch_sets, device=device_of(self.device), progress=progress)
+        if distributed.is_main():
+            fim.save(self.out)
+        distributed.barrier()
+        seconds = time.perf_counter() - t0
+        return JobReport([f"fim: {fim!r} from {fim.num_sets} sets of split {split if split is not None else 'all'!r} "
+                          f"in {seconds:.1f} s", f"fim: {self.out}"], {"sets": fim.num_sets, "seconds": seconds})
+
+
+@dataclass
+class EncodeJob(Job):
+    """One Fisher vector per set: -F^(-1/2) vec(G_X), signed sqrt, L2 (Eq. 13), written shard by shard
+    to a store; rerun to resume."""
+
+    stage: ClassVar[str] = "encode"
+    model: str = option(help="checkpoint from `fvvae train`, or a released .mat file", required=True, input=True)
+    descriptors: str = option(help="descriptor store", required=True, input=True)
+    out: str = option(help="Fisher-vector store folder (resumed when it exists)", required=True)
+    fim: str | None = option(help="FIM file from `fvvae fim` (default: none, F = I)", input=True)
+    overwrite: bool = option(False, "delete an existing store at --out first")
+    normalize: bool = option(True, "signed square root and L2 normalisation")
+    batch_sets: int = option(16, "sets per encoding batch", parse=_positive)
+    device: str = _device_option()
+
+    def run(self, progress: bool = True, say=print):
+        """Write the store; returns the :class:`StageReport`."""
+        from ..store import Store
+        from .stages import encode_store
+
+        self.refuse_own_inputs(self.out)
+        model = load_any_model(self.model)
+        fim = None
+        extra = {"model_sha256": file_sha256(self.model)}
+        if self.fim:
+            from ..fim import FisherInformation
+
+            if not Path(self.fim).is_file():
+                raise FileNotFoundError(f"{self.fim}: FIM file not found")
+            fim = FisherInformation.load(self.fim)
+            extra["fim_sha256"] = file_sha256(self.fim)
+        src = Store.open(self.descriptors, kind="descriptors")
+        return encode_store(model, src, self.out, fim=fim, normalize=self.normalize, batch_sets=self.batch_sets,
+                            device=device_of(self.device), overwrite=self.overwrite, progress=progress,
+                            extra_config=extra)
+
+
+@dataclass
+class EvaluateJob(Job):
+    """Train a one-vs-all linear SVM on the vectors of one split and report the top-1 accuracy on
+    another (paper section 5.2)."""
+
+    stage: ClassVar[str] = "evaluate"
+    fisher: str = option(help="Fisher-vector store (from `fvvae encode`)", required=True, input=True)
+    train_split: str | None = option(help="split the SVM is trained on (default: train, or ActivityNet's training)")
+    test_split: str | None = option(help="split the accuracy is measured on (default: test, or ActivityNet's "
+                                    "validation when training on training)")
+    C: float = option(100.0, "SVM regularisation constant", parse=number)
+    json: str | None = option(help="also write the results to this JSON file", path=True)
+
+    def run(self, progress: bool = True, say=print) -> JobReport:
+        import json
+
+        from ..store import Store
+        from .stages import evaluate_store
+
+        if self.json is not None:
+            self.refuse_own_inputs(self.json)
+        store = Store.open(self.fisher, kind="fisher")
+        train_split = self.train_split or next((s for s in TRAIN_SPLITS if s in store.splits()), "train")
+        test_split = self.test_split or TEST_SPLITS.get(train_split, "test")
+        res = evaluate_store(store, train_split=train_split, test_split=test_split, C=self.C)
+        if self.json:
+            with atomic_open(self.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return JobReport([f"evaluate: one-vs-all linear SVM (C={self.C:g}) on {res['train']} {train_split!r} vectors, "
+                          f"{res['classes']} classes, tested on {res['test']} {test_split!r} vectors in "
+                          f"{res['seconds']:.1f} s",
+                          f"top-1 accuracy: {100 * res['top1']:.2f}%, top-3: {100 * res['top3']:.2f}%, "
+                          f"mAP: {100 * res['mean_ap']:.2f}%"], res)
+
+
+JOBS: dict[str, type[Job]] = {job.stage: job for job in (DescriptorsJob, TrainJob, FimJob, EncodeJob, EvaluateJob)}

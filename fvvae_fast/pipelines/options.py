@@ -1,0 +1,174 @@
+"""Typed, validated job settings: one declaration per option, read by the job, the command line
+and the config runner alike.
+
+A job is a dataclass whose fields are declared with :func:`option`: the default, the help text,
+how a value is parsed (from a command-line string or a TOML/YAML value) and, for files, whether
+the field names an input (refused as an output) or a path (made relative to a config file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import UserError
+
+
+class JobError(UserError, ValueError):
+    """A job setting that is missing, of the wrong type or out of range."""
+
+
+def option(default: Any = None, help: str = "", *, required: bool = False, parse: Callable[[Any], Any] | None = None,
+           choices: Sequence[str] | None = None, many: bool = False, input: bool = False, path: bool = False,
+           group: str | None = None) -> Any:
+    """A job field. ``parse`` turns a string (command line) or a config value into the field's value
+    and raises ValueError with the reason; ``many``: a list of strings (``nargs='+'``); ``input``: a
+    file the job reads (implies ``path``); ``group``: the heading it is listed under in ``--help``.
+    Fields without a parser hold strings."""
+    if choices is not None:
+        parse = one_of(choices)
+    meta = {"help": help, "required": required, "parse": parse, "choices": choices, "many": many, "input": input,
+            "path": path or input, "group": group}
+    return field(default=default, metadata=meta)
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def integer(low: int | None = None, high: int | None = None) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"expected an integer, got {value!r}")
+        try:
+            v = int(value)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {value!r}") from None
+        if low is not None and v < low:
+            raise ValueError(f"must be >= {low}, got {v}")
+        if high is not None and v > high:
+            raise ValueError(f"must be <= {high}, got {v}")
+        return v
+
+    return parse
+
+
+def number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a number, got {value!r}")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"expected a string, got {value!r}")
+    return os.fspath(value)
+
+
+def one_of(choices: Sequence[str]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+
+    return parse
+
+
+def integers(low: int | None = 1) -> Callable[[Any], tuple[int, ...]]:
+    """Comma-separated integers ("6,3,2,1") or a list of them."""
+    item = integer(low)
+
+    def parse(value: Any) -> tuple[int, ...]:
+        parts = value.split(",") if isinstance(value, str) else value
+        if not isinstance(parts, (list, tuple)) or not parts:
+            raise ValueError(f"expected comma-separated integers such as 6,3,2,1, got {value!r}")
+        return tuple(item(v.strip() if isinstance(v, str) else v) for v in parts)
+
+    return parse
+
+
+def hidden_layers(value: Any) -> int | list[int] | None:
+    """'default' (None: one hidden layer of C), 'none' or 0 (no hidden layer), 512, '512,512' or [512, 512]."""
+    if isinstance(value, str) and value.strip().lower() in ("default", "none", "0", ""):
+        return None if value.strip().lower() == "default" else 0
+    dims = integers(0)(value if not isinstance(value, int) else [value])
+    return dims[0] if len(dims) == 1 else list(dims)
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    parts = [value] if isinstance(value, str) else value
+    if not isinstance(parts, (list, tuple)) or not all(isinstance(p, str) for p in parts):
+        raise ValueError(f"expected a list of names, got {value!r}")
+    return tuple(parts)
+
+
+@dataclass
+class Job:
+    """Base of the stage jobs: checks and converts every field on construction."""
+
+    stage: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                if f.metadata.get("required"):
+                    raise JobError(f"{f.name} ({flag_name(f.name)}) is required")
+                continue
+            if isinstance(f.default, bool):
+                if not isinstance(value, bool):
+                    raise JobError(f"{f.name} ({flag_name(f.name)}): expected true or false, got {value!r}")
+                continue
+            parse = _strings if f.metadata.get("many") else f.metadata.get("parse") or text
+            try:
+                object.__setattr__(self, f.name, parse(value))
+            except ValueError as err:
+                raise JobError(f"{f.name} ({flag_name(f.name)}): {err}") from None
+
+    @classmethod
+    def from_section(cls, section: dict, where: str, base: Path | None = None, fixed: dict | None = None) -> Job:
+        """The job of a config section: keys are field names (dashes or underscores); unknown keys and the
+        keys of ``fixed`` (set by the caller, who gives their values) are refused; relative paths are made
+        relative to ``base``."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fixed = fixed or {}
+        kwargs = {}
+        for key, value in section.items():
+            name = str(key).replace("-", "_")
+            if name in fixed:
+                raise JobError(f"{where}: {key!r} is set by `fvvae run` (the files go in the run's `out` folder)")
+            if name not in fields:
+                known = ", ".join(sorted(n for n in fields if n not in fixed))
+                raise JobError(f"{where}: unknown key {key!r} (known: {known})")
+            if base is not None and fields[name].metadata.get("path") and isinstance(value, str):
+                value = str(base / value)
+            kwargs[name] = value
+        try:
+            return cls(**kwargs, **fixed)
+        except JobError as err:
+            raise JobError(f"{where}: {err}") from None
+
+    def settings(self) -> dict:
+        """The fields as plain JSON values (the resolved configuration)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def inputs(self) -> list[tuple[str, str]]:
+        """(field, path) of each file or folder the job reads."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                if f.metadata.get("input") and getattr(self, f.name) is not None]
+
+    def refuse_own_inputs(self, out: str | os.PathLike) -> None:
+        """No job writes over what it reads: ``out`` may not be, or hold, one of its inputs."""
+        target = Path(out).resolve()
+        for name, value in self.inputs():
+            path = Path(value).resolve()
+            if target == path or target in path.parents:
+                raise JobError(f"{flag_name('out')} {out} would overwrite the input {flag_name(name)} {value}: "
+                               f"write to another path")
