@@ -92,13 +92,71 @@ CREATE TABLE shards (
 """
 
 
-_HELD: set[str] = set()  # real paths of the stores this process holds open for writing
+class _LockFile:
+    """A store's ``lock`` file as this process holds it. Writers hold it exclusively, readers shared, so
+    that no writer changes a store under a reader of another process. POSIX record locks belong to a
+    process (a second descriptor would convert or drop the lock), so each process keeps one descriptor
+    per store and counts its own readers and writer. Forked DataLoader workers do not inherit the lock,
+    and it is released the moment the process dies (even by SIGKILL)."""
+
+    def __init__(self, path: Path) -> None:
+        self.readers, self.writer = 0, False
+        try:
+            self.f = open(path / "lock", "a+")
+        except PermissionError:  # a store another user wrote: reading it still excludes writers
+            self.f = open(path / "lock")
+
+    def lock(self, exclusive: bool) -> bool:
+        """Take the lock without waiting; False when another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # no fcntl (Windows): only the in-process checks protect the store
+            return True
+        try:
+            fcntl.lockf(self.f.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
 
 
-def _release(lock: tuple[str, Any]) -> None:
-    key, f = lock
-    _HELD.discard(key)
-    f.close()
+_LOCKS: dict[str, _LockFile] = {}  # real path of a store -> this process's hold on it
+
+
+def _acquire(path: Path, exclusive: bool) -> str:
+    key = os.path.realpath(path)
+    held = _LOCKS.get(key)
+    if held is not None and held.writer and exclusive:
+        raise StoreError(f"{path}: the store is already open for writing in this process")
+    if held is None:
+        try:
+            held = _LockFile(path)
+        except FileNotFoundError:  # a read-only folder without a lock file: nothing can write it either
+            return key
+    if held.readers == 0 and not held.writer or exclusive:
+        if not held.lock(exclusive):
+            busy = "read" if exclusive and held.lock(False) else "written"
+            if held.readers == 0 and not held.writer:
+                held.f.close()
+            raise StoreError(f"{path}: the store is being {busy} by another process (lock held)")
+    _LOCKS[key] = held
+    held.writer |= exclusive
+    held.readers += not exclusive
+    return key
+
+
+def _release(key: str, exclusive: bool) -> None:
+    held = _LOCKS.get(key)
+    if held is None:
+        return
+    if exclusive:
+        held.writer = False
+    else:
+        held.readers -= 1
+    if not held.writer and held.readers == 0:
+        del _LOCKS[key]
+        held.f.close()
+    elif exclusive:
+        held.lock(False)  # this process's readers keep the store from other writers
 
 
 class StoreError(UserError, ValueError):
@@ -263,6 +321,7 @@ class Store:
 
     def __init__(self, path: Path, db: sqlite3.Connection, writable: bool, lock=None, journal: bool = False) -> None:
         self.path, self._db, self.writable, self._lock = path, db, writable, lock
+        self._read_lock: str | None = None
         self.journal = journal  # write_shard leaves a journal file instead of touching the manifest
         meta = dict(db.execute("SELECT key, value FROM meta"))
         if meta.get("format") != FORMAT:
@@ -284,29 +343,26 @@ class Store:
         db.execute("PRAGMA synchronous = FULL")
         return db
 
-    @staticmethod
-    def _acquire(path: Path):
-        key = os.path.realpath(path)
-        if key in _HELD:  # POSIX locks do not exclude a second writer in the same process
-            raise StoreError(f"{path}: the store is already open for writing in this process")
-        f = open(path / "lock", "a+")
-        try:
-            import fcntl
-
-            # a POSIX record lock belongs to this process only: forked DataLoader workers do not
-            # inherit it, so it is released the moment this process dies (even by SIGKILL)
-            fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no fcntl (Windows): only the in-process check protects the store
-            pass
-        except OSError:
-            f.close()
-            raise StoreError(f"{path}: the store is being written by another process (lock held)") from None
-        _HELD.add(key)
-        return key, f
-
     @classmethod
     def open(cls, path: str | os.PathLike, kind: str | None = None) -> Store:
-        """Open an existing store for reading (``kind`` checks it holds 'descriptors' or 'fisher')."""
+        """Open an existing store for reading (``kind`` checks it holds 'descriptors' or 'fisher').
+
+        The reader holds a shared lock until :meth:`close` (or until the object is collected): while it
+        does, another process may not write the store, and a store another process is writing is refused.
+        """
+        store = cls._read(path)
+        try:
+            store._read_lock = _acquire(store.path, exclusive=False)
+        except BaseException:
+            store._db.close()
+            raise
+        if kind is not None and store.kind != kind:
+            store.close()
+            raise StoreError(f"{path}: holds {store.kind}, expected {kind}")
+        return store
+
+    @classmethod
+    def _read(cls, path: str | os.PathLike) -> Store:
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise FileNotFoundError(f"{path}: not a store (no {MANIFEST})")
@@ -318,8 +374,6 @@ class Store:
             if db is not None:
                 db.close()
             raise StoreError(f"{path}: the manifest {MANIFEST} is unreadable ({err})") from None
-        if kind is not None and store.kind != kind:
-            raise StoreError(f"{path}: holds {store.kind}, expected {kind}")
         return store
 
     @classmethod
@@ -331,7 +385,7 @@ class Store:
         store (rank 0) records the journals in the manifest with :meth:`absorb_journals`. A process
         killed at any point leaves whole shards with journals, or nothing that counts.
         """
-        store = cls.open(path)
+        store = cls._read(path)  # rank 0 holds the store's lock for the whole run
         store.writable, store.journal = True, True
         return store
 
@@ -374,7 +428,7 @@ class Store:
                 and any(p.name not in ("lock", "shards", f".{MANIFEST}.tmp") for p in path.iterdir()):
             raise StoreError(f"{path}: exists and is not a store; refusing to overwrite it")
         path.mkdir(parents=True, exist_ok=True)
-        lock = cls._acquire(path)  # before anything is deleted or written
+        lock = _acquire(path, exclusive=True)  # before anything is deleted or written
         db = None
         try:
             if overwrite:
@@ -397,12 +451,12 @@ class Store:
             store._recover()
             return store
         except sqlite3.DatabaseError as err:
-            _release(lock)
+            _release(lock, exclusive=True)
             if db is not None:
                 db.close()
             raise StoreError(f"{path}: the manifest {MANIFEST} is unreadable ({err})") from None
         except BaseException:
-            _release(lock)
+            _release(lock, exclusive=True)
             if db is not None:
                 db.close()
             raise
@@ -476,8 +530,15 @@ class Store:
     def close(self) -> None:
         self._db.close()
         if self._lock is not None:
-            _release(self._lock)
+            _release(self._lock, exclusive=True)
             self._lock = None
+        if self._read_lock is not None:
+            _release(self._read_lock, exclusive=False)
+            self._read_lock = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_read_lock", None) is not None:
+            _release(self._read_lock, exclusive=False)
 
     def __enter__(self) -> Store:
         return self

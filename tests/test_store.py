@@ -188,24 +188,55 @@ def test_write_shard_checks(tmp_path):
         assert np.load(tmp_path / "s/shards/shard-00000.npy").shape == (0, DIM)
 
 
-def test_lock_held_by_another_process(tmp_path):
+@pytest.mark.parametrize("who", ["writer", "reader"])
+def test_a_store_is_not_written_while_another_process_reads_or_writes_it(tmp_path, who):
     import subprocess
     import sys
 
     make(tmp_path).close()
+    code = "make(root)" if who == "writer" else "Store.open(root / 's')"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-         "fcntl.lockf(f.fileno(), fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
-         str(tmp_path / "s" / "lock")], stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tests.test_store import make, "
+         f"Store; root = Path(sys.argv[1]); h = {code}; print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(StoreError, match="another process"):
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError, match=f"being {'written' if who == 'writer' else 'read'} by another process"):
             make(tmp_path)
+        if who == "writer":
+            with pytest.raises(StoreError, match="being written by another process"):
+                Store.open(tmp_path / "s")
+        else:
+            Store.open(tmp_path / "s").close()  # readers share
     finally:
         holder.kill()
         holder.wait()
         holder.stdout.close()
     make(tmp_path).close()  # the lock went with the process
+
+
+def test_readers_and_a_writer_in_one_process_keep_the_lock(tmp_path):
+    """POSIX locks belong to the process: closing a reader must not drop the writer's lock, and the
+    process's readers keep other writers out after its writer closes."""
+    import subprocess
+    import sys
+
+    def other(code: str) -> str:  # what another process gets
+        script = ("import sys; from pathlib import Path; from tests.test_store import make, Store; "
+                  f"root = Path(sys.argv[1])\ntry:\n    {code}.close(); print('ok')\n"
+                  "except Exception as err:\n    print(err)")
+        return subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                              check=True).stdout
+
+    writer = make(tmp_path)
+    Store.open(tmp_path / "s").close()
+    assert "being written by another process" in other("Store.open(root / 's')")
+    reader = Store.open(tmp_path / "s")
+    writer.close()
+    assert "being read by another process" in other("make(root)")
+    assert other("Store.open(root / 's')").strip() == "ok"
+    reader.close()
+    assert other("make(root)").strip() == "ok"
 
 
 def test_unreadable_manifest_is_a_store_error(tmp_path):
