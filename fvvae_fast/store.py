@@ -475,7 +475,7 @@ class Store:
             )
             n_shards = -(-len(items) // shard_items)
             db.executemany("INSERT INTO shards VALUES (?, ?, 0, 'pending', NULL)",
-                           ((k, f"shards/shard-{k:05d}.npy") for k in range(n_shards)))
+                           ((k, shard_file(k)) for k in range(n_shards)))
         db.close()
         os.replace(tmp, path / MANIFEST)  # the manifest appears whole or not at all
         return Store._connect(path)
@@ -587,12 +587,12 @@ class Store:
             updates.append((row, arr.shape[0], "done", None, r.idx))
             row += arr.shape[0]
         data = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros((0, self.dim), self.dtype))
-        file = f"shards/shard-{shard:05d}.npy"
+        file = shard_file(shard)
         with atomic_open(self.path / file, "wb") as f:
             hw = _HashingWriter(f)
             np.lib.format.write_array(hw, data, allow_pickle=False)
         if self.journal:
-            with atomic_open(self.path / _journal_name(shard), "w") as f:
+            with atomic_open(self.path / shard_file(shard, ".journal.json"), "w") as f:
                 json.dump({"shard": shard, "rows": row, "sha256": hw.hash.hexdigest(), "items": updates}, f)
         else:
             self._record(shard, row, hw.hash.hexdigest(), updates)
@@ -618,7 +618,7 @@ class Store:
             entry = json.loads(file.read_text())
             shard = int(entry["shard"])
             status = self._db.execute("SELECT status FROM shards WHERE shard = ?", (shard,)).fetchone()
-            if status == ("pending",) and self._shard_ok(self.path / f"shards/shard-{shard:05d}.npy", entry["rows"]):
+            if status == ("pending",) and self._shard_ok(self.path / shard_file(shard), entry["rows"]):
                 self._record(shard, int(entry["rows"]), entry["sha256"], entry["items"])
                 count += 1
             file.unlink()
@@ -659,7 +659,7 @@ class Store:
     def _segments(self, rows: list[dict]) -> list[tuple[Path, int, int]]:
         segs: list[list] = []
         for r in rows:
-            file = self.path / f"shards/shard-{r['shard']:05d}.npy"
+            file = self.path / shard_file(r["shard"])
             if segs and segs[-1][0] == file and segs[-1][1] + segs[-1][2] == r["row"]:
                 segs[-1][2] += r["rows"]
             else:
@@ -709,8 +709,9 @@ class Store:
         return X, np.array([r["label"] for r in rows], dtype=np.int64), [r["item_id"] for r in rows]
 
 
-def _journal_name(shard: int) -> str:
-    return f"shards/shard-{shard:05d}.journal.json"
+def shard_file(shard: int, suffix: str = ".npy") -> str:
+    """The path of shard ``shard``'s array (or, with ``suffix='.journal.json'``, its journal) in a store."""
+    return f"shards/shard-{shard:05d}{suffix}"
 
 
 def item_records(items: Iterable[Any]) -> list[ItemRecord]:
