@@ -12,7 +12,8 @@ from .cases import SEED
 
 
 def test_layout_and_determinism():
-    kw = dict(animals=("cat", "zebra"), motions=("left", "zoom_out", "rotate_cw"), frames=5, size=40, seed=SEED)
+    kw = {"animals": ("cat", "zebra"), "motions": ("left", "zoom_out", "rotate_cw"), "frames": 5, "size": 40,
+          "seed": SEED}
     m = moving_clips(3, **kw)
     assert m.clips.shape == (18, 5, 3, 40, 40) and m.clips.dtype == torch.uint8
     assert m.poses.shape == (18, 5, 4) and m.labels.dtype == torch.int64
