@@ -23,6 +23,7 @@ and ``"raft_large"`` (torchvision's RAFT, only with a local weights file: nothin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -77,7 +78,7 @@ def frame_pairs(frames: Tensor | np.ndarray) -> Tensor:
 
     A single frame, or a (3, H, W) image, is refused: optical flow needs two frames of a video.
     """
-    x = torch.as_tensor(np.asarray(frames)) if isinstance(frames, np.ndarray) else frames
+    x = frames.cpu() if isinstance(frames, Tensor) else torch.as_tensor(np.asarray(frames))
     if x.dtype != torch.uint8:
         raise TypeError(f"frames: expected uint8 RGB frames, got {x.dtype}")
     if x.dim() == 4 and x.shape[1] == 3:
@@ -121,16 +122,24 @@ def flow_fields(frames: Tensor | np.ndarray, method: str = "auto", raft_weights:
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def _raft_model(method: str, weights: str, _size: int, _mtime_ns: int) -> torch.nn.Module:
+    """The RAFT model of a weights file, loaded once per file version (size and mtime in the key)."""
+    from torchvision.models import optical_flow
+
+    model = getattr(optical_flow, method)()
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
 def _raft(pairs: Tensor, method: str, weights: str | os.PathLike | None) -> Tensor:
     import torch.nn.functional as F
-    from torchvision.models import optical_flow
 
     if weights is None or not Path(weights).is_file():
         raise ValueError(f"raft_weights: method {method!r} needs a local weights file (nothing is downloaded), "
                          f"got {weights!r}")
-    model = getattr(optical_flow, method)()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    model.eval()
+    st = Path(weights).stat()
+    model = _raft_model(method, str(Path(weights).resolve()), st.st_size, st.st_mtime_ns)
     h, w = pairs.shape[-2:]
     # RAFT works at 1/8 resolution and its correlation pyramid needs maps of at least 16 x 16.
     pad = (0, max(RAFT_MIN_SIDE, w + -w % 8) - w, 0, max(RAFT_MIN_SIDE, h + -h % 8) - h)
