@@ -15,7 +15,7 @@ import sys
 
 from setuptools import setup
 
-PIPELINES = ["torchvision", "av", "pillow", "scikit-learn", "matplotlib"]
+PIPELINES = ["torchvision", "av", "pillow", "scikit-learn", "matplotlib", "opencv-python-headless"]
 
 
 def package_version() -> str:

@@ -54,6 +54,79 @@ def _array(v: Tensor | np.ndarray) -> np.ndarray:
     return v.detach().float().cpu().numpy() if isinstance(v, Tensor) else np.require(v, np.float32, ["W"])
 
 
+@dataclass(frozen=True)
+class Decisions:
+    """The one-vs-all SVM's decision values on test vectors: ``values`` (m, K) float64, one column per
+    class of ``classes`` (K,) int64 (the sorted training labels), SVM seconds and convergence."""
+
+    values: np.ndarray
+    classes: np.ndarray
+    seconds: float
+    converged: bool
+
+
+def svm_decisions(
+    train_x: Tensor | np.ndarray,
+    train_y: Tensor | np.ndarray,
+    test_x: Tensor | np.ndarray,
+    *,
+    C: float = 100.0,
+    normalize: bool = True,
+    max_iter: int = 2000,
+) -> Decisions:
+    """Train the protocol's one-vs-all linear SVM on (n, D) float vectors with (n,) int labels and
+    return its decision values on the (m, D) test vectors (``normalize``: as in :func:`evaluate_vectors`)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.svm import SVC, LinearSVC
+
+    xs = [torch.as_tensor(_array(v)) for v in (train_x, test_x)]
+    if normalize:
+        xs = [power_l2_normalize(v) for v in xs]
+    train_x, test_x = (v.numpy() for v in xs)
+    train_y = np.asarray(_array(train_y), dtype=np.int64)
+    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
+        raise ValueError(f"evaluate_vectors: train and test vectors must be (n, D) with one D, got "
+                         f"{train_x.shape} and {test_x.shape}")
+    if len(train_y) != len(train_x):
+        raise ValueError("evaluate_vectors: one label per vector is needed")
+    classes = np.unique(train_y)
+    if len(classes) < 2:
+        raise ValueError(f"evaluate_vectors: the training labels hold {len(classes)} class; need >= 2")
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        if len(train_x) <= GRAM_MAX_SAMPLES:
+            # The same linear SVM solved in the dual on the (n, n) Gram matrix: exact, and fast when D >> n.
+            tr = torch.from_numpy(train_x)
+            svm = OneVsRestClassifier(SVC(kernel="precomputed", C=C))
+            svm.fit(gram(tr, tr).numpy(), train_y)
+            values = svm.decision_function(gram(torch.from_numpy(test_x), tr).numpy())
+        else:
+            svm = LinearSVC(C=C, loss="hinge", dual=True, max_iter=max_iter, random_state=0).fit(train_x, train_y)
+            values = svm.decision_function(test_x)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    seconds = time.perf_counter() - t0
+    if values.ndim == 1:  # two classes: one decision value for classes[1]
+        values = np.stack([-values, values], axis=1)
+    return Decisions(np.asarray(values, dtype=np.float64), classes, seconds, converged)
+
+
+def rank_scores(values: np.ndarray, classes: np.ndarray, test_y: Tensor | np.ndarray) -> tuple[float, float, float]:
+    """Top-1, top-3 accuracy and mAP over the classes present in (m,) int ``test_y`` of decision
+    values (m, K) with columns ``classes`` (K,)."""
+    from sklearn.metrics import average_precision_score
+
+    test_y = np.asarray(_array(test_y), dtype=np.int64)
+    if len(test_y) != len(values):
+        raise ValueError("evaluate_vectors: one label per vector is needed")
+    top1 = float((classes[values.argmax(1)] == test_y).mean())
+    top3 = float((classes[np.argsort(-values, axis=1)[:, :3]] == test_y[:, None]).any(1).mean())
+    present = [i for i, c in enumerate(classes) if (test_y == c).any()]
+    mean_ap = float(np.mean([average_precision_score(test_y == classes[i], values[:, i]) for i in present]))
+    return top1, top3, mean_ap
+
+
 def evaluate_vectors(
     train_x: Tensor | np.ndarray,
     train_y: Tensor | np.ndarray,
@@ -69,42 +142,5 @@ def evaluate_vectors(
     ``normalize``: apply the signed square root and L2 first (the paper's protocol; pass False
     for vectors that already had it, such as ``fisher_encode(..., normalize=True)``).
     """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.metrics import average_precision_score
-    from sklearn.multiclass import OneVsRestClassifier
-    from sklearn.svm import SVC, LinearSVC
-
-    xs = [torch.as_tensor(_array(v)) for v in (train_x, test_x)]
-    if normalize:
-        xs = [power_l2_normalize(v) for v in xs]
-    train_x, test_x = (v.numpy() for v in xs)
-    train_y, test_y = (np.asarray(_array(y), dtype=np.int64) for y in (train_y, test_y))
-    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"evaluate_vectors: train and test vectors must be (n, D) with one D, got "
-                         f"{train_x.shape} and {test_x.shape}")
-    if len(train_y) != len(train_x) or len(test_y) != len(test_x):
-        raise ValueError("evaluate_vectors: one label per vector is needed")
-    classes = np.unique(train_y)
-    if len(classes) < 2:
-        raise ValueError(f"evaluate_vectors: the training labels hold {len(classes)} class; need >= 2")
-    t0 = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        if len(train_x) <= GRAM_MAX_SAMPLES:
-            # The same linear SVM solved in the dual on the (n, n) Gram matrix: exact, and fast when D >> n.
-            tr = torch.from_numpy(train_x)
-            svm = OneVsRestClassifier(SVC(kernel="precomputed", C=C))
-            svm.fit(gram(tr, tr).numpy(), train_y)
-            scores = svm.decision_function(gram(torch.from_numpy(test_x), tr).numpy())
-        else:
-            svm = LinearSVC(C=C, loss="hinge", dual=True, max_iter=max_iter, random_state=0).fit(train_x, train_y)
-            scores = svm.decision_function(test_x)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    seconds = time.perf_counter() - t0
-    if scores.ndim == 1:  # two classes: one decision value for classes[1]
-        scores = np.stack([-scores, scores], axis=1)
-    top1 = float((classes[scores.argmax(1)] == test_y).mean())
-    top3 = float((classes[np.argsort(-scores, axis=1)[:, :3]] == test_y[:, None]).any(1).mean())
-    present = [i for i, c in enumerate(classes) if (test_y == c).any()]
-    mean_ap = float(np.mean([average_precision_score(test_y == classes[i], scores[:, i]) for i in present]))
-    return Scores(top1, top3, mean_ap, seconds, converged)
+    d = svm_decisions(train_x, train_y, test_x, C=C, normalize=normalize, max_iter=max_iter)
+    return Scores(*rank_scores(d.values, d.classes, test_y), d.seconds, d.converged)

@@ -4,11 +4,14 @@
 - :mod:`.backbones`: torchvision CNNs truncated at a layer, weights from a local file.
 - :mod:`.sources`: video (PyAV, 25 frames, SPP: 50 descriptors/frame), image (448 x 448, dense
   28 x 28 conv5_4 descriptors, optional box crop), precomputed arrays.
+- :mod:`.flow`: optical-flow images (x, y, magnitude, clipped at 20 px) of frame pairs, cached.
+- :mod:`.crops`: 10-crop testing (four corners, centre, their mirrors).
 - :mod:`.extract`: the batched, overlapped, resumable descriptor stage.
 - :mod:`.stages`: FIM estimation, encoding into a Fisher-vector store, a linear-SVM evaluation.
 """
 
 from .backbones import PRESETS, Backbone, BackboneError, build_backbone
+from .crops import ten_crop
 from .datasets import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -21,6 +24,7 @@ from .datasets import (
     read_ucf101,
 )
 from .extract import StageReport, descriptors_of, extract_descriptors
+from .flow import FlowCache, decode_frame_pairs, flow_images
 from .sources import (
     ImageSource,
     PrecomputedSource,
@@ -41,6 +45,7 @@ __all__ = [
     "BackboneError",
     "Dataset",
     "DatasetError",
+    "FlowCache",
     "ImageSource",
     "Item",
     "PrecomputedSource",
@@ -49,17 +54,20 @@ __all__ = [
     "VideoSource",
     "array_items",
     "build_backbone",
+    "decode_frame_pairs",
     "decode_video",
     "descriptors_of",
     "encode_store",
     "estimate_fim",
     "evaluate_store",
     "extract_descriptors",
+    "flow_images",
     "read_activitynet",
     "read_cub",
     "read_folder",
     "read_ucf101",
     "sample_indices",
     "set_batches",
+    "ten_crop",
     "torchvision_preprocess",
 ]
