@@ -54,6 +54,18 @@ def _array(v: Tensor | np.ndarray) -> np.ndarray:
     return v.detach().float().cpu().numpy() if isinstance(v, Tensor) else np.require(v, np.float32, ["W"])
 
 
+def gram_svm(k_train: Tensor, train_y: np.ndarray, k_test: Tensor, C: float) -> np.ndarray:
+    """The protocol's one-vs-all linear SVM solved in the dual on the (n, n) float64 Gram matrix of the
+    training vectors (exact, and fast when D >> n); decision values on the test vectors whose (m, n)
+    Gram matrix against the training vectors is ``k_test``."""
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.svm import SVC
+
+    svm = OneVsRestClassifier(SVC(kernel="precomputed", C=C))
+    svm.fit(k_train.numpy(), train_y)
+    return svm.decision_function(k_test.numpy())
+
+
 @dataclass(frozen=True)
 class Decisions:
     """The one-vs-all SVM's decision values on test vectors: ``values`` (m, K) float64, one column per
@@ -77,8 +89,7 @@ def svm_decisions(
     """Train the protocol's one-vs-all linear SVM on (n, D) float vectors with (n,) int labels and
     return its decision values on the (m, D) test vectors (``normalize``: as in :func:`evaluate_vectors`)."""
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.multiclass import OneVsRestClassifier
-    from sklearn.svm import SVC, LinearSVC
+    from sklearn.svm import LinearSVC
 
     xs = [torch.as_tensor(_array(v)) for v in (train_x, test_x)]
     if normalize:
@@ -97,11 +108,8 @@ def svm_decisions(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         if len(train_x) <= GRAM_MAX_SAMPLES:
-            # The same linear SVM solved in the dual on the (n, n) Gram matrix: exact, and fast when D >> n.
             tr = torch.from_numpy(train_x)
-            svm = OneVsRestClassifier(SVC(kernel="precomputed", C=C))
-            svm.fit(gram(tr, tr).numpy(), train_y)
-            values = svm.decision_function(gram(torch.from_numpy(test_x), tr).numpy())
+            values = gram_svm(gram(tr, tr), train_y, gram(torch.from_numpy(test_x), tr), C)
         else:
             svm = LinearSVC(C=C, loss="hinge", dual=True, max_iter=max_iter, random_state=0).fit(train_x, train_y)
             values = svm.decision_function(test_x)

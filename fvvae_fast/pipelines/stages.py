@@ -181,22 +181,28 @@ def _encode_shard(model: FVVAE, src: Store, rows: list[dict], fim, normalize: bo
 def evaluate_store(store: Store, *, train_split: str = "train", test_split: str = "test", C: float = 100.0) -> dict:
     """The evaluation protocol (:func:`fvvae_fast.evaluation.evaluate_vectors`: one-vs-all linear SVM,
     C = 100, top-1, top-3, mAP) trained on the Fisher vectors of ``train_split`` and tested on
-    ``test_split`` of a Fisher-vector store. Vectors stored without signed sqrt + L2 get it here,
-    so each is normalised exactly once."""
-    from ..evaluation.protocol import evaluate_vectors
+    ``test_split`` of a Fisher-vector store, read from the memory maps block by block
+    (:mod:`fvvae_fast.evaluation.streaming`: the memory does not grow with D). Vectors stored without
+    signed sqrt + L2 get it here, so each is normalised exactly once."""
+    from ..evaluation.streaming import evaluate_blocks
 
     if store.kind != "fisher":
         raise StoreError(f"{store.path}: holds {store.kind}; evaluate needs the Fisher vectors of `fvvae encode`")
-    X_train, y_train, _ = store.vectors(train_split)
-    X_test, y_test, _ = store.vectors(test_split)
-    for name, X, y in ((train_split, X_train, y_train), (test_split, X_test, y_test)):
-        if len(X) == 0:
+    data = {}
+    for name in (train_split, test_split):
+        rows = store.items(status="done", split=name)
+        if not rows:
             splits = ", ".join(map(repr, store.splits()))
             raise ValueError(f"{store.path}: no vector in split {name!r} (splits: {splits})")
+        y = np.array([r["label"] for r in rows], dtype=np.int64)
         if (y < 0).any():
             raise ValueError(f"{store.path}: split {name!r} has unlabelled items")
+        data[name] = (store.array(name), y)
+    (X_train, y_train), (X_test, y_test) = data[train_split], data[test_split]
+    if len(X_train) != len(y_train) or len(X_test) != len(y_test):
+        raise StoreError(f"{store.path}: holds sets of several rows per item ({store.kind}), not one vector per item")
     if len(np.unique(y_train)) < 2:
         raise ValueError(f"{store.path}: split {train_split!r} has fewer than 2 classes")
-    scores = evaluate_vectors(X_train, y_train, X_test, y_test, C=C, normalize=not store.config.get("normalize", True))
+    scores = evaluate_blocks(X_train, y_train, X_test, y_test, C=C, normalize=not store.config.get("normalize", True))
     return {**scores.as_dict(), "seconds": scores.svm_seconds, "train": len(y_train), "test": len(y_test),
             "classes": int(len(np.unique(y_train)))}
