@@ -3,7 +3,10 @@ on tiny media written by the tests (PyAV videos, PIL images) and small random-we
 
 from __future__ import annotations
 
+import fractions
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,12 @@ from fvvae_fast.pipelines import (  # noqa: E402
     sample_indices,
     torchvision_preprocess,
 )
+from fvvae_fast.official import release_preprocess  # noqa: E402
+from fvvae_fast.pipelines import sources  # noqa: E402
+from fvvae_fast.pipelines.extract import default_workers  # noqa: E402
 from fvvae_fast.store import Store  # noqa: E402
+
+from .cases import generator  # noqa: E402
 
 TINY = {"name": "mobilenet_v3_small", "layer": "features.4"}  # 40 channels, 4x4 maps at 64x64
 
@@ -129,12 +137,17 @@ def test_video_source_load_and_descriptors(tmp_path, tiny_backbone):
     path = make_video(tmp_path / "v.mp4")
     source = VideoSource(frames=3, size=64)
     frames = source.load(Item("v", path))
-    assert frames.shape == (3, 3, 64, 64) and frames.dtype == torch.float32
+    assert frames.shape == (3, 3, 48, 64) and frames.dtype == torch.uint8  # workers hand over decoded frames
+    prepared = source.prepare(frames)
+    assert prepared.shape == (3, 3, 64, 64) and prepared.dtype == torch.float32
     desc = descriptors_of(source, tiny_backbone, frames)
     assert desc.shape == (3 * 50, 40)
+    np.testing.assert_array_equal(desc, descriptors_of(source, tiny_backbone, prepared))
     release = VideoSource(frames=2, preprocess="release", map_scale=158.0)
     frames = release.load(Item("v", path))
-    assert frames.shape == (2, 3, 224, 224)
+    assert frames.dtype == torch.uint8
+    assert torch.equal(release.prepare(frames), release_preprocess(frames))
+    assert release.prepare(frames).shape == (2, 3, 224, 224)
     maps = torch.rand(2, 40, 7, 7)
     d = release.descriptors(maps)
     assert d.shape == (2, 50, 40)
@@ -149,8 +162,11 @@ def test_video_source_load_and_descriptors(tmp_path, tiny_backbone):
 def test_image_source_size_box_and_dense_descriptors(tmp_path, tiny_backbone):
     path = make_image(tmp_path / "bird.png")
     item = Item("bird", path, box=(10.0, 5.0, 20.0, 10.0))
-    whole = ImageSource(size=64).load(item)
-    boxed = ImageSource(size=64, use_box=True).load(item)
+    raw = ImageSource(size=64).load(item)
+    assert raw.shape == (1, 3, 30, 40) and raw.dtype == torch.uint8
+    whole = ImageSource(size=64).prepare(raw)
+    boxed = ImageSource(size=64, use_box=True)
+    boxed = boxed.prepare(boxed.load(item))
     assert whole.shape == boxed.shape == (1, 3, 64, 64)
     red = (200 / 255 - 0.485) / 0.229
     assert torch.allclose(boxed[0, 0], torch.full((64, 64), red), atol=1e-5)  # only the box is left
