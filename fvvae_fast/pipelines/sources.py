@@ -187,20 +187,22 @@ def decode_video(path: str | os.PathLike, num_frames: int, *, decoder: str = "py
 
 def torchvision_preprocess(frames: Tensor, resize: int | Sequence[int] | None, crop: int | None) -> Tensor:
     """torchvision's ImageNet evaluation transform (``weights.transforms()``) on uint8 RGB
-    (T, 3, H, W) -> float32 (T, 3, h, w) on the frames' device: antialiased bilinear resize of
-    the uint8 frames (an int: the shorter side; (h, w): exactly), torchvision's centre crop,
-    /255, ImageNet mean/std."""
+    (T, 3, H, W) -> float32 (T, 3, h, w), on the frames' device: antialiased bilinear resize
+    (an int: the shorter side; (h, w): exactly) rounded to whole grey levels, torchvision's
+    centre crop, /255, ImageNet mean/std."""
     from torchvision.transforms.v2 import functional as TF
 
+    x = frames.to(torch.float32)
     if resize is not None:
         size = [resize] if isinstance(resize, int) else list(resize)
-        frames = TF.resize(frames, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        # in float then rounded, as torchvision's transforms resize uint8 tensors (its uint8 CPU
+        # kernel rounds differently, by up to one grey level)
+        x = TF.resize(x, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True).round_()
     if crop is not None:
-        frames = TF.center_crop(frames, [crop, crop])
-    x = frames.to(torch.float32) / 255.0
+        x = TF.center_crop(x, [crop, crop])
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x / 255.0 - mean) / std
 
 
 @dataclass
