@@ -27,6 +27,7 @@ from fvvae_fast.pipelines import (  # noqa: E402
     array_items,
     build_backbone,
     decode_video,
+    default_workers,
     descriptors_of,
     extract_descriptors,
     read_activitynet,
@@ -38,7 +39,6 @@ from fvvae_fast.pipelines import (  # noqa: E402
 )
 from fvvae_fast.official import release_preprocess  # noqa: E402
 from fvvae_fast.pipelines import sources  # noqa: E402
-from fvvae_fast.pipelines.extract import default_workers  # noqa: E402
 from fvvae_fast.store import Store  # noqa: E402
 
 from .cases import generator  # noqa: E402

@@ -1,14 +1,14 @@
 """From videos, images or precomputed arrays to descriptor sets and Fisher vectors in a store.
 
 - :mod:`.datasets`: readers of UCF101, CUB-200-2011, ActivityNet v1.3 and one-folder-per-class layouts.
-- :mod:`.backbones`: torchvision CNNs truncated at a layer, weights from a local file.
-- :mod:`.sources`: video (PyAV, 25 frames, SPP: 50 descriptors/frame), image (448 x 448, dense
-  28 x 28 conv5_4 descriptors, optional box crop), precomputed arrays.
+- :mod:`.backbones`: torchvision CNNs truncated at a layer, weights from a local file, fp32/bf16/fp16.
+- :mod:`.sources`: video (PyAV seeking or torchcodec, 25 frames, SPP: 50 descriptors/frame), image
+  (448 x 448, dense 28 x 28 conv5_4 descriptors, optional box crop), precomputed arrays.
 - :mod:`.extract`: the batched, overlapped, resumable descriptor stage.
 - :mod:`.stages`: FIM estimation, encoding into a Fisher-vector store, a linear-SVM evaluation.
 """
 
-from .backbones import PRESETS, Backbone, BackboneError, build_backbone
+from .backbones import PRECISIONS, PRESETS, Backbone, BackboneError, build_backbone
 from .datasets import (
     IMAGE_EXTENSIONS,
     VIDEO_EXTENSIONS,
@@ -20,8 +20,9 @@ from .datasets import (
     read_folder,
     read_ucf101,
 )
-from .extract import StageReport, descriptors_of, extract_descriptors
+from .extract import StageReport, default_workers, descriptors_of, extract_descriptors
 from .sources import (
+    DECODERS,
     ImageSource,
     PrecomputedSource,
     SourceError,
@@ -34,7 +35,9 @@ from .sources import (
 from .stages import encode_store, estimate_fim, evaluate_store, set_batches
 
 __all__ = [
+    "DECODERS",
     "IMAGE_EXTENSIONS",
+    "PRECISIONS",
     "PRESETS",
     "VIDEO_EXTENSIONS",
     "Backbone",
@@ -50,6 +53,7 @@ __all__ = [
     "array_items",
     "build_backbone",
     "decode_video",
+    "default_workers",
     "descriptors_of",
     "encode_store",
     "estimate_fim",

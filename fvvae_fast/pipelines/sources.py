@@ -4,10 +4,9 @@ A source's :meth:`load` runs in DataLoader workers and returns either decoded fr
 (T, 3, H, W) uint8 RGB (video: T sampled frames; image: T = 1) or, for precomputed
 descriptors, the set itself (n, C). A frame source's :meth:`prepare` then resizes, crops and
 normalises them for the backbone in the main process, on the backbone's device, and
-:meth:`descriptors` turns the backbone's
-maps of a batch of frames into descriptors: spatial pyramid pooling (video) or every
-position of the map (image), after the release's whole-map normalisation when
-``map_scale`` is set.
+:meth:`descriptors` turns the backbone's maps of a batch of frames into descriptors: spatial
+pyramid pooling (video) or every position of the map (image), after the release's whole-map
+normalisation when ``map_scale`` is set.
 """
 
 from __future__ import annotations
@@ -31,8 +30,6 @@ from .datasets import Item
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS = ("torchvision", "release")
-
-
 DECODERS = ("pyav", "torchcodec")
 
 
@@ -67,6 +64,17 @@ def _torchcodec_decoder():
 
 def _rgb(frames: list[np.ndarray]) -> Tensor:
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+
+
+def _video_stream(container):
+    if not container.streams.video:
+        raise SourceError("no video stream")
+    stream = container.streams.video[0]
+    # threaded decoding with as many threads as torch has here: one in a DataLoader worker, where
+    # the workers are the parallelism (frame threads would also decode ahead of each sought frame)
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = torch.get_num_threads()
+    return stream
 
 
 def _packet_index(container, stream) -> tuple[int, list[int] | None, list[tuple[int, int]]]:
@@ -124,8 +132,7 @@ def _decode_in_order(path: Path, count: int, idx: list[int]) -> list[np.ndarray]
 
     wanted, out = set(idx), {}
     with av.open(os.fspath(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream = _video_stream(container)
         for k, frame in enumerate(container.decode(stream)):
             if k in wanted:
                 out[k] = frame.to_ndarray(format="rgb24")
@@ -140,10 +147,7 @@ def _decode_pyav(path: Path, num_frames: int) -> Tensor:
     import av
 
     with av.open(os.fspath(path)) as container:
-        if not container.streams.video:
-            raise SourceError("no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream = _video_stream(container)
         count, pts, keys = _packet_index(container, stream)
         idx = sample_indices(count, num_frames)
         if pts is not None:
@@ -168,8 +172,9 @@ def decode_video(path: str | os.PathLike, num_frames: int, *, decoder: str = "py
     (demuxed, not decoded), so a container's missing or wrong frame count, variable frame
     rate or a longer audio stream change nothing. ``decoder="pyav"`` then seeks to the
     keyframe at or before each sampled frame (or decodes on when that is no longer) and
-    decodes forward to it: the cost grows with the number of samples and the keyframe
-    interval, not with the clip. A stream whose packets carry no timestamps, or whose
+    decodes forward to it: the frames decoded grow with the number of samples and the
+    keyframe interval, not with the clip (only the demuxing pass, which reads packets
+    without decoding them, does). A stream whose packets carry no timestamps, or whose
     decoded frames do not match them, is decoded once in order instead. ``"torchcodec"``
     (optional package) does the same with torchcodec's exact seek mode. Exact and
     deterministic. Raises :class:`SourceError` or the decoder's errors for an unreadable file.
