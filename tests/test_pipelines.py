@@ -137,6 +137,8 @@ def make_clip(path: Path, codec: str, frames: int, *, gop: int | None = None, b_
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if gop is not None:
             stream.codec_context.gop_size = gop
+            if codec == "libx264":
+                stream.options = {"x264-params": "scenecut=0"}  # keyframes every ``gop`` frames, no more
         if b_frames is not None:
             stream.codec_context.max_b_frames = b_frames
         if vfr:
