@@ -93,6 +93,8 @@ def record(benchmark, *, op: str, method: str, shape: str, dtype: torch.dtype, f
     ``seconds``: timings measured inside the timed calls (e.g. by worker processes, without their
     start-up) that replace pytest-benchmark's for the summary.
     """
+    if benchmark.disabled:  # --benchmark-disable: the function ran once as a check, untimed
+        return
     data = sorted(seconds if seconds is not None else benchmark.stats.stats.data)
     median = data[len(data) // 2] if seconds is not None else benchmark.stats.stats.median
     row = {"op": op, "method": method, "shape": shape, "dtype": str(dtype).removeprefix("torch."),

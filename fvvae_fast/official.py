@@ -176,4 +176,4 @@ def release_preprocess(
     if crop is not None:
         frames = center_crop(frames, crop)
     bgr = frames.flip(1).to(torch.float32)
-    return bgr - torch.tensor(list(mean_bgr), dtype=torch.float32).view(1, 3, 1, 1)
+    return bgr - torch.tensor(list(mean_bgr), dtype=torch.float32, device=bgr.device).view(1, 3, 1, 1)

@@ -339,7 +339,9 @@ class Store:
 
     @staticmethod
     def _connect(path: Path) -> sqlite3.Connection:
-        db = sqlite3.connect(path / MANIFEST, isolation_level=None, timeout=30.0)
+        # the descriptor stage writes shards from a writer thread while its main thread leaves the
+        # store alone (one thread at a time uses it): the connection may change threads
+        db = sqlite3.connect(path / MANIFEST, isolation_level=None, timeout=30.0, check_same_thread=False)
         db.execute("PRAGMA synchronous = FULL")
         return db
 

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from ..encode import power_l2_normalize
 
-
 GRAM_MAX_SAMPLES = 20000
 GRAM_BLOCK = 4096  # columns per float32 GEMM of the Gram matrix; the blocks add up in float64
 

@@ -1,16 +1,16 @@
 """From videos, images or precomputed arrays to descriptor sets and Fisher vectors in a store.
 
 - :mod:`.datasets`: readers of UCF101, CUB-200-2011, ActivityNet v1.3 and one-folder-per-class layouts.
-- :mod:`.backbones`: torchvision CNNs truncated at a layer, weights from a local file.
-- :mod:`.sources`: video (PyAV, 25 frames, SPP: 50 descriptors/frame), image (448 x 448, dense
-  28 x 28 conv5_4 descriptors, optional box crop), precomputed arrays.
+- :mod:`.backbones`: torchvision CNNs truncated at a layer, weights from a local file, fp32/bf16/fp16.
+- :mod:`.sources`: video (PyAV seeking or torchcodec, 25 frames, SPP: 50 descriptors/frame), image
+  (448 x 448, dense 28 x 28 conv5_4 descriptors, optional box crop), precomputed arrays.
 - :mod:`.flow`: optical-flow images (x, y, magnitude, clipped at 20 px) of frame pairs, cached.
 - :mod:`.crops`: 10-crop testing (four corners, centre, their mirrors).
 - :mod:`.extract`: the batched, overlapped, resumable descriptor stage.
 - :mod:`.stages`: FIM estimation, encoding into a Fisher-vector store, a linear-SVM evaluation.
 """
 
-from .backbones import PRESETS, Backbone, BackboneError, build_backbone
+from .backbones import PRECISIONS, PRESETS, Backbone, BackboneError, build_backbone
 from .crops import ten_crop
 from .datasets import (
     IMAGE_EXTENSIONS,
@@ -23,9 +23,10 @@ from .datasets import (
     read_folder,
     read_ucf101,
 )
-from .extract import StageReport, descriptors_of, extract_descriptors
+from .extract import StageReport, default_workers, descriptors_of, extract_descriptors
 from .flow import FlowCache, decode_frame_pairs, flow_images
 from .sources import (
+    DECODERS,
     ImageSource,
     PrecomputedSource,
     SourceError,
@@ -38,7 +39,9 @@ from .sources import (
 from .stages import encode_store, estimate_fim, evaluate_store, set_batches
 
 __all__ = [
+    "DECODERS",
     "IMAGE_EXTENSIONS",
+    "PRECISIONS",
     "PRESETS",
     "VIDEO_EXTENSIONS",
     "Backbone",
@@ -56,6 +59,7 @@ __all__ = [
     "build_backbone",
     "decode_frame_pairs",
     "decode_video",
+    "default_workers",
     "descriptors_of",
     "encode_store",
     "estimate_fim",

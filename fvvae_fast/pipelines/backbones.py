@@ -13,6 +13,10 @@ Presets (name -> torchvision architecture, layer):
     resnet152-res5c   resnet152     layer4        res5c (after its ReLU), (2048, 7, 7) at 224
     mobilenet_v2      mobilenet_v2  features      (1280, 7, 7) at 224
 
+Speed: the input and weights are kept in ``channels_last`` memory format, and ``precision``
+(``"fp32"``, ``"bf16"``, ``"fp16"``: CUDA only) runs the forward pass under autocast in that
+type; the maps come back in float32 either way.
+
 Any other torchvision model name works with an explicit ``layer``: a node name of
 :func:`torchvision.models.feature_extraction.get_graph_node_names` (the graph is cut there, so
 nothing after the layer runs), or, for models FX cannot trace, a submodule name captured
@@ -29,6 +33,8 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..io import file_sha256
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 PRESETS: dict[str, tuple[str, str]] = {
     "vgg19-pool5": ("vgg19", "features.36"),
@@ -99,26 +105,42 @@ class _GraphExtractor(nn.Module):
         return self.graph(x)["out"]
 
 
-class Backbone(nn.Module):
-    """A frozen CNN truncated at one layer: frames (B, 3, H, W) float -> maps (B, C, h, w).
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision='fp16' needs a CUDA device, got {device.type}; use 'bf16' or 'fp32'")
 
-    Build with :func:`build_backbone`. ``config()`` names the architecture, layer and the
-    weights (file name and SHA-256, or the random seed) so a store records what made it.
+
+class Backbone(nn.Module):
+    """A frozen CNN truncated at one layer: frames (B, 3, H, W) float -> maps (B, C, h, w) float32.
+
+    Build with :func:`build_backbone`. ``config()`` names the architecture, layer, the
+    weights (file name and SHA-256, or the random seed) and the precision so a store records
+    what made it.
     """
 
     def __init__(self, extractor: nn.Module, arch: str, layer: str, weights: str | None, digest: str | None,
-                 seed: int | None) -> None:
+                 seed: int | None, precision: str = "fp32") -> None:
         super().__init__()
-        self.extractor = extractor.eval().requires_grad_(False)
+        self.extractor = extractor.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.arch, self.layer, self.weights, self.digest, self.seed = arch, layer, weights, digest, seed
+        self.precision = precision
         self._channels: dict[tuple[int, int], tuple[int, int, int]] = {}
 
     def forward(self, frames: Tensor) -> Tensor:
-        maps = self.extractor(frames)
+        frames = frames.contiguous(memory_format=torch.channels_last)
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            maps = self.extractor(frames)
+        else:
+            _check_precision(self.precision, frames.device)
+            with torch.autocast(frames.device.type, dtype=dtype):
+                maps = self.extractor(frames)
         if not isinstance(maps, Tensor) or maps.dim() != 4:
             raise BackboneError(f"{self.arch}.{self.layer} gives {type(maps).__name__} "
                                 f"{tuple(getattr(maps, 'shape', ()))}, not a (B, C, h, w) conv map")
-        return maps
+        return maps.float()
 
     @torch.inference_mode()
     def output_shape(self, height: int, width: int) -> tuple[int, int, int]:
@@ -133,7 +155,7 @@ class Backbone(nn.Module):
     def config(self) -> dict:
         return {"arch": self.arch, "layer": self.layer,
                 "weights": None if self.weights is None else {"file": Path(self.weights).name, "sha256": self.digest},
-                "random_seed": self.seed}
+                "random_seed": self.seed, "precision": self.precision}
 
 
 def _extractor(model: nn.Module, layer: str) -> nn.Module:
@@ -161,6 +183,7 @@ def build_backbone(
     random_weights: bool = False,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> Backbone:
     """A frozen backbone from a preset or any torchvision model name (module docstring).
 
@@ -172,8 +195,12 @@ def build_backbone(
             such as the classifier, are ignored; every key up to the layer must be there).
         random_weights: allow random weights (seeded by ``seed``) when no file is given; for tests.
         device: where the backbone runs.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only): autocast type of the forward
+            pass (the maps, and so the descriptors, are float32 either way).
     """
     import torchvision
+
+    _check_precision(precision, torch.device(device))
 
     arch, preset_layer = PRESETS.get(name, (name, None))
     layer = layer or preset_layer
@@ -204,10 +231,10 @@ def build_backbone(
                 raise BackboneError(f"{path}: tensor {k.removeprefix(prefix)} has shape {tuple(v.shape)}, "
                                     f"{arch} needs {tuple(wanted[k].shape)}")
         extractor.load_state_dict(sub, strict=True)
-        backbone = Backbone(extractor, arch, layer, os.fspath(path), file_sha256(path), None)
+        backbone = Backbone(extractor, arch, layer, os.fspath(path), file_sha256(path), None, precision)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = torchvision.models.get_model(arch, weights=None)
-        backbone = Backbone(_extractor(model, layer), arch, layer, None, None, seed)
+        backbone = Backbone(_extractor(model, layer), arch, layer, None, None, seed, precision)
     return backbone.to(device)

@@ -1,18 +1,24 @@
-"""The descriptor stage: items -> (decode, preprocess) -> backbone -> pooling -> a resumable store.
+"""The descriptor stage: items -> decode -> preprocess -> backbone -> pooling -> a resumable store.
 
-Decoding and preprocessing run in DataLoader worker processes while the main process runs
-the backbone; the frames of several items are batched together through the backbone
-(``batch_frames`` frames at a time). Batches never straddle a shard, and a shard's
-batches depend only on its items, so a restarted run recomputes an unfinished shard
-exactly as the first run would have (same batches, same bytes, given the same device,
-threads and ``batch_frames``). An item whose file cannot be read is skipped with its
-reason and the run goes on.
+Decoding runs in DataLoader worker processes, which hand uint8 frames to the main process;
+there each item's frames go to the backbone's device (through reusable pinned host buffers
+on CUDA), are resized, cropped and normalised there (:meth:`FrameSource.prepare`), and the
+frames of several items are batched together through the backbone (``batch_frames`` frames
+at a time). Descriptors stay on the device until their shard is done; a background thread
+copies them to the host and writes the shard (atomically) while the next shard runs.
+Batches never straddle a shard, and a shard's batches depend only on its items, so a
+restarted run recomputes an unfinished shard exactly as the first run would have (same
+batches, same bytes, given the same device, threads and ``batch_frames``; on CUDA cuDNN's
+autotuned convolution algorithms may differ between runs, which changes float rounding
+only). An item whose file cannot be read is skipped with its reason and the run goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,19 +98,59 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # decoding workers: one thread each, the backbone keeps the cores
 
 
+def default_workers() -> int:
+    """Decoding workers by default: the cores this process may run on (shared by the ranks
+    torchrun started on this machine) less one for the main process."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(0, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+
+
+class _Staging:
+    """Host-to-device copies of items' frames: on CUDA through two reusable pinned buffers taken
+    in turn (a buffer is refilled once its previous copy has finished) and non-blocking copies;
+    elsewhere the tensor itself."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: list[Tensor | None] = [None, None]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.turn = 0
+
+    def __call__(self, frames: Tensor) -> Tensor:
+        if self.device.type != "cuda":
+            return frames.to(self.device)
+        k, self.turn = self.turn, 1 - self.turn
+        if self.copied[k] is not None:
+            self.copied[k].synchronize()
+        buf = self.buffers[k]
+        if buf is None or buf.dtype != frames.dtype or buf.numel() < frames.numel():
+            buf = self.buffers[k] = torch.empty(frames.numel(), dtype=frames.dtype, pin_memory=True)
+        host = buf[: frames.numel()].view(frames.shape)
+        host.copy_(frames)
+        out = host.to(self.device, non_blocking=True)
+        self.copied[k] = torch.cuda.Event()
+        self.copied[k].record()
+        return out
+
+
 class _ShardRun:
-    """Collects the items of one shard, runs the backbone in batches of ``batch_frames`` frames."""
+    """Collects the items of one shard, runs the backbone in batches of ``batch_frames`` frames;
+    the descriptors stay on the device until :meth:`results` (on the writer thread)."""
 
     def __init__(self, shard: int, source, backbone: Backbone | None, dim: int, batch_frames: int,
-                 device: torch.device) -> None:
+                 staging: _Staging) -> None:
         self.shard, self.source, self.backbone, self.dim = shard, source, backbone, dim
-        self.batch_frames, self.device = batch_frames, device
+        self.batch_frames, self.staging = batch_frames, staging
         self.order: list[int] = []
         self.errors: dict[int, str] = {}
         self.chunks: dict[int, list[Tensor]] = {}
         self.queue: list[tuple[int, Tensor]] = []
         self.queued = 0
 
+    @torch.inference_mode()
     def add(self, idx: int, data: Tensor | None, error: str | None) -> None:
         self.order.append(idx)
         if error is not None:
@@ -116,11 +162,10 @@ class _ShardRun:
             else:
                 self.chunks[idx] = [data]
             return
-        if self.queue and data.shape[1:] != self.queue[0][1].shape[1:]:
-            self._run(self.queued)
+        frames = self.source.prepare(self.staging(data))
         self.chunks[idx] = []
-        self.queue.append((idx, data))
-        self.queued += data.shape[0]
+        self.queue.append((idx, frames))
+        self.queued += frames.shape[0]
         while self.queued >= self.batch_frames:
             self._run(self.batch_frames)
 
@@ -138,19 +183,22 @@ class _ShardRun:
             else:
                 self.queue[0] = (idx, frames[n:])
         self.queued -= taken
-        batch = torch.cat(pieces).to(self.device, non_blocking=True)
-        desc = self.source.descriptors(self.backbone(batch)).float().cpu()  # (count, K, C)
+        desc = self.source.descriptors(self.backbone(torch.cat(pieces))).float()  # (count, K, C), on the device
         start = 0
         for idx, n in owners:
             self.chunks[idx].append(desc[start : start + n].reshape(-1, desc.shape[-1]))
             start += n
 
-    def results(self) -> list[ShardResult]:
+    def close(self) -> None:
+        """Run the frames still queued (main thread)."""
         if self.queued:
             self._run(self.queued)
+
+    @torch.inference_mode()
+    def results(self) -> list[ShardResult]:
         out = []
         for idx in self.order:
-            array = None if idx in self.errors else torch.cat(self.chunks[idx])
+            array = None if idx in self.errors else torch.cat(self.chunks[idx]).cpu()
             if array is not None and not bool(torch.isfinite(array).all()):
                 self.errors[idx] = "non-finite descriptors (NaN or Inf): the item is skipped, never trained on"
             if idx in self.errors:
@@ -158,6 +206,45 @@ class _ShardRun:
             else:
                 out.append(ShardResult(idx, array=array.numpy()))
         return out
+
+
+class _ShardWriter:
+    """Writes finished shards on a background thread, at most ``depth`` waiting: the descriptors'
+    copy to the host and the store's atomic write leave the main loop. The thread's error is
+    raised in the main thread at the next :meth:`submit` or at :meth:`close`."""
+
+    def __init__(self, store: Store, on_shard: Callable[[int], None] | None, depth: int = 2) -> None:
+        self.store, self.on_shard = store, on_shard
+        self.queue: queue.Queue[_ShardRun | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="fvvae-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (run := self.queue.get()) is not None:
+            if self.error is not None:  # keep draining so that the main thread never blocks on a full queue
+                continue
+            try:
+                self.store.write_shard(run.shard, run.results())
+                if self.on_shard is not None:
+                    self.on_shard(run.shard)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                self.error = err
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, run: _ShardRun) -> None:
+        self._raise()
+        run.close()
+        self.queue.put(run)
+
+    def close(self) -> None:
+        """Wait until every submitted shard is written; raise the thread's error if any."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
 
 
 def extract_descriptors(
@@ -168,7 +255,7 @@ def extract_descriptors(
     *,
     shard_items: int = 32,
     batch_frames: int = 64,
-    workers: int = 0,
+    workers: int | None = None,
     device: str | torch.device = "cpu",
     dtype: str = "float32",
     overwrite: bool = False,
@@ -184,9 +271,13 @@ def extract_descriptors(
         backbone: the CNN for video/image sources (:func:`build_backbone`); None for precomputed.
         shard_items: items per store shard (the unit of resumption).
         batch_frames: frames per backbone forward pass (frames of several items together).
-        workers: DataLoader worker processes decoding ahead of the backbone (0: in the main process).
+        workers: DataLoader worker processes decoding ahead of the backbone (0: in the main process;
+            None: :func:`default_workers`, the available cores less one).
+        device: where frames are preprocessed and the backbone runs (on CUDA cuDNN autotuning is
+            turned on).
         dtype: the stored descriptors' dtype (``float32`` or ``float16``).
-        on_shard: called with each shard number once it is written (tests, progress hooks).
+        on_shard: called with each shard number once it is written, from the writer thread (tests,
+            progress hooks).
 
     Returns a :class:`StageReport`. Items that fail to load are stored as failed with their reason.
     """
@@ -199,9 +290,12 @@ def extract_descriptors(
     else:
         if backbone is None:
             raise ValueError(f"extract_descriptors: the {source.kind} source needs a backbone")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: autotuned convolutions pay off
         backbone = backbone.to(device).eval()
         dim = backbone.output_shape(*source.input_size)[0]
         unit = source.kind
+    workers = default_workers() if workers is None else workers
     if batch_frames < 1 or workers < 0:
         raise ValueError(f"extract_descriptors: need batch_frames >= 1 and workers >= 0, got {batch_frames}, {workers}")
     config = {"stage": "descriptors", "dataset": dataset.name, "source": source.config(),
@@ -217,35 +311,40 @@ def extract_descriptors(
         work = [(shard, idx, by_id[item_id]) for shard in pending for idx, item_id, _, _ in store.items_of_shard(shard)]
         loader = torch.utils.data.DataLoader(
             _Loads(work, source), batch_size=None, shuffle=False, num_workers=workers,
-            worker_init_fn=_worker_init if workers else None, pin_memory=device.type == "cuda",
+            worker_init_fn=_worker_init if workers else None,
             prefetch_factor=4 if workers else None, persistent_workers=False,
         )
         from tqdm.auto import tqdm
 
         failed_now = 0
         run: _ShardRun | None = None
+        staging = _Staging(device)
+        writer = _ShardWriter(store, on_shard)
         names = {idx: item.id for _, idx, item in work}
-        with tqdm(total=len(work), desc="descriptors", unit=unit, disable=not progress or not distributed.is_main(),
-                  dynamic_ncols=True) as bar:
-            for shard, idx, data, error in loader:
-                if run is not None and run.shard != shard:
-                    _finish(store, run, on_shard)
-                    run = None
-                if run is None:
-                    run = _ShardRun(shard, source, backbone, dim, batch_frames, device)
-                if error is not None:
-                    failed_now += 1
-                    msg = f"skipped {names[idx]}: {error}"
-                    if progress:
-                        bar.write(msg)
-                        log.info(msg)
-                    else:
-                        log.warning(msg)
-                run.add(idx, data, error)
-                bar.update(1)
-                bar.set_postfix(failed=failed_now, refresh=False)
-            if run is not None:
-                _finish(store, run, on_shard)
+        try:
+            with tqdm(total=len(work), desc="descriptors", unit=unit,
+                      disable=not progress or not distributed.is_main(), dynamic_ncols=True) as bar:
+                for shard, idx, data, error in loader:
+                    if run is not None and run.shard != shard:
+                        writer.submit(run)
+                        run = None
+                    if run is None:
+                        run = _ShardRun(shard, source, backbone, dim, batch_frames, staging)
+                    if error is not None:
+                        failed_now += 1
+                        msg = f"skipped {names[idx]}: {error}"
+                        if progress:
+                            bar.write(msg)
+                            log.info(msg)
+                        else:
+                            log.warning(msg)
+                    run.add(idx, data, error)
+                    bar.update(1)
+                    bar.set_postfix(failed=failed_now, refresh=False)
+                if run is not None:
+                    writer.submit(run)
+        finally:
+            writer.close()
         distributed.finish_store(store)
         computed = distributed.total(len(work))
         return StageReport("descriptors", Path(out), computed=computed, resumed=resumed,
@@ -256,15 +355,14 @@ def extract_descriptors(
         store.close()
 
 
-def _finish(store: Store, run: _ShardRun, on_shard: Callable[[int], None] | None) -> None:
-    store.write_shard(run.shard, run.results())
-    if on_shard is not None:
-        on_shard(run.shard)
-
-
 def descriptors_of(source: FrameSource, backbone: Backbone, frames: Tensor) -> np.ndarray:
-    """Descriptors of one item's preprocessed frames (T, 3, H, W): (T * K, C) float32 (no store)."""
+    """Descriptors of one item's frames (no store): ``frames`` (T, 3, H, W) uint8 as
+    :meth:`FrameSource.load` gives them (preprocessed here, on the backbone's device) or
+    float already preprocessed -> (T * K, C) float32."""
     with torch.inference_mode():
         p = next(backbone.parameters(), None)
-        maps = backbone(frames.to(p.device if p is not None else "cpu"))
+        frames = frames.to(p.device if p is not None else "cpu")
+        if not frames.is_floating_point():
+            frames = source.prepare(frames)
+        maps = backbone(frames)
         return source.descriptors(maps).float().cpu().reshape(-1, maps.shape[1]).numpy()

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..io import atomic_open
-from .sources import SourceError, _decode_selected, sample_indices
+from .sources import SourceError, decode_frames, sample_indices
 
 FLOW_BOUND = 20.0
 FLOW_METHODS = ("auto", "tvl1", "farneback", "raft_small", "raft_large")
@@ -180,21 +180,13 @@ def pair_indices(total: int, count: int) -> list[tuple[int, int]]:
     return [(min(i, total - 2), min(i, total - 2) + 1) for i in sample_indices(total, count)]
 
 
-def decode_frame_pairs(path: str | os.PathLike, num_frames: int) -> Tensor:
-    """The frame pairs of :func:`pair_indices` of a video: (T, 2, 3, H, W) uint8 RGB, T = ``num_frames``.
-
-    Two sequential passes: the first counts the frames that decode, the second keeps the pairs.
-    Raises :class:`.sources.SourceError` for an unreadable file or a video of one frame.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"file not found: {path}")
-    _, total = _decode_selected(path, set())
-    pairs = pair_indices(total, num_frames)
-    frames, count = _decode_selected(path, {i for pair in pairs for i in pair})
-    if count != total:
-        raise SourceError(f"decoding is not repeatable ({total} then {count} frames)")
-    return torch.from_numpy(np.stack([[frames[a], frames[b]] for a, b in pairs])).permute(0, 1, 4, 2, 3).contiguous()
+def decode_frame_pairs(path: str | os.PathLike, num_frames: int, *, decoder: str = "pyav") -> Tensor:
+    """The frame pairs of :func:`pair_indices` of a video: (T, 2, 3, H, W) uint8 RGB, T = ``num_frames``
+    (decoded by seeking, :func:`.sources.decode_frames`). Raises :class:`.sources.SourceError` for an
+    unreadable file or a video of one frame."""
+    frames = decode_frames(path, lambda total: [i for pair in pair_indices(total, num_frames) for i in pair],
+                           decoder=decoder)
+    return frames.reshape(num_frames, 2, *frames.shape[1:])
 
 
 def _file_key(path: str | os.PathLike) -> list:

@@ -1,17 +1,20 @@
 """Descriptor sources: what one item (a video, an image, a precomputed array) becomes.
 
-A source's :meth:`load` runs in DataLoader workers and returns either preprocessed frames
-(T, 3, H, W) float32 for the backbone (video: T sampled frames; image: T = 1) or, for
-precomputed descriptors, the set itself (n, C). :meth:`descriptors` turns the backbone's
-maps of a batch of frames into descriptors: spatial pyramid pooling (video) or every
-position of the map (image), after the release's whole-map normalisation when
-``map_scale`` is set.
+A source's :meth:`load` runs in DataLoader workers and returns either decoded frames
+(T, 3, H, W) uint8 RGB (video: T sampled frames; image: T = 1) or, for precomputed
+descriptors, the set itself (n, C). A frame source's :meth:`prepare` then resizes, crops and
+normalises them for the backbone in the main process, on the backbone's device, and
+:meth:`descriptors` turns the backbone's maps of a batch of frames into descriptors: spatial
+pyramid pooling (video) or every position of the map (image), after the release's whole-map
+normalisation when ``map_scale`` is set.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,13 +24,14 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..model import normalize_map
-from ..official import RELEASE_CROP, RELEASE_RESIZE, center_crop, release_preprocess
+from ..official import RELEASE_CROP, RELEASE_RESIZE, release_preprocess
 from ..spp import PAPER_LEVELS, dense_descriptors, spp, spp_size
 from .datasets import Item
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS = ("torchvision", "release")
+DECODERS = ("pyav", "torchcodec")
 
 
 class SourceError(UserError, ValueError):
@@ -42,74 +46,173 @@ def sample_indices(total: int, count: int) -> list[int]:
     return [min(total - 1, int((k + 0.5) * total / count)) for k in range(count)]
 
 
-def _decode_selected(path: Path, wanted: set[int]) -> tuple[dict[int, np.ndarray], int]:
+def check_decoder(decoder: str) -> None:
+    """Raise ValueError for an unknown ``decoder`` name, ImportError when its library is missing."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if decoder == "torchcodec":
+        _torchcodec_decoder()
+
+
+def _torchcodec_decoder():
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except (ImportError, RuntimeError, OSError) as err:  # not installed, or its FFmpeg libraries missing
+        raise ImportError(f"decoder='torchcodec' needs the torchcodec package and FFmpeg's shared libraries "
+                          f"({type(err).__name__}: {err}); use decoder='pyav'") from None
+    return VideoDecoder
+
+
+def _rgb(frames: list[np.ndarray]) -> Tensor:
+    return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
+
+
+def _video_stream(container):
+    if not container.streams.video:
+        raise SourceError("no video stream")
+    stream = container.streams.video[0]
+    # threaded decoding with as many threads as torch has here: one in a DataLoader worker, where
+    # the workers are the parallelism (frame threads would also decode ahead of each sought frame)
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = torch.get_num_threads()
+    return stream
+
+
+def _packet_index(container, stream) -> tuple[int, list[int] | None, list[tuple[int, int]]]:
+    """(frame count, sorted presentation timestamps or None, sorted (pts, dts) of the keyframes)
+    from the stream's packets: demuxed, nothing decoded. None when the packets carry no
+    usable (present, distinct) timestamps."""
+    stamps: list[int | None] = []
+    keys: list[tuple[int, int]] = []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the demuxer's final empty packet
+            continue
+        t = packet.pts if packet.pts is not None else packet.dts
+        stamps.append(t)
+        if packet.is_keyframe and t is not None:
+            keys.append((t, packet.dts if packet.dts is not None else t))
+    if None in stamps or len(set(stamps)) != len(stamps):
+        return len(stamps), None, []
+    return len(stamps), sorted(stamps), sorted(keys)
+
+
+class _Unindexed(Exception):
+    """The decoder's frames do not match the packet index: decode in order instead."""
+
+
+def _seek_decode(container, stream, pts: list[int], keys: list[tuple[int, int]],
+                 targets: list[int]) -> dict[int, np.ndarray]:
+    """Frames at the presentation timestamps ``targets`` (sorted): seek to the keyframe at or
+    before a target unless decoding on from the current frame is no longer, then decode forward."""
+    out: dict[int, np.ndarray] = {}
+    frames = None
+    last: int | None = None
+    for t in targets:
+        k = bisect.bisect_right(keys, (t, math.inf))
+        if k == 0:  # no keyframe before the target
+            raise _Unindexed
+        key, key_dts = keys[k - 1]
+        if frames is None or last is None or key > last:
+            # demuxers index keyframes by decoding time (<= pts): seeking back to the key's dts lands on it
+            container.seek(key_dts, stream=stream, backward=True, any_frame=False)
+            frames = container.decode(stream)
+        for frame in frames:
+            last = frame.pts
+            if last is None:
+                raise _Unindexed
+            if last >= t:
+                break
+        if last != t:
+            raise _Unindexed
+        out[t] = frame.to_ndarray(format="rgb24")
+    return out
+
+
+def _decode_in_order(path: Path, count: int, idx: list[int]) -> list[np.ndarray]:
     import av
 
-    frames: dict[int, np.ndarray] = {}
-    count = 0
+    wanted, out = set(idx), {}
     with av.open(os.fspath(path)) as container:
-        if not container.streams.video:
-            raise SourceError("no video stream")
-        stream = container.streams.video[0]
-        for frame in container.decode(stream):
-            if count in wanted:
-                frames[count] = frame.to_ndarray(format="rgb24")
-            count += 1
-    return frames, count
+        stream = _video_stream(container)
+        for k, frame in enumerate(container.decode(stream)):
+            if k in wanted:
+                out[k] = frame.to_ndarray(format="rgb24")
+            if k >= max(wanted):
+                break
+    if len(out) != len(wanted):
+        raise SourceError(f"only {len(out)} of the {len(wanted)} sampled frames decode ({count} packets)")
+    return [out[i] for i in idx]
 
 
-def decode_video(path: str | os.PathLike, num_frames: int) -> Tensor:
-    """Decode ``num_frames`` frames sampled uniformly over the whole video (:func:`sample_indices`):
-    (T, 3, H, W) uint8 RGB.
-
-    The frame count comes from the container; when decoding finds another count (missing
-    or wrong metadata, a truncated file) the video is decoded again with the true count, so
-    the samples always span the frames that actually decode. Decoding is sequential (no
-    seeking), exact and deterministic. Raises :class:`SourceError` or PyAV's errors for an
-    unreadable file.
-    """
+def _decode_pyav(path: Path, pick: Callable[[int], list[int]]) -> Tensor:
     import av
 
+    with av.open(os.fspath(path)) as container:
+        stream = _video_stream(container)
+        count, pts, keys = _packet_index(container, stream)
+        idx = pick(count)
+        if pts is not None:
+            try:
+                got = _seek_decode(container, stream, pts, keys, sorted({pts[i] for i in idx}))
+                return _rgb([got[pts[i]] for i in idx])
+            except _Unindexed:
+                pass
+    return _rgb(_decode_in_order(path, count, idx))
+
+
+def _decode_torchcodec(path: Path, pick: Callable[[int], list[int]]) -> Tensor:
+    decoder = _torchcodec_decoder()(os.fspath(path), seek_mode="exact", dimension_order="NCHW")
+    return decoder.get_frames_at(indices=pick(len(decoder))).data.contiguous()
+
+
+def decode_frames(path: str | os.PathLike, pick: Callable[[int], list[int]], *, decoder: str = "pyav") -> Tensor:
+    """The frames ``pick(frame count)`` of a video, in that order (repeats allowed): (T, 3, H, W) uint8 RGB,
+    decoded as :func:`decode_video` describes."""
+    check_decoder(decoder)
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"file not found: {path}")
-    with av.open(os.fspath(path)) as container:
-        if not container.streams.video:
-            raise SourceError("no video stream")
-        stream = container.streams.video[0]
-        total = int(stream.frames or 0)
-        if total <= 0 and stream.average_rate:  # no frame count in the container: estimate from the duration
-            if stream.duration and stream.time_base:
-                total = int(round(float(stream.duration * stream.time_base * stream.average_rate)))
-            elif container.duration:
-                total = int(round(container.duration / 1e6 * float(stream.average_rate)))
-    total = max(total, 1)
-    idx = sample_indices(total, num_frames)
-    frames, count = _decode_selected(path, set(idx))
-    if count == 0:
-        raise SourceError("no frame could be decoded")
-    if count != total:
-        idx = sample_indices(count, num_frames)
-        frames, count2 = _decode_selected(path, set(idx))
-        if count2 != count or any(i not in frames for i in idx):
-            raise SourceError(f"decoding is not repeatable ({count} then {count2} frames)")
-    return torch.from_numpy(np.stack([frames[i] for i in idx])).permute(0, 3, 1, 2).contiguous()
+    return (_decode_torchcodec if decoder == "torchcodec" else _decode_pyav)(path, pick)
+
+
+def decode_video(path: str | os.PathLike, num_frames: int, *, decoder: str = "pyav") -> Tensor:
+    """Decode ``num_frames`` frames sampled uniformly over the whole video (:func:`sample_indices`):
+    (T, 3, H, W) uint8 RGB.
+
+    The frames are counted and placed in presentation order from the video stream's packets
+    (demuxed, not decoded), so a container's missing or wrong frame count, variable frame
+    rate or a longer audio stream change nothing. ``decoder="pyav"`` then seeks to the
+    keyframe at or before each sampled frame (or decodes on when that is no longer) and
+    decodes forward to it: the frames decoded grow with the number of samples and the
+    keyframe interval, not with the clip (only the demuxing pass, which reads packets
+    without decoding them, does). A stream whose packets carry no timestamps, or whose
+    decoded frames do not match them, is decoded once in order instead. ``"torchcodec"``
+    (optional package) does the same with torchcodec's exact seek mode. Exact and
+    deterministic. Raises :class:`SourceError` or the decoder's errors for an unreadable file.
+    """
+    if num_frames < 1:
+        raise ValueError(f"decode_video: num_frames must be >= 1, got {num_frames}")
+    return decode_frames(path, lambda total: sample_indices(total, num_frames), decoder=decoder)
 
 
 def torchvision_preprocess(frames: Tensor, resize: int | Sequence[int] | None, crop: int | None) -> Tensor:
-    """torchvision's ImageNet evaluation transform on uint8 RGB (T, 3, H, W) -> float32 (T, 3, h, w):
-    resize (an int: the shorter side; (h, w): exactly), centre crop, /255, ImageNet mean/std."""
+    """torchvision's ImageNet evaluation transform (``weights.transforms()``) on uint8 RGB
+    (T, 3, H, W) -> float32 (T, 3, h, w), on the frames' device: antialiased bilinear resize
+    (an int: the shorter side; (h, w): exactly) rounded to whole grey levels, torchvision's
+    centre crop, /255, ImageNet mean/std."""
     from torchvision.transforms.v2 import functional as TF
 
+    x = frames.to(torch.float32)
     if resize is not None:
         size = [resize] if isinstance(resize, int) else list(resize)
-        frames = TF.resize(frames, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        # in float then rounded, as torchvision's transforms resize uint8 tensors (its uint8 CPU
+        # kernel rounds differently, by up to one grey level)
+        x = TF.resize(x, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True).round_()
     if crop is not None:
-        frames = center_crop(frames, crop)
-    x = frames.to(torch.float32) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+        x = TF.center_crop(x, [crop, crop])
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x / 255.0 - mean) / std
 
 
 @dataclass
@@ -136,6 +239,11 @@ class FrameSource:
     def config(self) -> dict:
         return {"source": self.kind, **asdict(self)}
 
+    def prepare(self, frames: Tensor) -> Tensor:
+        """uint8 RGB frames (T, 3, H, W) from :meth:`load` -> the backbone's float32 input
+        (T, 3, h, w), on the frames' device."""
+        raise NotImplementedError
+
     def pool(self, maps: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -154,12 +262,14 @@ class VideoSource(FrameSource):
 
     torchvision preprocessing: shorter side to ``resize`` (256), centre crop ``size`` (224).
     Release preprocessing: resize to exactly 240 x 320, centre crop 224 (``size``/``resize`` unused).
+    ``decoder``: ``"pyav"`` or ``"torchcodec"`` (optional package), see :func:`decode_video`.
     """
 
     frames: int = 25
     size: int = 224
     resize: int = 256
     levels: tuple[int, ...] = PAPER_LEVELS
+    decoder: str = "pyav"
 
     kind = "video"
 
@@ -169,6 +279,7 @@ class VideoSource(FrameSource):
         if self.frames < 1 or self.size < 1 or self.resize < self.size:
             raise ValueError(f"video source: need frames >= 1 and resize >= size >= 1, got frames={self.frames}, "
                              f"size={self.size}, resize={self.resize}")
+        check_decoder(self.decoder)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -178,7 +289,9 @@ class VideoSource(FrameSource):
         return spp_size(self.levels)
 
     def load(self, item: Item) -> Tensor:
-        frames = decode_video(item.path, self.frames)
+        return decode_video(item.path, self.frames, decoder=self.decoder)
+
+    def prepare(self, frames: Tensor) -> Tensor:
         if self.preprocess == "release":
             return release_preprocess(frames, RELEASE_RESIZE, RELEASE_CROP)
         return torchvision_preprocess(frames, self.resize, self.size)
@@ -221,7 +334,9 @@ class ImageSource(FrameSource):
                 arr = np.asarray(im)
         except (UnidentifiedImageError, OSError) as err:
             raise SourceError(f"cannot read image: {err}") from None
-        frames = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
+
+    def prepare(self, frames: Tensor) -> Tensor:
         if self.preprocess == "release":
             return release_preprocess(frames, (self.size, self.size), None)
         return torchvision_preprocess(frames, (self.size, self.size), None)

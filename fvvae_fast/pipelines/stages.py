@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import distributed
 from ..encode import degenerate_rows, fisher_encode
 from ..model import FVVAE
-from .. import distributed
 from ..store import ShardResult, Store, StoreError, item_records
 from .extract import StageReport
 
