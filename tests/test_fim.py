@@ -183,7 +183,7 @@ def test_lowrank_sketch_bound():
     G = _random_g(400, 10, 8, salt=7)
     rows = G.reshape(400, -1)
     fim = FisherInformation(mode="lowrank", rank=4).update(G)
-    sk = fim._fd.sketch.double()
+    sk = fim._stats.fd.sketch.double()
     gap = torch.linalg.eigvalsh(rows.t() @ rows / 400 - sk.t() @ sk / 400)
     scale = float(fim.diagonal().sum())
     assert float(gap.min()) >= -1e-12 * scale and float(gap.max()) <= fim.sketch_error * (1 + 1e-9)
@@ -312,7 +312,7 @@ def test_merge_equals_one_estimator_over_the_union(mode, rank):
     rows = G.reshape(120, -1)
     F = rows.t() @ rows / 120
     for est in (merged, union):
-        sk = est._fd.sketch.double()
+        sk = est._stats.fd.sketch.double()
         gap = torch.linalg.eigvalsh(F - sk.t() @ sk / 120)
         assert float(gap.min()) >= -1e-12 * float(F.trace())
         assert float(gap.max()) <= est.sketch_error * (1 + 1e-9) + 1e-12 * float(F.trace())
