@@ -61,7 +61,7 @@ class DiagonalStatistics(Statistics):
         return [] if self.sumsq is None else [self.sumsq]
 
     def start(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Zero statistics for D = dim; ``dtype`` is that of the rows to come (float32 or float64)."""
+        """Zero statistics for D = dim (``dtype``: the opmath dtype of the rows, for the low-rank sketch)."""
         self.sumsq = torch.zeros(dim, dtype=torch.float64, device=device)
 
     def update(self, rows: Tensor) -> None:
