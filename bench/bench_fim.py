@@ -19,7 +19,6 @@ import time
 
 import pytest
 import torch
-
 from common import default_device, record, run_benchmark
 
 from fvvae_fast.encode import fisher_gradients

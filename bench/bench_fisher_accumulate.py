@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from common import Shape, default_device, record, run_benchmark
 
 import fvvae_fast as fv

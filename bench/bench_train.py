@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-
 from common import default_device, record, run_benchmark
 
 import fvvae_fast as fv

@@ -1,7 +1,7 @@
 // fvvae_fast::sum_of_squares_cpu: the diagonal Fisher-information update, sum_s g[s]^2 of g (S, D)
 // in float64 (paper Eq. 12, DESIGN section 2), reading g once and writing nothing but the (D,) result.
 //
-// The schema is defined in Python (fvvae_fast/fim/diagonal.py). Threads own disjoint column ranges
+// The schema is defined in Python (fvvae_fast/ops/sum_of_squares.py). Threads own disjoint column ranges
 // and each adds the rows in order, so the result does not depend on the thread count; float32 input
 // is widened element by element (no float64 copy of g).
 

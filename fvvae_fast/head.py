@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .encode import Whitener, fisher_encode
 from .model import FVVAE
+from .ops.validate import opmath_dtype
 
 
 class FisherVectorHead(nn.Module):
@@ -35,8 +36,8 @@ class FisherVectorHead(nn.Module):
 
     def forward(self, x: Tensor, offsets: Tensor | None = None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            return fisher_encode(self.model, x.to(dtype), offsets, fim=self.fim, normalize=self.normalize)
+            return fisher_encode(self.model, x.to(opmath_dtype(x.dtype)), offsets, fim=self.fim,
+                                 normalize=self.normalize)
 
     def extra_repr(self) -> str:
         return f"fim={type(self.fim).__name__ if self.fim is not None else None}, normalize={self.normalize}"

@@ -7,12 +7,14 @@ tensor) into (N, C) + offsets; :func:`pad_sets` turns (N, C) + offsets into one 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .ops.validate import check_offsets
 
 
 @dataclass
@@ -29,15 +31,7 @@ class DescriptorSets:
         self.offsets = torch.as_tensor(np.asarray(self.offsets), dtype=torch.int64)
         if self.x.ndim != 2:
             raise ValueError(f"DescriptorSets: x must be (N, C), got shape {tuple(self.x.shape)}")
-        if self.offsets.dim() != 1 or self.offsets.numel() < 1:
-            raise ValueError(f"DescriptorSets: offsets must be (S+1,), got shape {tuple(self.offsets.shape)}")
-        if int(self.offsets[0]) != 0 or int(self.offsets[-1]) != self.x.shape[0]:
-            raise ValueError(
-                f"DescriptorSets: offsets must start at 0 and end at N={self.x.shape[0]}, "
-                f"got {int(self.offsets[0])}..{int(self.offsets[-1])}"
-            )
-        if bool((self.offsets[1:] < self.offsets[:-1]).any()):
-            raise ValueError("DescriptorSets: offsets must be non-decreasing")
+        check_offsets(self.offsets, self.x.shape[0], "DescriptorSets")
         if self.labels is not None:
             self.labels = torch.as_tensor(np.asarray(self.labels), dtype=torch.int64)
             if self.labels.shape != (len(self),):
@@ -135,8 +129,7 @@ def _offsets(a: Any, n: int, device: torch.device, where: str) -> Tensor:
     if o.dim() != 1 or o.numel() < 2:
         raise ValueError(f"{where}: offsets must be (S+1,) with S >= 1, got shape {tuple(o.shape)}")
     o = o.to(device=device, dtype=torch.int64)
-    if int(o[0]) != 0 or int(o[-1]) != n or bool((o.diff() < 0).any()):
-        raise ValueError(f"{where}: offsets must be non-decreasing from 0 to N={n}, got {int(o[0])}..{int(o[-1])}")
+    check_offsets(o, n, where)
     return o
 
 

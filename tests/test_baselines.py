@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from fvvae_fast.baselines import VLAD, GMMFisherVector, PCACompression, RandomMaclaurin, average_pool, bilinear_pool, concatenate
+from fvvae_fast.baselines import (
+    VLAD,
+    GMMFisherVector,
+    PCACompression,
+    RandomMaclaurin,
+    average_pool,
+    bilinear_pool,
+    concatenate,
+)
 
 from .cases import generator
 

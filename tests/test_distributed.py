@@ -16,7 +16,14 @@ import torch.multiprocessing as mp
 from fvvae_fast import distributed
 from fvvae_fast.encode import fisher_encode, fisher_gradients
 from fvvae_fast.model import FVVAE
-from fvvae_fast.pipelines import Dataset, PrecomputedSource, array_items, encode_store, estimate_fim, extract_descriptors
+from fvvae_fast.pipelines import (
+    Dataset,
+    PrecomputedSource,
+    array_items,
+    encode_store,
+    estimate_fim,
+    extract_descriptors,
+)
 from fvvae_fast.sets import DescriptorSets
 from fvvae_fast.store import Store
 from fvvae_fast.train import TrainConfig, load_model, train
@@ -180,7 +187,7 @@ def test_merged_fisher_information_equals_single_process(tmp_path, mode):
             g = fisher_gradients(load_model(tmp_path / "model.pt"), torch.as_tensor(np.asarray(sets.x)),
                                  sets.offsets).flatten(1).double()
         f = g.t() @ g / SETS
-        b = merged[0]._fd.sketch.double()
+        b = merged[0]._stats.fd.sketch.double()
         gap = torch.linalg.eigvalsh(f - b.t() @ b / SETS)
         slack = 1e-5 * float(torch.linalg.matrix_norm(f, ord=2))  # the sketch rows are float32
         assert float(gap.min()) >= -slack and float(gap.max()) <= merged[0].sketch_error + slack

@@ -183,7 +183,7 @@ def test_lowrank_sketch_bound():
     G = _random_g(400, 10, 8, salt=7)
     rows = G.reshape(400, -1)
     fim = FisherInformation(mode="lowrank", rank=4).update(G)
-    sk = fim._fd.sketch.double()
+    sk = fim._stats.fd.sketch.double()
     gap = torch.linalg.eigvalsh(rows.t() @ rows / 400 - sk.t() @ sk / 400)
     scale = float(fim.diagonal().sum())
     assert float(gap.min()) >= -1e-12 * scale and float(gap.max()) <= fim.sketch_error * (1 + 1e-9)
@@ -312,7 +312,7 @@ def test_merge_equals_one_estimator_over_the_union(mode, rank):
     rows = G.reshape(120, -1)
     F = rows.t() @ rows / 120
     for est in (merged, union):
-        sk = est._fd.sketch.double()
+        sk = est._stats.fd.sketch.double()
         gap = torch.linalg.eigvalsh(F - sk.t() @ sk / 120)
         assert float(gap.min()) >= -1e-12 * float(F.trace())
         assert float(gap.max()) <= est.sketch_error * (1 + 1e-9) + 1e-12 * float(F.trace())
@@ -334,6 +334,12 @@ def test_merge_rejects_a_different_estimator():
 # ----------------------------------------------------------------------------- save / load
 
 
+# The file format (fim/estimator.py state_dict; each mode's keys in fim/diagonal.py, lowrank.py, kronecker.py).
+FILE_HEADER = ["format", "version", "mode", "rank", "sketch", "damping", "dim", "shape", "num_sets", "num_descriptors"]
+FILE_STATISTICS = {"diagonal": ["sumsq"], "lowrank": ["sumsq", "sketch_rows", "sketch_shrunk"],
+                   "kronecker": ["b_sum", "a_sum", "m_sum", "pairs"]}
+
+
 @pytest.mark.parametrize("mode,rank", MODES, ids=MODE_IDS)
 def test_save_load_round_trip(tmp_path, mode, rank):
     model = _model(salt=11)
@@ -348,6 +354,40 @@ def test_save_load_round_trip(tmp_path, mode, rank):
         torch.testing.assert_close(loaded.whiten(G), fim.whiten(G), rtol=0, atol=0)
     state = torch.load(path, weights_only=True)
     assert state["format"] == "fvvae_fast.FisherInformation" and state["version"] == 2
+    assert list(state) == [*FILE_HEADER, *FILE_STATISTICS[mode]]  # the format, in its order
+    c, j = 6, 4
+    assert (state["mode"], state["rank"], state["sketch"], state["dim"], state["shape"]) == (
+        mode, rank or 0, 2 * rank if rank else 0, c * j, [c, j])
+    assert state["num_sets"] == 40 and state["num_descriptors"] == (int(offsets[-1]) if mode == "kronecker" else 0)
+    shapes = {"sumsq": (c * j,), "b_sum": (c, c), "a_sum": (j, j), "m_sum": (c, j)}
+    for key, shape in shapes.items():
+        if key in state:
+            assert state[key].shape == shape and state[key].dtype == f64 and state[key].device.type == "cpu"
+    if mode == "lowrank":
+        assert state["sketch_rows"].shape[1] == c * j and state["sketch_rows"].shape[0] < 2 * state["sketch"]
+        assert isinstance(state["sketch_shrunk"], float)
+    if mode == "kronecker":
+        assert state["pairs"] == float((offsets.diff() * (offsets.diff() - 1)).sum())
+
+
+def test_an_empty_estimator_saves_its_header_only(tmp_path):
+    FisherInformation("lowrank", rank=2, dim=12).save(tmp_path / "fim.pt")
+    assert list(torch.load(tmp_path / "fim.pt", weights_only=True)) == FILE_HEADER
+    loaded = FisherInformation.load(tmp_path / "fim.pt")
+    assert (loaded.num_sets, loaded.dim, loaded.nbytes, loaded.sketch_rows) == (0, 12, 0, 4)
+
+
+def test_a_version_1_kronecker_file_loads_without_the_mean_term(tmp_path):
+    model = _model(salt=12)
+    x, offsets = _sets(30, 6, salt=12)
+    fim = _fed("kronecker", None, model, x, offsets)
+    state = {k: v for k, v in fim.state_dict().items() if k not in ("m_sum", "pairs")}
+    torch.save({**state, "version": 1}, tmp_path / "v1.pt")
+    old = FisherInformation.load(tmp_path / "v1.pt")
+    m, c = old.mean_term()
+    assert c == 0 and torch.equal(m, torch.zeros(6, 4, dtype=f64))
+    for got, want in zip(old.kronecker_factors(), fim.kronecker_factors()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_load_refuses_another_d_mode_or_version(tmp_path):

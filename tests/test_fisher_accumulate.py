@@ -11,8 +11,16 @@ from hypothesis import strategies as st
 import fvvae_fast as fv
 from fvvae_fast.ops import naive, reference, validate
 
-from .cases import (CASE_IDS, CASES, Case, assert_matches_reference, check_backward, check_forward, generator,
-                    make_inputs)
+from .cases import (
+    CASE_IDS,
+    CASES,
+    Case,
+    assert_matches_reference,
+    check_backward,
+    check_forward,
+    generator,
+    make_inputs,
+)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["f64", "f32", "f16", "bf16"]
@@ -189,8 +197,8 @@ BAD_INPUTS = [
     ("offsets-int32", _set(5, lambda a: a[5].int()), TypeError, "offsets must be an int64 tensor"),
     ("offsets-2d", _set(5, lambda a: a[5][None]), ValueError, r"offsets must be \(S\+1,\)"),
     ("offsets-empty", _set(5, torch.zeros(0, dtype=torch.int64)), ValueError, r"offsets must be \(S\+1,\)"),
-    ("offsets-start", _set(5, torch.tensor([1, 2, 5])), ValueError, r"offsets\[0\] must be 0"),
-    ("offsets-end", _set(5, torch.tensor([0, 2, 4])), ValueError, r"offsets\[-1\] must equal N"),
+    ("offsets-start", _set(5, torch.tensor([1, 2, 5])), ValueError, r"from 0 to N=5 \(the rows of x\), but offsets\[0\] = 1"),
+    ("offsets-end", _set(5, torch.tensor([0, 2, 4])), ValueError, r"from 0 to N=5 \(the rows of x\), but offsets\[-1\] = 4"),
     ("offsets-decreasing", _set(5, torch.tensor([0, 3, 2, 5])), ValueError, "non-decreasing"),
     ("zero-latent", lambda a: [a[0], a[1][:, :0], a[2][:, :0], *a[3:]], ValueError, "d >= 1"),
 ]

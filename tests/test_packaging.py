@@ -98,4 +98,4 @@ def test_kernels_come_from_the_checkout_of_the_package():
     kernels = dispatch.import_kernels("fisher_accumulate")
     folder = package / "kernels" if (package / "kernels").is_dir() else package.parent / "kernels"  # wheel or checkout
     assert Path(kernels.__file__).resolve() == folder / "fisher_accumulate.py"
-    assert dispatch.import_kernels("fim_update").__name__ == "fvvae_fast.kernels.fim_update"
+    assert dispatch.import_kernels("sum_of_squares").__name__ == "fvvae_fast.kernels.sum_of_squares"

@@ -14,6 +14,7 @@ import torch
 
 av = pytest.importorskip("av")
 
+from fvvae_fast.official import release_preprocess  # noqa: E402
 from fvvae_fast.pipelines import (  # noqa: E402
     PRESETS,
     BackboneError,
@@ -35,10 +36,9 @@ from fvvae_fast.pipelines import (  # noqa: E402
     read_folder,
     read_ucf101,
     sample_indices,
+    sources,  # noqa: E402
     torchvision_preprocess,
 )
-from fvvae_fast.official import release_preprocess  # noqa: E402
-from fvvae_fast.pipelines import sources  # noqa: E402
 from fvvae_fast.store import Store  # noqa: E402
 
 from .cases import generator  # noqa: E402

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..ops.validate import check_offsets
 from ..sets import pad_sets
 
 
@@ -12,10 +13,9 @@ def check_sets(x: Tensor, offsets: Tensor, where: str) -> None:
     """Raise ValueError unless x is a floating (N, C) tensor and offsets a valid (S+1,) int64 partition of it."""
     if not isinstance(x, Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"{where}: x must be a floating (N, C) tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.dtype != torch.int64 or offsets.numel() < 1:
+    if not isinstance(offsets, Tensor) or offsets.dtype != torch.int64:
         raise ValueError(f"{where}: offsets must be an (S+1,) int64 tensor")
-    if int(offsets[0]) != 0 or int(offsets[-1]) != x.shape[0] or bool((offsets.diff() < 0).any()):
-        raise ValueError(f"{where}: offsets must be non-decreasing from 0 to N={x.shape[0]}")
+    check_offsets(offsets, x.shape[0], where)
 
 
 def average_pool(x: Tensor, offsets: Tensor) -> Tensor:

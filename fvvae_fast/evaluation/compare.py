@@ -324,7 +324,7 @@ def _pm(entry: dict, metric: str, percent: bool = True) -> str:
 def format_table(summary: list[dict]) -> str:
     """The Table-2-style comparison (group ``table`` of :func:`summarize`) as Markdown: mean ± std over seeds."""
     seeds = max((e["n"] for e in summary if e["group"] == "table"), default=0)
-    lines = [f"| method | settings | dim | top-1 | top-3 | mAP | encode s |",
+    lines = ["| method | settings | dim | top-1 | top-3 | mAP | encode s |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for e in summary:
         if e["group"] == "table":

@@ -4,7 +4,8 @@
     fim.estimate(model, loader)                        # one pass over the training sets
     W = fim.whiten(G)                                  # (S, D) = F^(-1/2) vec(G)
 
-Modules: :mod:`.estimator` (the API), :mod:`.diagonal`, :mod:`.lowrank` (Frequent
+Modules: :mod:`.estimator` (the API), :mod:`.statistics` (what a mode implements), and one
+module per mode, its maths and its statistics: :mod:`.diagonal`, :mod:`.lowrank` (Frequent
 Directions), :mod:`.kronecker`.
 """
 

@@ -2,52 +2,23 @@
 
     diag F = mean over training sets X of vec(G_X) * vec(G_X)       (D,)
 
-kept as a float64 running sum of squares plus a set count, so merging two
-estimates is an exact sum (up to float64 rounding order).
+kept as a float64 running sum of squares (:func:`fvvae_fast.ops.sum_of_squares`) plus the
+estimator's set count, so merging two estimates is an exact sum (up to float64 rounding order).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
-# Elements per float64 temporary in the reference's chunked update: 1 Mi elements = 8 MiB (8 rows at
-# D = 131,072). Few large ops rather than one per row: each op is one parallel region, and on
-# a busy machine every region can wait a scheduler time slice for its threads.
-_CHUNK_ELEMS = 1 << 20
-
-
-_lib = torch.library.Library("fvvae_fast", "FRAGMENT")
-_lib.define("sum_of_squares_cpu(Tensor g) -> Tensor")  # csrc/sum_of_squares.cpp, when the extension is built
-
-
-def sum_of_squares(g: Tensor, *, backend: str | None = None) -> Tensor:
-    """sum_s g[s]^2 of g (S, D) float: (D,) float64 on g's device, reading g once.
-
-    ``backend``: None picks the fused kernel of the device through the one dispatcher
-    (:func:`fvvae_fast.ops.dispatch.resolve`: Triton on CUDA, the C++ kernel on CPU), else
-    ``"reference"``, ``"cpu"`` or ``"triton"``. Every backend accumulates in float64 and never
-    forms a float64 copy of g.
-    """
-    from ..ops import dispatch
-
-    name = dispatch.resolve(backend, g.device)
-    if name != "reference" and g.dtype in (torch.float32, torch.float64):
-        g = g.contiguous()
-        if name == "cpu":
-            return torch.ops.fvvae_fast.sum_of_squares_cpu(g)
-        return dispatch.import_kernels("fim_update").sum_of_squares(g)
-    return reference_sum_of_squares(g)
-
-
-def reference_sum_of_squares(g: Tensor) -> Tensor:
-    """Plain-torch :func:`sum_of_squares`: float64 row chunks (about 8 MiB, or one row when D is larger)."""
-    s, dim = g.shape
-    out = torch.zeros(dim, dtype=torch.float64, device=g.device)
-    step = max(1, _CHUNK_ELEMS // max(dim, 1))
-    for lo in range(0, s, step):
-        out += g[lo : lo + step].to(torch.float64, copy=True).square_().sum(0)
-    return out
+from .. import distributed
+from ..ops import sum_of_squares
+from ..ops.validate import opmath_dtype
+from .statistics import Statistics
 
 
 def inverse_sqrt(values: Tensor, floor: float) -> Tensor:
@@ -60,3 +31,64 @@ def inverse_sqrt(values: Tensor, floor: float) -> Tensor:
     """
     v = values.clamp_min(floor)
     return torch.where(v > 0, v.rsqrt(), torch.zeros_like(v))
+
+
+@dataclass
+class DiagonalWhitener:
+    """F_hat^(-1/2) = diag(F)^(-1/2), floored: ``scale`` (D,)."""
+
+    scale: Tensor
+
+    def to(self, dtype: torch.dtype, device: torch.device) -> DiagonalWhitener:
+        return DiagonalWhitener(self.scale.to(device=device, dtype=dtype))
+
+    def apply(self, g: Tensor) -> Tensor:
+        """g (S, D) -> (S, D) = g * scale per row."""
+        return g * self.scale
+
+
+class DiagonalStatistics(Statistics):
+    """``mode="diagonal"``: sumsq (D,) float64 = sum_X vec(G_X)^2. File key: ``sumsq``."""
+
+    mode = "diagonal"
+
+    def __init__(self, rank: int | None = None, sketch: int | None = None) -> None:
+        super().__init__(rank, sketch)
+        self.sumsq: Tensor | None = None
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        return [] if self.sumsq is None else [self.sumsq]
+
+    def start(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Zero statistics for D = dim (``dtype``: the opmath dtype of the rows, for the low-rank sketch)."""
+        self.sumsq = torch.zeros(dim, dtype=torch.float64, device=device)
+
+    def update(self, rows: Tensor) -> None:
+        sq = sum_of_squares(rows)  # sum_X vec(G_X)^2 of this batch   (diagonal of Eq. 12)
+        if not math.isfinite(float(sq.sum())):
+            raise ValueError("FisherInformation.update: G has NaN or Inf values")
+        if self.sumsq is None:
+            self.start(rows.shape[1], opmath_dtype(rows.dtype), rows.device)
+        self.sumsq += sq.to(self.sumsq.device)
+
+    def merge(self, other: DiagonalStatistics) -> None:
+        self.sumsq += other.sumsq.to(self.sumsq.device)
+
+    def all_reduce(self, dim: int, shape: tuple[int, int] | None) -> None:
+        if self.sumsq is None:
+            self.start(dim, torch.float32, torch.device("cpu"))
+        distributed.all_reduce_sum(self.sumsq)
+
+    def state(self) -> dict[str, Any]:
+        return {"sumsq": self.sumsq.cpu()}
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        self.sumsq = state["sumsq"].to(device).clone() if "sumsq" in state else None
+
+    def diagonal(self, num_sets: int) -> Tensor:
+        return self.sumsq / num_sets
+
+    def whitener(self, num_sets: int, damping: float) -> DiagonalWhitener:
+        diag = self.diagonal(num_sets)
+        return DiagonalWhitener(inverse_sqrt(diag, damping * float(diag.mean())))  # floor: damping x mean diagonal

@@ -38,23 +38,29 @@ import math
 import numbers
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from ..ops.validate import opmath_dtype
-from . import kronecker
-from .diagonal import inverse_sqrt, sum_of_squares
-from .lowrank import FrequentDirections, LowRankWhitener
+from ..ops.validate import check_offsets, opmath_dtype
+from .diagonal import DiagonalStatistics
+from .kronecker import KroneckerStatistics
+from .lowrank import LowRankStatistics
+from .statistics import Statistics, Whitener
 
 FORMAT = "fvvae_fast.FisherInformation"
 VERSION = 2  # 2: kronecker files hold the mean term (m_sum, pairs); version 1 files load without it
-MODES = ("diagonal", "lowrank", "kronecker")
+_STATISTICS: dict[str, type[Statistics]] = {cls.mode: cls for cls in (DiagonalStatistics, LowRankStatistics,
+                                                                         KroneckerStatistics)}
+MODES = tuple(_STATISTICS)
 DEFAULT_DAMPING = 1e-4
-# The lowrank whitening needs an invertible diagonal term: its floor is never below this
-# (relative to the mean diagonal), even with damping = 0.
-_LOWRANK_MIN_FLOOR = 1e-12
+_S = TypeVar("_S", bound=Statistics)
+
+
+def _matrix_shape(G: Tensor) -> tuple[int, int] | None:
+    """(C, d+1) of G (S, C, d+1); None for G (S, D)."""
+    return (int(G.shape[1]), int(G.shape[2])) if G.dim() == 3 else None
 
 
 class _ClassOrInstanceMethod:
@@ -81,6 +87,10 @@ class FisherInformation:
             Memory is a (2l, D) buffer in the dtype of the first update.
         dim: D, optional: checked against every input (otherwise set by the first update).
 
+    The statistics of the mode live in a :class:`.statistics.Statistics` of that mode; this
+    class checks inputs and configuration and holds the damping, D, (C, d+1), the set count,
+    the cached whitening factors and the file format.
+
     Example:
         >>> fim = FisherInformation(mode="lowrank", rank=4)
         >>> G = torch.randn(100, 8, 5, dtype=torch.float64)
@@ -103,37 +113,34 @@ class FisherInformation:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise TypeError(f"FisherInformation: {name} must be an int or None, got {type(value).__name__}")
         rank, sketch, dim = (None if v is None else int(v) for v in (rank, sketch, dim))
-        if mode == "lowrank":
-            if rank is None or rank < 1:
-                raise ValueError(f"FisherInformation: mode='lowrank' needs rank=k >= 1, got rank={rank}")
-            sketch = 2 * rank if sketch is None else sketch
-            if sketch < rank:
-                raise ValueError(f"FisherInformation: sketch must be >= rank={rank}, got sketch={sketch}")
-        else:
-            if rank not in (None, 0):
-                raise ValueError(f"FisherInformation: rank={rank} needs mode='lowrank', got mode={mode!r}")
-            if sketch is not None:
-                raise ValueError(f"FisherInformation: sketch={sketch} needs mode='lowrank', got mode={mode!r}")
+        self._stats = _STATISTICS[mode](rank, sketch)
         if dim is not None and dim < 1:
             raise ValueError(f"FisherInformation: dim must be >= 1, got {dim}")
-        self.mode = mode
-        self.rank = rank or 0
-        self.sketch_rows = sketch or 0
         self.damping = damping
         self.dim: int | None = dim
         self.shape: tuple[int, int] | None = None  # (C, d+1) once an input showed it
         self.num_sets = 0
-        self.num_descriptors = 0  # kronecker only
-        self._sumsq: Tensor | None = None  # (D,) float64: sum_X vec(G_X)^2
-        self._fd: FrequentDirections | None = None
-        self._b_sum: Tensor | None = None  # (C, C) float64: sum_t r_t r_t^T
-        self._a_sum: Tensor | None = None  # (d+1, d+1) float64: sum_t z~_t z~_t^T
-        self._m_sum: Tensor | None = None  # (C, d+1) float64: sum_t r_t z~_t^T
-        self._pairs = 0.0  # sum over sets of T (T - 1): ordered pairs of distinct descriptors
-        self._factors: Any = None  # float64 whitening factors, built lazily
-        self._cast: dict[tuple[torch.dtype, torch.device], Any] = {}
 
     # ------------------------------------------------------------------ configuration
+
+    @property
+    def mode(self) -> str:
+        return self._stats.mode
+
+    @property
+    def rank(self) -> int:
+        """k (lowrank), else 0."""
+        return self._stats.rank
+
+    @property
+    def sketch_rows(self) -> int:
+        """l, the sketch size (lowrank), else 0."""
+        return self._stats.sketch_rows
+
+    @property
+    def num_descriptors(self) -> int:
+        """Descriptors seen (kronecker; 0 in the other modes)."""
+        return self._stats.num_descriptors
 
     @property
     def damping(self) -> float:
@@ -152,25 +159,21 @@ class FisherInformation:
     @property
     def device(self) -> torch.device | None:
         """Device of the statistics (that of the first update), None before any data."""
-        for t in (self._sumsq, self._b_sum):
-            if t is not None:
-                return t.device
-        return None
+        return self._stats.device
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the statistics (the sketch buffer included), not counting cached whitening factors."""
-        tensors = [self._sumsq, self._b_sum, self._a_sum, self._m_sum, self._fd.buffer if self._fd is not None else None]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return self._stats.nbytes
 
     def __repr__(self) -> str:
-        extra = f", rank={self.rank}, sketch={self.sketch_rows}" if self.mode == "lowrank" else ""
+        extra = f", rank={self.rank}, sketch={self.sketch_rows}" if self.rank else ""
         return (f"FisherInformation(mode={self.mode!r}{extra}, damping={self.damping}, dim={self.dim}, "
                 f"num_sets={self.num_sets})")
 
     def _invalidate(self) -> None:
-        self._factors = None
-        self._cast = {}
+        self._factors: Whitener | None = None  # float64 whitening factors, built lazily
+        self._cast: dict[tuple[torch.dtype, torch.device], Whitener] = {}
 
     # ------------------------------------------------------------------ input checks
 
@@ -180,44 +183,41 @@ class FisherInformation:
             raise TypeError(f"FisherInformation.{where}: G must be a torch.Tensor, got {type(G).__name__}")
         if not G.is_floating_point():
             raise TypeError(f"FisherInformation.{where}: G must be a floating tensor, got dtype {G.dtype}")
-        want = self._expected_shape()
         if G.dim() not in (2, 3):
-            raise ValueError(f"FisherInformation.{where}: G must be (S, C, d+1) or (S, D), expected {want}, "
-                             f"got shape {tuple(G.shape)}")
+            raise ValueError(f"FisherInformation.{where}: G must be (S, C, d+1) or (S, D), expected "
+                             f"{self._expected_shape()}, got shape {tuple(G.shape)}")
         s, dim = G.shape[0], math.prod(G.shape[1:])
         if s == 0 and not allow_empty:
             raise ValueError(f"FisherInformation.{where}: G is empty (S=0 sets, shape {tuple(G.shape)}); "
                              f"an update needs at least one set")
         if dim == 0:
-            raise ValueError(f"FisherInformation.{where}: G has D=0 (shape {tuple(G.shape)}), expected {want}")
-        if self.dim is not None and dim != self.dim:
-            raise ValueError(f"FisherInformation.{where}: G has D={dim} (shape {tuple(G.shape)}) but this "
-                             f"estimator holds D={self.dim}, expected {want}")
-        if G.dim() == 3 and self.shape is not None and tuple(G.shape[1:]) != self.shape:
-            raise ValueError(f"FisherInformation.{where}: G has (C, d+1)={tuple(G.shape[1:])} but this "
-                             f"estimator holds {self.shape}, expected {want}")
-        if self.mode == "lowrank" and self.rank > dim:
-            raise ValueError(f"FisherInformation.{where}: rank={self.rank} exceeds D={dim} of G (shape "
-                             f"{tuple(G.shape)})")
+            raise ValueError(f"FisherInformation.{where}: G has D=0 (shape {tuple(G.shape)}), expected "
+                             f"{self._expected_shape()}")
+        self._check_size(where, f"G has shape {tuple(G.shape)}", dim, _matrix_shape(G))
         return G.reshape(s, dim)
+
+    def _check_size(self, where: str, what: str, dim: int, shape: tuple[int, int] | None) -> None:
+        """ValueError unless an input of D = dim (and (C, d+1) = shape, when known) fits this estimator."""
+        if self.dim is not None and dim != self.dim:
+            raise ValueError(f"FisherInformation.{where}: {what}, D={dim}, but this estimator holds D={self.dim}, "
+                             f"expected {self._expected_shape()}")
+        if shape is not None and self.shape is not None and shape != self.shape:
+            raise ValueError(f"FisherInformation.{where}: {what}, (C, d+1)={shape}, but this estimator holds "
+                             f"{self.shape}, expected {self._expected_shape()}")
+        if self.rank > dim:
+            raise ValueError(f"FisherInformation.{where}: rank={self.rank} exceeds D={dim} ({what})")
 
     def _expected_shape(self) -> str:
         if self.shape is not None:
             return f"(S, {self.shape[0]}, {self.shape[1]}) or (S, {self.dim})"
         return f"(S, C, d+1) or (S, {self.dim})" if self.dim is not None else "(S, C, d+1) or (S, D)"
 
-    def _start(self, dim: int, shape: tuple[int, int] | None, sketch_dtype: torch.dtype,
-               device: torch.device) -> None:
-        """Empty statistics of this mode for D = dim (and (C, d+1) = shape, needed by kronecker)."""
-        self.dim, self.shape = dim, shape
-        if self.mode == "kronecker":
-            self._b_sum = torch.zeros((shape[0], shape[0]), dtype=torch.float64, device=device)
-            self._a_sum = torch.zeros((shape[1], shape[1]), dtype=torch.float64, device=device)
-            self._m_sum = torch.zeros(shape, dtype=torch.float64, device=device)
-            return
-        self._sumsq = torch.zeros(dim, dtype=torch.float64, device=device)
-        if self.mode == "lowrank":
-            self._fd = FrequentDirections(dim, self.sketch_rows, sketch_dtype, device)
+    def _added(self, sets: int, dim: int, shape: tuple[int, int] | None) -> FisherInformation:
+        """Record ``sets`` new training sets of D = dim (and (C, d+1) = shape, when known)."""
+        self.dim, self.shape = dim, shape or self.shape
+        self.num_sets += sets
+        self._invalidate()
+        return self
 
     # ------------------------------------------------------------------ streaming updates
 
@@ -230,27 +230,9 @@ class FisherInformation:
         Not available in ``mode="kronecker"``: G has no per-descriptor statistics there;
         use :meth:`update_descriptors` or :meth:`estimate`. Returns self.
         """
-        if self.mode == "kronecker":
-            raise ValueError(
-                "FisherInformation.update: mode='kronecker' needs per-descriptor statistics (residuals r_t "
-                "and latents z_t), which G (S, C, d+1) does not contain; use update_descriptors(model, x, "
-                "offsets) or estimate(model, loader)"
-            )
         rows = self._rows(G, "update", allow_empty=False)
-        sq = sum_of_squares(rows)  # sum_X vec(G_X)^2 of this batch   (diagonal of Eq. 12)
-        if not math.isfinite(float(sq.sum())):
-            raise ValueError("FisherInformation.update: G has NaN or Inf values")
-        if self._sumsq is None:
-            shape = (int(G.shape[1]), int(G.shape[2])) if G.dim() == 3 else None
-            self._start(rows.shape[1], shape, opmath_dtype(rows.dtype), rows.device)
-        if self.shape is None and G.dim() == 3:
-            self.shape = (int(G.shape[1]), int(G.shape[2]))
-        self._sumsq += sq.to(self._sumsq.device)
-        if self._fd is not None:
-            self._fd.update(rows.to(self._fd.buffer.device))
-        self.num_sets += rows.shape[0]
-        self._invalidate()
-        return self
+        self._stats.update(rows)
+        return self._added(rows.shape[0], rows.shape[1], _matrix_shape(G))
 
     @torch.no_grad()
     def update_descriptors(
@@ -264,43 +246,22 @@ class FisherInformation:
         no per-descriptor gradient is formed. ``model`` follows :class:`fvvae_fast.FVVAE`
         (``preprocess``, ``encode``, ``decoder``, ``inv_var``). Returns self.
         """
+        where = "FisherInformation.update_descriptors"
         if not isinstance(offsets, Tensor) or offsets.dim() != 1 or offsets.numel() < 1:
-            raise ValueError(f"FisherInformation.update_descriptors: offsets must be (S+1,) int64, got "
+            raise ValueError(f"{where}: offsets must be (S+1,) int64, got "
                              f"{tuple(offsets.shape) if isinstance(offsets, Tensor) else type(offsets).__name__}")
         if offsets.numel() == 1:
-            raise ValueError("FisherInformation.update_descriptors: offsets describe no set (S=0); an update "
-                             "needs at least one set")
+            raise ValueError(f"{where}: offsets describe no set (S=0); an update needs at least one set")
         weight = model.decoder.weight
         x, offsets = x.to(weight.device), offsets.to(weight.device)
-        if self.mode != "kronecker":
-            from ..encode import fisher_gradients
-
-            return self.update(fisher_gradients(model, x, offsets, backend=backend))
-        from ..ops.reference import residual
-
         c, d = weight.shape
-        if (self.shape is not None and self.shape != (c, d + 1)) or (self.dim is not None and self.dim != c * (d + 1)):
-            raise ValueError(f"FisherInformation.update_descriptors: the model has (C, d+1)=({c}, {d + 1}), "
-                             f"D={c * (d + 1)}, but this estimator holds {self.shape}, D={self.dim}")
-        if x.dim() != 2 or x.shape[1] != c or int(offsets[-1]) != x.shape[0] or int(offsets[0]) != 0:
-            raise ValueError(f"FisherInformation.update_descriptors: x must be (N, C={c}) with offsets[0]=0 and "
-                             f"offsets[-1]=N; got x {tuple(x.shape)}, offsets {int(offsets[0])}..{int(offsets[-1])}")
-        xp, z = model.preprocess(x), model.encode(x)
-        r = residual(xp, z, weight, model.decoder.bias, model.inv_var())  # (N, C)   Eq. 11
-        b_sum, a_sum, m_sum = kronecker.descriptor_moments(r, z)
-        if not all(math.isfinite(float(t.sum())) for t in (b_sum, a_sum, m_sum)):
-            raise ValueError("FisherInformation.update_descriptors: NaN or Inf in the residuals or latents")
-        if self._b_sum is None:
-            self._start(c * (d + 1), (c, d + 1), torch.float64, b_sum.device)
-        self._b_sum += b_sum.to(self._b_sum.device)
-        self._a_sum += a_sum.to(self._a_sum.device)
-        self._m_sum += m_sum.to(self._m_sum.device)
-        lengths = offsets.diff().double()
-        self._pairs += float((lengths * (lengths - 1)).sum())
-        self.num_sets += offsets.numel() - 1
-        self.num_descriptors += x.shape[0]
-        self._invalidate()
-        return self
+        shape = (c, d + 1)
+        self._check_size("update_descriptors", f"the model has (C, d+1)={shape}", c * (d + 1), shape)
+        if x.dim() != 2 or x.shape[1] != c:
+            raise ValueError(f"{where}: x must be (N, C={c}), got shape {tuple(x.shape)}")
+        check_offsets(offsets, x.shape[0], where)
+        self._stats.update_descriptors(model, x, offsets, backend)
+        return self._added(offsets.numel() - 1, c * (d + 1), shape)
 
     def estimate(
         self, model: Any, loader: Iterable, *, backend: str | None = None, progress: bool = True
@@ -323,6 +284,9 @@ class FisherInformation:
 
     # ------------------------------------------------------------------ merging
 
+    def _same_config(self, other_mode: str, other_rank: int, other_sketch: int) -> bool:
+        return (other_mode, other_rank, other_sketch) == (self.mode, self.rank, self.sketch_rows)
+
     @torch.no_grad()
     def merge(self, other: FisherInformation) -> FisherInformation:
         """Absorb ``other``'s data: self becomes the estimator over the union; returns self.
@@ -333,7 +297,7 @@ class FisherInformation:
         """
         if not isinstance(other, FisherInformation):
             raise TypeError(f"FisherInformation.merge: other must be a FisherInformation, got {type(other).__name__}")
-        if (other.mode, other.rank, other.sketch_rows) != (self.mode, self.rank, self.sketch_rows):
+        if not self._same_config(other.mode, other.rank, other.sketch_rows):
             raise ValueError(
                 f"FisherInformation.merge: other has mode={other.mode!r}, rank={other.rank}, sketch="
                 f"{other.sketch_rows}; this estimator has mode={self.mode!r}, rank={self.rank}, "
@@ -350,21 +314,8 @@ class FisherInformation:
             state = other.state_dict()
             state["damping"] = self.damping
             return self.load_state_dict(state, device=other.device)
-        dev = self.device
-        if self.mode == "kronecker":
-            self._b_sum += other._b_sum.to(dev)
-            self._a_sum += other._a_sum.to(dev)
-            self._m_sum += other._m_sum.to(dev)
-            self._pairs += other._pairs
-        else:
-            self._sumsq += other._sumsq.to(dev)
-            if self._fd is not None:
-                self._fd.merge(other._fd)
-        self.num_sets += other.num_sets
-        self.num_descriptors += other.num_descriptors
-        self.shape = self.shape or other.shape
-        self._invalidate()
-        return self
+        self._stats.merge(other._stats)
+        return self._added(other.num_sets, self.dim, other.shape)
 
     @torch.no_grad()
     def all_reduce(self) -> FisherInformation:
@@ -380,39 +331,19 @@ class FisherInformation:
         _, world = distributed.rank_world()
         if world == 1:
             return self
-        fd = self._fd
         c, j = self.shape or (0, 0)
-        float64 = fd is not None and fd.dtype == torch.float64
-        meta = torch.tensor([self.num_sets, self.num_descriptors, self.dim or 0, c, j, float64, self._pairs],
-                            dtype=torch.float64)
+        meta = torch.tensor([self.num_sets, self.dim or 0, c, j], dtype=torch.float64)
         metas = torch.stack(distributed.all_gather(meta))
         seen = metas[metas[:, 0] > 0]
         if len(seen) == 0:
             return self
-        if bool((seen[:, 2:5] != seen[0, 2:5]).any()):
+        if bool((seen[:, 1:] != seen[0, 1:]).any()):
             raise ValueError(f"FisherInformation.all_reduce: the ranks hold different sizes (D, C, d+1): "
-                             f"{seen[:, 2:5].long().tolist()}")
-        dim, shape = int(seen[0, 2]), (int(seen[0, 3]), int(seen[0, 4])) if seen[0, 3] else None
-        if self.num_sets == 0:  # join with empty statistics of the right size
-            self._start(dim, shape, torch.float64 if bool(seen[0, 5]) else torch.float32, torch.device("cpu"))
-        if self.mode == "kronecker":
-            distributed.all_reduce_sum(self._b_sum)
-            distributed.all_reduce_sum(self._a_sum)
-            distributed.all_reduce_sum(self._m_sum)
-            self._pairs = float(metas[:, 6].sum())
-        else:
-            distributed.all_reduce_sum(self._sumsq)
-        if self._fd is not None:
-            mine = self._fd
-            filled = distributed.all_gather(torch.tensor([mine.filled, mine.shrunk], dtype=torch.float64))
-            buffers = distributed.all_gather(mine.buffer)
-            merged = FrequentDirections(dim, self.sketch_rows, mine.dtype, mine.buffer.device)
-            for buf, (rows, shrunk) in zip(buffers, filled):
-                merged.update(buf[: int(rows)])
-                merged.shrunk += float(shrunk)
-            self._fd = merged
+                             f"{seen[:, 1:].long().tolist()}")
+        dim, shape = int(seen[0, 1]), (int(seen[0, 2]), int(seen[0, 3])) if seen[0, 2] else None
+        self._stats.all_reduce(dim, shape)
+        self.dim, self.shape = dim, shape
         self.num_sets = int(metas[:, 0].sum())
-        self.num_descriptors = int(metas[:, 1].sum())
         self._invalidate()
         return self
 
@@ -423,75 +354,48 @@ class FisherInformation:
             raise RuntimeError(f"FisherInformation.{where}: no data yet; call update(), update_descriptors() "
                                f"or estimate() first")
 
+    def _only(self, kind: type[_S], where: str) -> _S:
+        """This estimator's statistics, which ``where`` needs to be of mode ``kind.mode``, with data."""
+        self._require_data(where)
+        if type(self._stats) is not kind:
+            raise ValueError(f"FisherInformation.{where}: needs mode={kind.mode!r}, this estimator has "
+                             f"mode={self.mode!r}")
+        return self._stats
+
     def diagonal(self) -> Tensor:
         """diag F: (D,) float64: the exact mean of vec(G_X)^2 over the training sets (diagonal, lowrank),
-        or the diagonal of T_bar B (x) A (kronecker)."""
+        or the diagonal of T_bar B (x) A + c m m^T (kronecker)."""
         self._require_data("diagonal")
-        if self.mode == "kronecker":
-            b, a, t_bar = self.kronecker_factors()
-            m, c = self.mean_term()
-            return t_bar * torch.outer(b.diagonal(), a.diagonal()).reshape(-1) + c * m.reshape(-1) ** 2
-        return self._sumsq / self.num_sets
+        return self._stats.diagonal(self.num_sets)
 
     def low_rank(self) -> tuple[Tensor, Tensor]:
         """The low-rank part U L U^T of F_hat (lowrank mode): U (D, k') orthonormal, L (k',), float64, k' <= k."""
-        self._require_data("low_rank")
-        if self.mode != "lowrank":
-            raise ValueError(f"FisherInformation.low_rank: needs mode='lowrank', this estimator is {self.mode!r}")
-        u, e, _ = self._fd.top(self.rank)
-        return u, e / self.num_sets
+        return self._only(LowRankStatistics, "low_rank").low_rank(self.num_sets)
 
     @property
     def sketch_error(self) -> float:
         """Delta / n: 0 <= F - B^T B / n <= sketch_error * I for the sketch B (lowrank; 0 otherwise)."""
-        return self._fd.shrunk / self.num_sets if self._fd is not None and self.num_sets else 0.0
+        return self._stats.sketch_error(self.num_sets) if self.num_sets else 0.0
 
     def kronecker_factors(self) -> tuple[Tensor, Tensor, float]:
         """B = E[r r^T] (C, C), A = E[z~ z~^T] (d+1, d+1) float64 and T_bar: F ~ T_bar B (x) A (kronecker)."""
-        self._require_data("kronecker_factors")
-        if self.mode != "kronecker":
-            raise ValueError(f"FisherInformation.kronecker_factors: needs mode='kronecker', this is {self.mode!r}")
-        n = max(self.num_descriptors, 1)
-        return self._b_sum / n, self._a_sum / n, self.num_descriptors / self.num_sets
+        return self._only(KroneckerStatistics, "kronecker_factors").factors(self.num_sets)
 
     def mean_term(self) -> tuple[Tensor, float]:
         """m = E[r z~^T] (C, d+1) float64, the mean per-descriptor gradient, and c = mean over sets of
         T (T - 1): F's rank-one part c vec(m) vec(m)^T (kronecker)."""
-        self._require_data("mean_term")
-        if self.mode != "kronecker":
-            raise ValueError(f"FisherInformation.mean_term: needs mode='kronecker', this is {self.mode!r}")
-        return self._m_sum / max(self.num_descriptors, 1), self._pairs / self.num_sets
-
-    def _build_factors(self) -> Any:
-        """float64 whitening factors of the current statistics and damping."""
-        if self.mode == "kronecker":
-            b, a, t_bar = self.kronecker_factors()
-            m, c = self.mean_term()
-            return kronecker.KroneckerWhitener.build(b, a, t_bar, self.damping, math.sqrt(c) * m)
-        diag = self.diagonal()
-        floor = self.damping * float(diag.mean())  # damping x mean diagonal
-        if self.mode == "diagonal":
-            return inverse_sqrt(diag, floor)  # F^(-1/2) = diag(F)^(-1/2), floored
-        u, e, tol = self._fd.top(self.rank)
-        lam = e / self.num_sets
-        # Never below what the float64 Gram resolves (directions under it are not in U L U^T).
-        floor = max(floor, tol / self.num_sets, _LOWRANK_MIN_FLOOR * float(diag.mean()))
-        whitener = LowRankWhitener.build(diag, u, lam, floor)
-        if self.damping == 0:  # pseudo-inverse, as in the diagonal mode: dead coordinates map to 0
-            whitener.scale[diag == 0] = 0
-        return whitener
+        return self._only(KroneckerStatistics, "mean_term").mean_term(self.num_sets)
 
     @torch.inference_mode(False)
     @torch.no_grad()
-    def _factors_for(self, dtype: torch.dtype, device: torch.device) -> Any:
+    def _factors_for(self, dtype: torch.dtype, device: torch.device) -> Whitener:
         """The cached factors in ``dtype`` on ``device``: plain tensors even when first asked for inside
         ``torch.inference_mode()``, so that a later whitening under autograd can use them."""
         if self._factors is None:
-            self._factors = self._build_factors()
+            self._factors = self._stats.whitener(self.num_sets, self.damping)
         key = (dtype, device)
         if key not in self._cast:
-            f = self._factors
-            self._cast[key] = f.to(device=device, dtype=dtype) if self.mode == "diagonal" else f.to(dtype, device)
+            self._cast[key] = self._factors.to(dtype, device)
         return self._cast[key]
 
     def whiten(self, G: Tensor) -> Tensor:
@@ -516,12 +420,7 @@ class FisherInformation:
         self._require_data("whiten")
         rows = self._rows(G, "whiten", allow_empty=True)
         rows = rows.to(opmath_dtype(rows.dtype))
-        f = self._factors_for(rows.dtype, rows.device)
-        if self.mode == "diagonal":
-            return rows * f
-        if self.mode == "lowrank":
-            return f.apply(rows)
-        return f.apply(rows.reshape(rows.shape[0], *self.shape))
+        return self._factors_for(rows.dtype, rows.device).apply(rows)
 
     # ------------------------------------------------------------------ state, save, load
 
@@ -533,14 +432,8 @@ class FisherInformation:
             "shape": list(self.shape) if self.shape is not None else None,
             "num_sets": self.num_sets, "num_descriptors": self.num_descriptors,
         }
-        if self._sumsq is not None:
-            state["sumsq"] = self._sumsq.cpu()
-        if self._fd is not None:
-            state["sketch_rows"] = self._fd.sketch.cpu().clone()
-            state["sketch_shrunk"] = self._fd.shrunk
-        if self._b_sum is not None:
-            state["b_sum"], state["a_sum"] = self._b_sum.cpu(), self._a_sum.cpu()
-            state["m_sum"], state["pairs"] = self._m_sum.cpu(), self._pairs
+        if self._stats.started:
+            state.update(self._stats.state())
         return state
 
     def load_state_dict(self, state: dict[str, Any], *, device: torch.device | str | None = None) -> FisherInformation:
@@ -551,7 +444,7 @@ class FisherInformation:
         if not isinstance(state.get("version"), int) or not 1 <= state["version"] <= VERSION:
             raise ValueError(f"FisherInformation: state version {state.get('version')!r} is not one this "
                              f"fvvae_fast reads (1..{VERSION})")
-        if (state["mode"], state["rank"], state["sketch"]) != (self.mode, self.rank, self.sketch_rows):
+        if not self._same_config(state["mode"], state["rank"], state["sketch"]):
             raise ValueError(
                 f"FisherInformation: the state is for mode={state['mode']!r}, rank={state['rank']}, sketch="
                 f"{state['sketch']}; this estimator has mode={self.mode!r}, rank={self.rank}, sketch={self.sketch_rows}"
@@ -564,20 +457,8 @@ class FisherInformation:
         device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
         self.damping = state["damping"]
         self.dim, self.shape = state["dim"], shape
-        self.num_sets, self.num_descriptors = state["num_sets"], state["num_descriptors"]
-        self._sumsq = state["sumsq"].to(device).clone() if "sumsq" in state else None
-        self._fd = None
-        if "sketch_rows" in state:
-            rows = state["sketch_rows"]
-            self._fd = FrequentDirections(self.dim, self.sketch_rows, rows.dtype, device)
-            self._fd.update(rows.to(device))
-            self._fd.shrunk = float(state["sketch_shrunk"])
-        self._b_sum = state["b_sum"].to(device).clone() if "b_sum" in state else None
-        self._a_sum = state["a_sum"].to(device).clone() if "a_sum" in state else None
-        self._m_sum, self._pairs = None, float(state.get("pairs", 0.0))
-        if self._b_sum is not None:  # a version 1 file has no mean term: zeros
-            self._m_sum = (state["m_sum"].to(device).clone() if "m_sum" in state
-                           else torch.zeros(shape, dtype=torch.float64, device=device))
+        self.num_sets = state["num_sets"]
+        self._stats.load(state, device)
         self._invalidate()
         return self
 

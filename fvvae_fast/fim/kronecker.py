@@ -47,9 +47,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from .. import distributed
+from .statistics import Statistics
 
 
 def descriptor_moments(r: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,7 +118,7 @@ class KroneckerWhitener:
         else:
             whitener = cls(v_b, v_a, _inv_sqrt_or_zero(lam.clamp_min(floor)))
         if u is not None:
-            w = whitener.apply(u[None])[0]  # K^(-1/2) sqrt(c) u
+            w = whitener.apply(u.reshape(1, -1))[0]  # K^(-1/2) sqrt(c) u
             norm2 = float(w @ w)
             if norm2 > 0:
                 whitener.direction, whitener.shrink = w / math.sqrt(norm2), 1.0 / math.sqrt(1.0 + norm2) - 1.0
@@ -125,7 +129,8 @@ class KroneckerWhitener:
         return KroneckerWhitener(cast(self.left), cast(self.right), cast(self.scale), cast(self.direction), self.shrink)
 
     def apply(self, g: Tensor) -> Tensor:
-        """g (S, C, d+1) -> (S, C*(d+1)) whitened, in g's dtype."""
+        """g (S, C*(d+1)) row-major vec(G) -> (S, C*(d+1)) whitened, in g's dtype."""
+        g = g.reshape(g.shape[0], self.left.shape[0], self.right.shape[0])
         if self.scale is None:
             out = torch.matmul(self.left, torch.matmul(g, self.right))
         else:
@@ -136,3 +141,103 @@ class KroneckerWhitener:
         if self.direction is not None:  # rank-one shrink along w^ (mean term)
             out = out + self.shrink * (out @ self.direction)[:, None] * self.direction
         return out
+
+
+class KroneckerStatistics(Statistics):
+    """``mode="kronecker"``: per-descriptor sums, fed by descriptors only (G has no per-descriptor terms).
+
+    File keys: ``b_sum`` (C, C) = sum_t r_t r_t^T, ``a_sum`` (d+1, d+1) = sum_t z~_t z~_t^T,
+    ``m_sum`` (C, d+1) = sum_t r_t z~_t^T (float64) and ``pairs`` = sum over sets of T (T - 1);
+    the count of descriptors is the file's ``num_descriptors``. Version 1 files have no mean term.
+    """
+
+    mode = "kronecker"
+
+    def __init__(self, rank: int | None = None, sketch: int | None = None) -> None:
+        super().__init__(rank, sketch)
+        self.b_sum: Tensor | None = None
+        self.a_sum: Tensor | None = None
+        self.m_sum: Tensor | None = None
+        self.pairs = 0.0  # ordered pairs of distinct descriptors of a set, summed over sets
+        self.num_descriptors = 0
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        return [] if self.b_sum is None else [self.b_sum, self.a_sum, self.m_sum]
+
+    def start(self, shape: tuple[int, int], device: torch.device) -> None:
+        """Zero sums for (C, d+1) = shape."""
+        c, j = shape
+        self.b_sum = torch.zeros((c, c), dtype=torch.float64, device=device)
+        self.a_sum = torch.zeros((j, j), dtype=torch.float64, device=device)
+        self.m_sum = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def update(self, rows: Tensor) -> None:
+        raise ValueError(
+            "FisherInformation.update: mode='kronecker' needs per-descriptor statistics (residuals r_t "
+            "and latents z_t), which G (S, C, d+1) does not contain; use update_descriptors(model, x, "
+            "offsets) or estimate(model, loader)"
+        )
+
+    def update_descriptors(self, model: Any, x: Tensor, offsets: Tensor, backend: str | None) -> None:
+        """r_t (Eq. 11) and z~_t = [mu_z(x_t); 1] give the sums; no per-descriptor gradient is formed."""
+        from ..ops.reference import residual
+
+        weight = model.decoder.weight
+        xp, z = model.preprocess(x), model.encode(x)
+        r = residual(xp, z, weight, model.decoder.bias, model.inv_var())  # (N, C)   Eq. 11
+        sums = descriptor_moments(r, z)
+        if not all(math.isfinite(float(t.sum())) for t in sums):
+            raise ValueError("FisherInformation.update_descriptors: NaN or Inf in the residuals or latents")
+        if self.b_sum is None:
+            self.start(tuple(sums[2].shape), sums[0].device)
+        for total, part in zip(self.tensors, sums):
+            total += part.to(total.device)
+        lengths = offsets.diff().double()
+        self.pairs += float((lengths * (lengths - 1)).sum())
+        self.num_descriptors += x.shape[0]
+
+    def merge(self, other: KroneckerStatistics) -> None:
+        for total, part in zip(self.tensors, other.tensors):
+            total += part.to(total.device)
+        self.pairs += other.pairs
+        self.num_descriptors += other.num_descriptors
+
+    def all_reduce(self, dim: int, shape: tuple[int, int] | None) -> None:
+        if self.b_sum is None:
+            self.start(shape, torch.device("cpu"))
+        for t in self.tensors:
+            distributed.all_reduce_sum(t)
+        counts = distributed.all_reduce_sum(torch.tensor([self.num_descriptors, self.pairs], dtype=torch.float64))
+        self.num_descriptors, self.pairs = int(counts[0]), float(counts[1])
+
+    def state(self) -> dict[str, Any]:
+        return {"b_sum": self.b_sum.cpu(), "a_sum": self.a_sum.cpu(), "m_sum": self.m_sum.cpu(), "pairs": self.pairs}
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        self.num_descriptors, self.pairs = state["num_descriptors"], float(state.get("pairs", 0.0))
+        self.b_sum = self.a_sum = self.m_sum = None
+        if "b_sum" in state:
+            self.start((state["b_sum"].shape[0], state["a_sum"].shape[0]), device)  # a version 1 file: m = 0
+            for name, t in zip(("b_sum", "a_sum", "m_sum"), self.tensors):
+                if name in state:
+                    t.copy_(state[name])
+
+    def factors(self, num_sets: int) -> tuple[Tensor, Tensor, float]:
+        """B = E[r r^T] (C, C), A = E[z~ z~^T] (d+1, d+1) float64 and T_bar: F ~ T_bar B (x) A."""
+        n = max(self.num_descriptors, 1)
+        return self.b_sum / n, self.a_sum / n, self.num_descriptors / num_sets
+
+    def mean_term(self, num_sets: int) -> tuple[Tensor, float]:
+        """m = E[r z~^T] (C, d+1) float64 and c = mean over sets of T (T - 1)."""
+        return self.m_sum / max(self.num_descriptors, 1), self.pairs / num_sets
+
+    def diagonal(self, num_sets: int) -> Tensor:
+        b, a, t_bar = self.factors(num_sets)
+        m, c = self.mean_term(num_sets)
+        return t_bar * torch.outer(b.diagonal(), a.diagonal()).reshape(-1) + c * m.reshape(-1) ** 2
+
+    def whitener(self, num_sets: int, damping: float) -> KroneckerWhitener:
+        b, a, t_bar = self.factors(num_sets)
+        m, c = self.mean_term(num_sets)
+        return KroneckerWhitener.build(b, a, t_bar, damping, math.sqrt(c) * m)

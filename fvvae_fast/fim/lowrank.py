@@ -37,14 +37,19 @@ diagonal mode when k = 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .diagonal import inverse_sqrt
+from .. import distributed
+from .diagonal import DiagonalStatistics, inverse_sqrt
 
 # Columns per float64 chunk when reading the buffer exactly (Gram, final basis).
 _COL_CHUNK = 1 << 14
+# The whitening needs an invertible diagonal term: its floor is never below this (relative to
+# the mean diagonal), even with damping = 0.
+_MIN_FLOOR = 1e-12
 
 
 def _gram64(b: Tensor) -> Tensor:
@@ -188,3 +193,88 @@ class LowRankWhitener:
             # in place unless autograd records this (it saved ``out`` for the product's backward)
             out = out.addmm(proj, self.basis.t()) if out.requires_grad else out.addmm_(proj, self.basis.t())
         return out
+
+
+class LowRankStatistics(DiagonalStatistics):
+    """``mode="lowrank"``: the exact diagonal plus a Frequent Directions sketch of the vec(G_X) rows.
+
+    File keys: ``sumsq`` and the sketch, ``sketch_rows`` (its rows in use) and ``sketch_shrunk`` (Delta).
+    """
+
+    mode = "lowrank"
+
+    def __init__(self, rank: int | None, sketch: int | None = None) -> None:
+        if rank is None or rank < 1:
+            raise ValueError(f"FisherInformation: mode='lowrank' needs rank=k >= 1, got rank={rank}")
+        sketch = 2 * rank if sketch is None else sketch
+        if sketch < rank:
+            raise ValueError(f"FisherInformation: sketch must be >= rank={rank}, got sketch={sketch}")
+        super().__init__()
+        self.rank, self.sketch_rows = rank, sketch
+        self.fd: FrequentDirections | None = None
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        return [] if self.fd is None else [*super().tensors, self.fd.buffer]
+
+    def start(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Zero statistics for D = dim and an empty (2l, D) sketch buffer of ``dtype``."""
+        super().start(dim, dtype, device)
+        self.fd = FrequentDirections(dim, self.sketch_rows, dtype, device)
+
+    def update(self, rows: Tensor) -> None:
+        super().update(rows)
+        self.fd.update(rows.to(self.fd.buffer.device))
+
+    def merge(self, other: LowRankStatistics) -> None:
+        super().merge(other)
+        self.fd.merge(other.fd)
+
+    def all_reduce(self, dim: int, shape: tuple[int, int] | None) -> None:
+        """Sums of squares all-reduced; the sketches all-gathered and merged in rank order."""
+        fd = self.fd
+        mine = [0.0, 0.0, 0.0, 0.0] if fd is None else [1.0, fd.filled, fd.shrunk, fd.dtype == torch.float64]
+        infos = torch.stack(distributed.all_gather(torch.tensor(mine, dtype=torch.float64)))
+        if fd is None:  # join with an empty sketch of the dtype of the ranks that hold one
+            float64 = bool(infos[infos[:, 0] > 0][0, 3])
+            self.start(dim, torch.float64 if float64 else torch.float32, torch.device("cpu"))
+        super().all_reduce(dim, shape)
+        buffers = distributed.all_gather(self.fd.buffer)
+        merged = FrequentDirections(dim, self.sketch_rows, self.fd.dtype, self.fd.buffer.device)
+        for buf, (_, filled, shrunk, _) in zip(buffers, infos.tolist()):
+            merged.update(buf[: int(filled)])
+            merged.shrunk += shrunk
+        self.fd = merged
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "sketch_rows": self.fd.sketch.cpu().clone(), "sketch_shrunk": self.fd.shrunk}
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        super().load(state, device)
+        self.fd = None
+        if "sketch_rows" in state:
+            rows = state["sketch_rows"]
+            self.fd = FrequentDirections(self.sumsq.numel(), self.sketch_rows, rows.dtype, device)
+            self.fd.update(rows.to(device))
+            self.fd.shrunk = float(state["sketch_shrunk"])
+
+    def sketch_error(self, num_sets: int) -> float:
+        """Delta / n: 0 <= F - B^T B / n <= sketch_error * I for the sketch B."""
+        return self.fd.shrunk / num_sets
+
+    def low_rank(self, num_sets: int) -> tuple[Tensor, Tensor]:
+        """U (D, k') orthonormal and L (k',) float64, k' <= k: the low-rank part U L U^T of F_hat."""
+        u, e, _ = self.fd.top(self.rank)
+        return u, e / num_sets
+
+    def whitener(self, num_sets: int, damping: float) -> LowRankWhitener:
+        diag = self.diagonal(num_sets)
+        u, e, tol = self.fd.top(self.rank)
+        mean = float(diag.mean())
+        # damping x mean diagonal, never below what the float64 Gram resolves (directions under it are
+        # not in U L U^T)
+        floor = max(damping * mean, tol / num_sets, _MIN_FLOOR * mean)
+        whitener = LowRankWhitener.build(diag, u, e / num_sets, floor)
+        if damping == 0:  # pseudo-inverse, as in the diagonal mode: dead coordinates map to 0
+            whitener.scale[diag == 0] = 0
+        return whitener

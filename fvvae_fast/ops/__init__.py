@@ -1,5 +1,6 @@
-"""The ``fisher_accumulate`` op: validation, reference, dispatcher, registration."""
+"""The ops ``fisher_accumulate`` and ``sum_of_squares``: validation, references, dispatcher, registration."""
 
 from .fisher_accumulate import fisher_accumulate
+from .sum_of_squares import sum_of_squares
 
-__all__ = ["fisher_accumulate"]
+__all__ = ["fisher_accumulate", "sum_of_squares"]

@@ -1,7 +1,7 @@
-"""The one dispatcher: which implementation of ``fisher_accumulate`` runs.
+"""The one dispatcher: which implementation of the ops (``fisher_accumulate``, ``sum_of_squares``) runs.
 
-Backends are implementations of the same op, each a (forward, backward) pair with
-the signatures of :mod:`fvvae_fast.ops.reference` (``forward(..., offsets, *, out_dtype=None)``):
+A backend implements every op, with the signatures of :mod:`fvvae_fast.ops.reference`
+(``forward(..., offsets, *, out_dtype=None)``, ``backward``, ``sum_of_squares(g)``):
 
 - ``"reference"``: plain torch (:mod:`fvvae_fast.ops.reference`), any device.
 - ``"cpu"``: the compiled C++ kernel (``fvvae_fast._C``, sources in ``csrc/``), CPU tensors.
@@ -36,8 +36,9 @@ AUTO = "auto"  # the op's spelling of backend=None: resolved when the op runs, n
 @dataclass(frozen=True)
 class Backend:
     name: str
-    forward: Callable[..., torch.Tensor]
-    backward: Callable[..., tuple[torch.Tensor, ...]]
+    forward: Callable[..., torch.Tensor]  # fisher_accumulate
+    backward: Callable[..., tuple[torch.Tensor, ...]]  # its gradients
+    sum_of_squares: Callable[[torch.Tensor], torch.Tensor]
 
 
 class BackendUnavailable(RuntimeError):
@@ -77,19 +78,19 @@ def _register_checkout_kernels() -> None:
 def _load(name: str) -> Backend | str:
     """The backend, or a string saying why it is unavailable (cached: imports run once)."""
     if name == "reference":
-        return Backend("reference", reference.forward, reference.backward)
+        return Backend("reference", reference.forward, reference.backward, reference.sum_of_squares)
     if name == "cpu":
         try:
             importlib.import_module("fvvae_fast._C")
         except ImportError as err:
             return f"the C++ extension fvvae_fast._C is not built ({err}); reinstall with a C++ compiler"
-        return Backend("cpu", _cpu_forward, _cpu_backward)
+        return Backend("cpu", _cpu_forward, _cpu_backward, torch.ops.fvvae_fast.sum_of_squares_cpu)
     if name == "triton":
         try:
-            kernels = import_kernels("fisher_accumulate")
+            kernels, squares = import_kernels("fisher_accumulate"), import_kernels("sum_of_squares")
         except ImportError as err:
             return f"Triton is not importable ({err})"
-        return Backend("triton", kernels.fisher_accumulate_fwd, kernels.fisher_accumulate_bwd)
+        return Backend("triton", kernels.fisher_accumulate_fwd, kernels.fisher_accumulate_bwd, squares.sum_of_squares)
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 
@@ -118,17 +119,24 @@ def available(name: str, device: torch.device) -> str | None:
 
 
 @functools.cache
-def _say_fallback_once(device_type: str, reason: str) -> None:
+def _say_fallback_once(op: str, device_type: str, reason: str) -> None:
     warnings.warn(
-        f"fvvae_fast: no fast fisher_accumulate kernel for {device_type} tensors ({reason}); "
+        f"fvvae_fast: no fast {op} kernel for {device_type} tensors ({reason}); "
         "using the reference implementation",
         RuntimeWarning,
         stacklevel=3,
     )
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The concrete backend name for ``backend`` (None or "auto" = fastest available) on ``device``."""
+def check_name(backend: str | None, op: str) -> None:
+    """ValueError naming ``op`` unless ``backend`` is None or one of :data:`BACKENDS`."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def resolve(backend: str | None, device: torch.device, op: str = "fisher_accumulate") -> str:
+    """The concrete backend name for ``backend`` (None or "auto" = fastest available) on ``device``;
+    ``op`` is the op named in warnings and errors."""
     if backend is None or backend == AUTO:
         preferred = {"cuda": "triton", "cpu": "cpu"}.get(device.type)
         if preferred is None:
@@ -136,19 +144,18 @@ def resolve(backend: str | None, device: torch.device) -> str:
         reason = available(preferred, device)
         if reason is None:
             return preferred
-        _say_fallback_once(device.type, reason)
+        _say_fallback_once(op, device.type, reason)
         return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"fisher_accumulate: backend must be one of {BACKENDS} or None, got {backend!r}")
+    check_name(backend, op)
     reason = available(backend, device)
     if reason is not None:
-        raise BackendUnavailable(f"fisher_accumulate: backend {backend!r} is unavailable: {reason}")
+        raise BackendUnavailable(f"{op}: backend {backend!r} is unavailable: {reason}")
     return backend
 
 
 def get(name: str) -> Backend:
-    """The loaded backend ``name`` (call :func:`resolve` first)."""
+    """The loaded backend ``name`` (call :func:`resolve` first: it has said why one is unavailable)."""
     loaded = _load(name)
     if isinstance(loaded, str):
-        raise BackendUnavailable(f"fisher_accumulate: backend {name!r} is unavailable: {loaded}")
+        raise BackendUnavailable(f"backend {name!r} is unavailable: {loaded}")
     return loaded

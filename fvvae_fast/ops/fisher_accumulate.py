@@ -37,7 +37,7 @@ def _fisher_accumulate_op(
     s, (c, d) = offsets.shape[0] - 1, weight.shape
     if s == 0 or x.shape[0] == 0:
         return torch.zeros((s, c, d + 1), dtype=result_dtype(x.dtype, out_dtype), device=x.device)
-    impl = dispatch.get(dispatch.resolve(backend, x.device))
+    impl = dispatch.get(dispatch.resolve(backend, x.device, "fisher_accumulate"))
     return impl.forward(x, z, weight, bias, inv_var, offsets, out_dtype=out_dtype)
 
 
@@ -54,7 +54,7 @@ def _fisher_accumulate_backward_op(
     if offsets.shape[0] == 1 or x.shape[0] == 0:
         return (torch.zeros_like(x), torch.zeros_like(z), torch.zeros_like(weight), torch.zeros_like(bias),
                 torch.zeros_like(inv_var))
-    impl = dispatch.get(dispatch.resolve(backend, x.device))
+    impl = dispatch.get(dispatch.resolve(backend, x.device, "fisher_accumulate"))
     return tuple(impl.backward(grad.contiguous(), x, z, weight, bias, inv_var, offsets))
 
 
@@ -123,8 +123,7 @@ def fisher_accumulate(
         torch.Size([3, 4, 4])
     """
     check_inputs(x, z, weight, bias, inv_var, offsets, nan_policy, out_dtype)
-    if backend is not None and backend not in dispatch.BACKENDS:
-        raise ValueError(f"fisher_accumulate: backend must be one of {dispatch.BACKENDS} or None, got {backend!r}")
+    dispatch.check_name(backend, "fisher_accumulate")
     return torch.ops.fvvae_fast.fisher_accumulate(
         x.contiguous(), z.contiguous(), weight.contiguous(), bias.contiguous(), inv_var.contiguous(),
         offsets.contiguous(), backend or dispatch.AUTO, nan_policy, out_dtype,

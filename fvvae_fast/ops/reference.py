@@ -1,4 +1,4 @@
-"""The float64-capable reference of ``fisher_accumulate``: plain torch, the oracle.
+"""The float64-capable references of the ops (``fisher_accumulate``, ``sum_of_squares``): plain torch, the oracles.
 
 Reads like the paper. For descriptor t of set X with latent z_t (Eq. 10, 11):
 
@@ -19,6 +19,10 @@ from .validate import opmath_dtype
 
 # Rows per chunk: keeps each (rows, C) temporary to about 4 M elements.
 _CHUNK_ELEMS = 1 << 22
+# Elements per float64 temporary of sum_of_squares: 1 Mi elements = 8 MiB (8 rows at D = 131,072).
+# Few large ops rather than one per row: each op is one parallel region, and on a busy machine
+# every region can wait a scheduler time slice for its threads.
+_SQUARES_CHUNK_ELEMS = 1 << 20
 
 
 def _chunks(offsets: torch.Tensor, c: int):
@@ -108,3 +112,16 @@ def backward(
         gw += da.t() @ zc
         gz[lo:hi] = da @ w + (diff * v) @ g[s, :, :d]
     return gx.to(x.dtype), gz.to(z.dtype), gw.to(weight.dtype), gb.to(bias.dtype), gv.to(inv_var.dtype)
+
+
+def sum_of_squares(g: torch.Tensor) -> torch.Tensor:
+    """sum_s g[s]^2: (D,) float64 from g (S, D) float, the sum behind diag F (Eq. 12).
+
+    Squares float64 row chunks (about 8 MiB, or one row when D is larger): no float64 copy of g.
+    """
+    s, dim = g.shape
+    out = torch.zeros(dim, dtype=torch.float64, device=g.device)
+    step = max(1, _SQUARES_CHUNK_ELEMS // max(dim, 1))
+    for lo in range(0, s, step):
+        out += g[lo : lo + step].to(torch.float64, copy=True).square_().sum(0)  # sum_X vec(G_X)^2   (Eq. 12)
+    return out

@@ -1,4 +1,4 @@
-"""Input checks for ``fisher_accumulate``.
+"""Input checks for the ops (``fisher_accumulate``, ``sum_of_squares``) and the offsets of sets.
 
 Shape, dtype and device checks run in the Python wrapper (they only read
 metadata, so they are free under ``torch.compile``). Checks that read tensor
@@ -89,8 +89,7 @@ def check_inputs(
         raise ValueError(f"fisher_accumulate: bias must be (C,) = ({c},), got {_describe(bias)}")
     if tuple(inv_var.shape) != (c,):
         raise ValueError(f"fisher_accumulate: inv_var must be (C,) = ({c},), got {_describe(inv_var)}")
-    if offsets.dim() != 1 or offsets.shape[0] < 1:
-        raise ValueError(f"fisher_accumulate: offsets must be (S+1,) with S >= 0, got {_describe(offsets)}")
+    check_offsets_shape(offsets, "fisher_accumulate")
     if nan_policy not in NAN_POLICIES:
         raise ValueError(f"fisher_accumulate: nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
@@ -111,7 +110,7 @@ def check_values(
     """Data-dependent checks: offsets form a valid partition of the N rows (host-checked tensors
     only, see :func:`_needs_host_checks`); NaN policy."""
     if _needs_host_checks(offsets):
-        check_offsets(offsets, x.shape[0])
+        check_offsets(offsets, x.shape[0], "fisher_accumulate")
     if nan_policy == "raise":
         for name, t in zip(_FLOAT_NAMES, (x, z, weight, bias, inv_var)):
             if not bool(torch.isfinite(t).all()):
@@ -123,16 +122,35 @@ def _needs_host_checks(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" or os.environ.get("FVVAE_CHECK_OFFSETS", "0") == "1"
 
 
-def check_offsets(offsets: torch.Tensor, n: int) -> None:
-    """offsets (S+1,) int64: offsets[0] = 0, non-decreasing, offsets[-1] = n. Reads values (syncs on CUDA)."""
-    first, last = offsets[0].item(), offsets[-1].item()
+def check_offsets_shape(offsets: torch.Tensor, where: str) -> None:
+    """offsets is (S+1,) with S >= 0 (metadata only); ValueError naming ``where`` otherwise."""
+    if offsets.dim() != 1 or offsets.shape[0] < 1:
+        raise ValueError(f"{where}: offsets must be (S+1,) with S >= 0, got {_describe(offsets)}")
+
+
+def check_offsets(offsets: torch.Tensor, n: int, where: str) -> None:
+    """offsets (S+1,) integers: offsets[0] = 0, non-decreasing, offsets[-1] = n, the rows of x.
+
+    Reads values (syncs on CUDA). Raises ValueError naming ``where`` and the first defect found.
+    """
+    check_offsets_shape(offsets, where)
+    rule = f"{where}: offsets must be non-decreasing from 0 to N={n} (the rows of x), but"
+    first, last = int(offsets[0]), int(offsets[-1])
     if first != 0:
-        raise ValueError(f"fisher_accumulate: offsets[0] must be 0, got {first}")
+        raise ValueError(f"{rule} offsets[0] = {first}")
     if last != n:
-        raise ValueError(f"fisher_accumulate: offsets[-1] must equal N = x.shape[0] = {n}, got {last}")
-    if offsets.shape[0] > 1 and bool((offsets[1:] < offsets[:-1]).any()):
-        bad = int(torch.nonzero(offsets[1:] < offsets[:-1])[0, 0])
-        raise ValueError(
-            f"fisher_accumulate: offsets must be non-decreasing, but offsets[{bad + 1}] = "
-            f"{offsets[bad + 1].item()} < offsets[{bad}] = {offsets[bad].item()}"
-        )
+        raise ValueError(f"{rule} offsets[-1] = {last}")
+    down = torch.nonzero(offsets[1:] < offsets[:-1])
+    if down.numel():
+        bad = int(down[0, 0])
+        raise ValueError(f"{rule} offsets[{bad + 1}] = {int(offsets[bad + 1])} < offsets[{bad}] = {int(offsets[bad])}")
+
+
+def check_sum_of_squares_inputs(g: torch.Tensor) -> None:
+    """g must be a floating (S, D) tensor: TypeError/ValueError naming ``sum_of_squares`` and g otherwise."""
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"sum_of_squares: g must be a torch.Tensor, got {type(g).__name__}")
+    if not g.is_floating_point():
+        raise TypeError(f"sum_of_squares: g must be a floating tensor, got dtype {g.dtype}")
+    if g.dim() != 2:
+        raise ValueError(f"sum_of_squares: g must be (S, D), got {_describe(g)}")

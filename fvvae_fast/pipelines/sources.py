@@ -25,6 +25,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..model import normalize_map
 from ..official import RELEASE_CROP, RELEASE_RESIZE, release_preprocess
+from ..ops.validate import check_offsets
 from ..spp import PAPER_LEVELS, dense_descriptors, spp, spp_size
 from .datasets import Item
 
@@ -391,9 +392,7 @@ def array_items(x: np.ndarray, offsets: np.ndarray, labels: Sequence[int] | None
                 splits: Sequence[str] | None = None) -> list[Item]:
     """Items for :class:`PrecomputedSource` with ``arrays=(x, offsets)``: ids ``set-000000``, ..."""
     offsets = np.asarray(offsets, dtype=np.int64)
-    if (offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != x.shape[0]
-            or np.any(np.diff(offsets) < 0)):
-        raise ValueError(f"offsets must be (S+1,) non-decreasing from 0 to N={x.shape[0]}")
+    check_offsets(torch.from_numpy(offsets), x.shape[0], "array_items")
     s = len(offsets) - 1
     if labels is not None and len(labels) != s:
         raise ValueError(f"labels must have S={s} entries, got {len(labels)}")

@@ -1,4 +1,4 @@
-"""Triton kernel of the diagonal Fisher-information update (paper Eq. 12; DESIGN section 2).
+"""Triton kernel of ``sum_of_squares``, the diagonal Fisher-information update (paper Eq. 12; DESIGN section 2).
 
     out[j] = sum_s g[s, j]^2        g (S, D) float32/float64 -> out (D,) float64
 
