@@ -134,15 +134,13 @@ def _block(name: str) -> str:
 
 
 @torch.no_grad()
-def backbone_blocks(backbone: Backbone, input_size: tuple[int, int]) -> list[str]:
-    """The backbone's blocks (:class:`FinetuneConfig` ``trainable``) in the order its forward pass
-    runs them, from one probe forward of a (1, 3, *input_size) zero frame."""
+def _forward_modules(backbone: Backbone, input_size: tuple[int, int]) -> list[str]:
+    """The extractor's modules that own parameters, in the order one probe forward of a
+    (1, 3, *input_size) zero frame runs them (a hooked model's layers after the cut never run)."""
     order: list[str] = []
-    hooks = []
-    for name, module in backbone.extractor.named_modules():
-        if next(module.parameters(recurse=False), None) is not None:
-            block = _block(Backbone.torchvision_name(name))
-            hooks.append(module.register_forward_pre_hook(lambda _m, _a, b=block: order.append(b)))
+    hooks = [module.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
+             for name, module in backbone.extractor.named_modules()
+             if next(module.parameters(recurse=False), None) is not None]
     try:
         p = next(backbone.extractor.parameters())
         backbone(torch.zeros(1, 3, *input_size, device=p.device))
@@ -152,15 +150,21 @@ def backbone_blocks(backbone: Backbone, input_size: tuple[int, int]) -> list[str
     return list(dict.fromkeys(order))
 
 
+def backbone_blocks(backbone: Backbone, input_size: tuple[int, int]) -> list[str]:
+    """The backbone's blocks (:class:`FinetuneConfig` ``trainable``) in forward order."""
+    return list(dict.fromkeys(_block(Backbone.torchvision_name(m)) for m in _forward_modules(backbone, input_size)))
+
+
 def trainable_parameters(backbone: Backbone, trainable: str, input_size: tuple[int, int]) -> list[str]:
-    """Names (the extractor's) of the parameters that ``trainable`` selects; ValueError naming the
-    layers that do not exist."""
-    names = [n for n, _ in backbone.extractor.named_parameters()]
+    """Names (the extractor's) of the parameters that ``trainable`` selects among those the forward
+    pass uses; ValueError naming the layers that are not there."""
+    modules = _forward_modules(backbone, input_size)
+    names = [f"{m}.{n}" for m in modules for n, _ in backbone.extractor.get_submodule(m).named_parameters(recurse=False)]
     spec = trainable.strip()
     if spec == "all":
         return names
+    blocks = backbone_blocks(backbone, input_size)
     if spec.isdigit():
-        blocks = backbone_blocks(backbone, input_size)
         k = int(spec)
         if not 1 <= k <= len(blocks):
             raise ValueError(f"trainable: {k} last blocks asked, {backbone.arch} up to {backbone.layer} has "
@@ -169,10 +173,9 @@ def trainable_parameters(backbone: Backbone, trainable: str, input_size: tuple[i
     else:
         chosen = [s.strip() for s in spec.split(",") if s.strip()]
     own = {n: Backbone.torchvision_name(n) for n in names}
-    picked = {c: [n for n in names if own[n] == c or own[n].startswith(c + ".")] for c in chosen}
+    picked = {c: {n for n in names if own[n] == c or own[n].startswith(c + ".")} for c in chosen}
     missing = [c for c, found in picked.items() if not found]
     if missing:
-        blocks = backbone_blocks(backbone, input_size)
         raise ValueError(f"trainable: no layer {', '.join(map(repr, missing))} with parameters in {backbone.arch} up "
                          f"to {backbone.layer} (its blocks: {', '.join(blocks)})")
     return [n for n in names if any(n in found for found in picked.values())]
