@@ -35,7 +35,7 @@ from . import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-DISTRIBUTED_COMMANDS = ("descriptors", "train", "fim", "encode", "run")  # run unchanged under torchrun
+DISTRIBUTED_COMMANDS = ("descriptors", "train", "fim", "encode", "run", "finetune")  # run unchanged under torchrun
 COMMANDS = {
     "descriptors": "videos, images or arrays -> a resumable store of descriptor sets",
     "train": "train FV-VAE on a descriptor store",
@@ -44,6 +44,7 @@ COMMANDS = {
     "evaluate": "linear SVM (C=100) top-1 on a Fisher-vector store",
     "run": "the whole chain from one TOML/YAML config",
     "demo": "the paper's comparison on built-in real data (or any descriptor store)",
+    "finetune": "fine-tune a backbone on a dataset's frames or images (classifier, end to end, FV head)",
 }
 
 

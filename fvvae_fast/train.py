@@ -122,10 +122,13 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return model.to(map_location).eval()
 
 
-def _check_resume(path: str | os.PathLike, ckpt: dict, config: TrainConfig, resume: str) -> list[list[int]]:
-    """Refuse to resume another run; returns the checkpoint's extensions, with this one if it extends."""
+def _check_resume(path: str | os.PathLike, ckpt: dict, config, resume: str,
+                  run_settings: tuple[str, ...] = RUN_SETTINGS) -> list[list[int]]:
+    """Refuse to resume another run (``run_settings`` of ``config`` differ from the checkpoint's
+    ``train_config``); returns the checkpoint's extensions, with this one if it extends."""
     saved = ckpt.get("train_config") or {}
-    changed = [f"{k}={saved.get(k)!r} -> {getattr(config, k)!r}" for k in RUN_SETTINGS if saved.get(k) != getattr(config, k)]
+    changed = [f"{k}={saved.get(k)!r} -> {getattr(config, k)!r}" for k in run_settings
+               if saved.get(k) != getattr(config, k)]
     if changed:
         raise ValueError(f"{path}: the checkpoint is another run's; changed settings: {', '.join(changed)} "
                          f"(start again with another checkpoint file, or remove this one)")

@@ -23,7 +23,8 @@ from .cases import generator
 
 REQUIRED = {"descriptors": ["--dataset", "folder", "--out", "o"], "train": ["--descriptors", "d", "--out", "m"],
             "fim": ["--model", "m", "--descriptors", "d", "--out", "f"],
-            "encode": ["--model", "m", "--descriptors", "d", "--out", "o"], "evaluate": ["--fisher", "f"]}
+            "encode": ["--model", "m", "--descriptors", "d", "--out", "o"], "evaluate": ["--fisher", "f"],
+            "finetune": ["--dataset", "folder", "--out", "w"]}
 
 
 @pytest.mark.parametrize("stage", list(JOBS))

@@ -152,6 +152,17 @@ class Backbone(nn.Module):
             self._channels[key] = tuple(self(torch.zeros(1, 3, height, width, device=device)).shape[1:])
         return self._channels[key]
 
+    @staticmethod
+    def torchvision_name(name: str) -> str:
+        """A parameter, buffer or module name of ``extractor`` as the torchvision model names it (the
+        extractor holds the model under one attribute: ``graph.features.4.0.weight`` -> ``features.4.0.weight``)."""
+        return name.split(".", 1)[1] if "." in name else ""
+
+    def torchvision_state_dict(self) -> dict[str, Tensor]:
+        """The extractor's weights under the torchvision model's names (a state_dict that
+        :func:`build_backbone` loads with ``weights=``)."""
+        return {self.torchvision_name(k): v for k, v in self.extractor.state_dict().items()}
+
     def config(self) -> dict:
         return {"arch": self.arch, "layer": self.layer,
                 "weights": None if self.weights is None else {"file": Path(self.weights).name, "sha256": self.digest},

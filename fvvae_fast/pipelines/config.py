@@ -27,8 +27,7 @@ from ..io import atomic_open
 from .jobs import JOBS, Job
 from .options import JobError
 
-STAGES = tuple(JOBS)
-# the files between stages, in the run's folder
+# the stages of the chain and the files between them, in the run's folder
 RUN_PATHS = {
     "descriptors": {"out": "descriptors"},
     "train": {"descriptors": "descriptors", "out": "model.pt"},
@@ -36,6 +35,7 @@ RUN_PATHS = {
     "encode": {"descriptors": "descriptors", "model": "model.pt", "fim": "fim.pt", "out": "fisher"},
     "evaluate": {"fisher": "fisher", "json": "evaluation.json"},
 }
+STAGES = tuple(RUN_PATHS)
 RESUMABLE = ("descriptors", "train", "encode")
 # settings that change how a stage runs, not what it produces
 OPERATIONAL = ("overwrite", "extend", "device", "workers", "log_dir", "checkpoint_every", "batch_frames")

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from .. import distributed
+from ..finetune import MODES as FINETUNE_MODES
+from ..finetune import FinetuneConfig
 from ..io import atomic_open, file_sha256
 from ..model import FVVAE
 from ..official import RELEASE_NORM_SCALE
@@ -95,13 +97,10 @@ class JobReport:
 
 
 @dataclass
-class DescriptorsJob(Job):
-    """Decode the items of a dataset, run a backbone, pool the conv maps into descriptors (video: 25
-    frames x 50 SPP descriptors; image: 448x448 -> 28x28 = 784) and write one set per item to a
-    sharded store. Rerun to resume after a crash; unreadable items are skipped, logged and counted."""
+class MediaJob(Job):
+    """Base of the jobs that read the videos or images of a dataset through a backbone: their options
+    and how they make the dataset, the source and the backbone."""
 
-    stage: ClassVar[str] = "descriptors"
-    out: str = option(help="store folder (created, or resumed when it exists)", required=True, group="output")
     dataset: str = option(help="layout: ucf101 (--root videos, --annotations ucfTrainTestlist/), cub (--root "
                           "CUB_200_2011/), activitynet (--annotations the v1.3 JSON, --root videos), folder (--root "
                           "with one folder per class, optionally under train/ test/), arrays (--arrays, --offsets)",
@@ -112,15 +111,6 @@ class DescriptorsJob(Job):
                                      "ROOT/ucfTrainTestlist or beside ROOT); ActivityNet: the JSON file", input=True,
                                      group="dataset")
     split: int = option(1, "UCF101 train/test split", parse=integer(1, 3), group="dataset")
-    subset: tuple[str, ...] | None = option(help="only the items of these splits (e.g. train test)", many=True,
-                                            group="dataset")
-    arrays: str | None = option(help="--dataset arrays: (N, C) .npy of descriptors", input=True, group="dataset")
-    offsets: str | None = option(help="--dataset arrays: (S+1,) int .npy, set s = rows offsets[s]:offsets[s+1]",
-                                 input=True, group="dataset")
-    labels: str | None = option(help="--dataset arrays: (S,) int .npy of labels (optional)", input=True,
-                                group="dataset")
-    splits: str | None = option(help="--dataset arrays: text file, one split name per set (optional)", input=True,
-                                group="dataset")
     source: str | None = option(help="what an item is (default: video for ucf101/activitynet/folder, image for cub)",
                                 choices=SOURCES, group="source and backbone")
     backbone: str | None = option(help="preset (vgg19-pool5, vgg19-conv5_4, resnet152-res5c, mobilenet_v2) or any "
@@ -131,7 +121,6 @@ class DescriptorsJob(Job):
     weights: str | None = option(help="local state_dict file of the backbone (nothing is downloaded)", input=True,
                                  group="source and backbone")
     random_weights: bool = option(False, "allow random backbone weights (tests only)", group="source and backbone")
-    seed: int = option(0, "seed of the random backbone weights", parse=integer(), group="source and backbone")
     preprocess: str = option("torchvision", "torchvision: RGB, ImageNet mean/std; release: the released model's "
                              "Caffe input (240x320 resize, 224 crop, BGR minus [104,117,123])",
                              choices=("torchvision", "release"), group="source and backbone")
@@ -150,13 +139,8 @@ class DescriptorsJob(Job):
     levels: tuple[int, ...] = option((6, 3, 2, 1), "video: SPP grid sizes", parse=integers(1),
                                      group="sampling and pooling")
     box: bool = option(False, "images: crop to the bounding box first (CUB '+box')", group="sampling and pooling")
-    overwrite: bool = option(False, "delete an existing store at --out first", group="output")
-    shard_items: int = option(32, "items per shard: the unit of resumption; a shard's descriptors stay in memory "
-                              "until written", parse=_positive, group="output")
-    batch_frames: int = option(64, "frames per backbone batch", parse=_positive, group="output")
     workers: int | None = option(help="decoding worker processes (default: min(4, cores - 1); 0: decode in the main "
-                                 "process)", parse=integer(0), group="output")
-    dtype: str = option("float32", "stored descriptor type", choices=("float32", "float16"), group="output")
+                                 "process)", parse=integer(0))
     device: str = _device_option()
 
     def _dataset(self, source_kind: str):
@@ -175,6 +159,54 @@ class DescriptorsJob(Job):
             return ds.read_activitynet(need("annotations"), need("root"))
         exts = {"video": ds.VIDEO_EXTENSIONS, "image": ds.IMAGE_EXTENSIONS, "precomputed": (".npy",)}[source_kind]
         return ds.read_folder(need("root"), exts)
+
+    def _pipeline(self, kind: str) -> tuple[str | None, str, float | None]:
+        """(backbone name, preprocessing, map scale), --release applied."""
+        if not self.release:
+            return self.backbone, self.preprocess, self.map_scale
+        if kind != "video":
+            raise JobError("--release is the released model's video pipeline: use it with --source video")
+        return self.backbone or "vgg19-pool5", "release", self.map_scale or RELEASE_NORM_SCALE
+
+    def _frame_source(self, kind: str, preprocess: str, map_scale: float | None):
+        from . import ImageSource, VideoSource
+
+        size = self.size or DEFAULT_SIZE[kind]
+        if kind == "video":
+            return VideoSource(preprocess=preprocess, map_scale=map_scale, frames=self.frames, size=size,
+                               resize=self.resize or round(size * 256 / 224), levels=self.levels)
+        return ImageSource(preprocess=preprocess, map_scale=map_scale, size=size, use_box=self.box)
+
+    def _backbone(self, name: str | None, kind: str, device: str):
+        from . import build_backbone
+
+        return build_backbone(name or DEFAULT_BACKBONE[kind], self.layer, weights=self.weights,
+                              random_weights=self.random_weights, seed=self.seed, device=device)
+
+
+@dataclass
+class DescriptorsJob(MediaJob):
+    """Decode the items of a dataset, run a backbone, pool the conv maps into descriptors (video: 25
+    frames x 50 SPP descriptors; image: 448x448 -> 28x28 = 784) and write one set per item to a
+    sharded store. Rerun to resume after a crash; unreadable items are skipped, logged and counted."""
+
+    stage: ClassVar[str] = "descriptors"
+    out: str = option(help="store folder (created, or resumed when it exists)", required=True, group="output")
+    subset: tuple[str, ...] | None = option(help="only the items of these splits (e.g. train test)", many=True,
+                                            group="dataset")
+    arrays: str | None = option(help="--dataset arrays: (N, C) .npy of descriptors", input=True, group="dataset")
+    offsets: str | None = option(help="--dataset arrays: (S+1,) int .npy, set s = rows offsets[s]:offsets[s+1]",
+                                 input=True, group="dataset")
+    labels: str | None = option(help="--dataset arrays: (S,) int .npy of labels (optional)", input=True,
+                                group="dataset")
+    splits: str | None = option(help="--dataset arrays: text file, one split name per set (optional)", input=True,
+                                group="dataset")
+    seed: int = option(0, "seed of the random backbone weights", parse=integer(), group="source and backbone")
+    overwrite: bool = option(False, "delete an existing store at --out first", group="output")
+    shard_items: int = option(32, "items per shard: the unit of resumption; a shard's descriptors stay in memory "
+                              "until written", parse=_positive, group="output")
+    batch_frames: int = option(64, "frames per backbone batch", parse=_positive, group="output")
+    dtype: str = option("float32", "stored descriptor type", choices=("float32", "float16"), group="output")
 
     def _arrays(self):
         import numpy as np
@@ -199,18 +231,13 @@ class DescriptorsJob(Job):
 
     def run(self, progress: bool = True, say=print):
         """Write the store; returns the :class:`StageReport`. ``say`` gets the opening line."""
-        from . import ImageSource, PrecomputedSource, VideoSource, build_backbone, extract_descriptors
+        from . import PrecomputedSource, extract_descriptors
 
         self.refuse_own_inputs(self.out)
         kind = self.source or DEFAULT_SOURCE[self.dataset]
         if self.dataset == "arrays" and kind != "precomputed":
             raise JobError("--dataset arrays holds precomputed descriptors: use --source precomputed")
-        backbone_name, preprocess, map_scale = self.backbone, self.preprocess, self.map_scale
-        if self.release:
-            if kind != "video":
-                raise JobError("--release is the released model's video pipeline: use it with --source video")
-            backbone_name, preprocess = backbone_name or "vgg19-pool5", "release"
-            map_scale = map_scale or RELEASE_NORM_SCALE
+        backbone_name, preprocess, map_scale = self._pipeline(kind)
         dataset, arrays = self._arrays() if self.dataset == "arrays" else (self._dataset(kind), None)
         if self.subset:
             dataset = dataset.split(*self.subset)
@@ -218,17 +245,11 @@ class DescriptorsJob(Job):
                 raise JobError(f"no item in subset(s) {', '.join(self.subset)}")
         device = device_of(self.device)
         backbone = None
-        size = self.size or DEFAULT_SIZE.get(kind)
         if kind == "precomputed":
             source = PrecomputedSource(arrays=arrays)
-        elif kind == "video":
-            source = VideoSource(preprocess=preprocess, map_scale=map_scale, frames=self.frames, size=size,
-                                 resize=self.resize or round(size * 256 / 224), levels=self.levels)
         else:
-            source = ImageSource(preprocess=preprocess, map_scale=map_scale, size=size, use_box=self.box)
-        if kind != "precomputed":
-            backbone = build_backbone(backbone_name or DEFAULT_BACKBONE[kind], self.layer, weights=self.weights,
-                                      random_weights=self.random_weights, seed=self.seed, device=device)
+            source = self._frame_source(kind, preprocess, map_scale)
+            backbone = self._backbone(backbone_name, kind, device)
         splits = ", ".join(repr(s) for s in dataset.splits())
         say(f"descriptors: {len(dataset.items)} {kind} items of {dataset.name} ({len(dataset.classes)} classes, "
             f"splits: {splits}) -> {self.out}")
@@ -437,4 +458,111 @@ class EvaluateJob(Job):
                           f"mAP: {100 * res['mean_ap']:.2f}%"], res)
 
 
-JOBS: dict[str, type[Job]] = {job.stage: job for job in (DescriptorsJob, TrainJob, FimJob, EncodeJob, EvaluateJob)}
+@dataclass
+class FinetuneJob(MediaJob):
+    """Fine-tune a backbone on the frames or images of a dataset's training split (SGD with momentum):
+    --mode classifier (softmax on the average-pooled map), fvvae (end to end through the FV-VAE
+    losses, Eq. 8, on the pooled descriptors) or head (a linear classifier on the normalised Fisher
+    vector). Writes --out, a state_dict for `fvvae descriptors --weights`, and with --model-out the
+    FV-VAE (modes fvvae, head). The checkpoint is rewritten as it goes (and on Ctrl-C); rerunning resumes."""
+
+    stage: ClassVar[str] = "finetune"
+    out: str = option(help="backbone weights file to write (a torchvision state_dict for --weights)", required=True,
+                      group="output")
+    mode: str = option(FinetuneConfig.mode, "classifier: softmax on the global pooled map (Table 3 'fine-tuned'); "
+                       "fvvae: end to end with the Eq. 8 losses; head: linear classifier on the Fisher vector",
+                       choices=FINETUNE_MODES, group="fine-tuning")
+    trainable: str = option(FinetuneConfig.trainable, "backbone layers trained, the rest frozen: all, a count of last "
+                            "blocks (2: e.g. features.32,features.34 of VGG-19), or names such as "
+                            "features.28,features.30", group="fine-tuning")
+    train_split: str | None = option(help="the split trained on (default: train, or ActivityNet's training)",
+                                     group="dataset")
+    model_out: str | None = option(help="modes fvvae, head: write the FV-VAE checkpoint here (for fim, encode)",
+                                   path=True, group="output")
+    init_model: str | None = option(help="modes fvvae, head: start from this FV-VAE checkpoint (`fvvae train` on this "
+                                    "backbone's descriptors; default: a new one)", input=True, group="fine-tuning")
+    checkpoint: str | None = option(help="training checkpoint, resumed when it exists (default: OUT.ckpt)", path=True,
+                                    group="output")
+    overwrite: bool = option(False, "start again instead of resuming from the checkpoint", group="output")
+    extend: bool = option(False, "train the run of the checkpoint on to a larger --iterations", group="output")
+    log_dir: str | None = option(help="write TensorBoard scalars (the losses) to this folder", path=True,
+                                 group="output")
+    checkpoint_every: int = option(FinetuneConfig.checkpoint_every, "steps between checkpoints", parse=_positive,
+                                   group="output")
+    iterations: int = option(FinetuneConfig.iterations, "SGD steps", parse=_positive, group="fine-tuning")
+    batch_items: int = option(FinetuneConfig.batch_items, "videos or images per step", parse=_positive,
+                              group="fine-tuning")
+    frames_per_item: int = option(FinetuneConfig.frames_per_item, "video: frames per video and step, drawn among "
+                                  "the --frames sampled ones (the paper: one)", parse=_positive, group="fine-tuning")
+    lr: float = option(FinetuneConfig.lr, "SGD learning rate", parse=number, group="fine-tuning")
+    momentum: float = option(FinetuneConfig.momentum, "SGD momentum", parse=number, group="fine-tuning")
+    weight_decay: float = option(FinetuneConfig.weight_decay, "weight decay of weights and kernels", parse=number,
+                                 group="fine-tuning")
+    amp: str = option(FinetuneConfig.amp, "mixed precision on CUDA: auto (bf16 there, off on CPU), off, bf16, fp16",
+                      choices=("auto", "off", "bf16", "fp16"), group="fine-tuning")
+    lambda3: float = option(FinetuneConfig.lambda3, "mode fvvae: weight of the classification loss", parse=number,
+                            group="fine-tuning")
+    latent_dim: int = option(FinetuneConfig.latent_dim, "modes fvvae, head: d of a new FV-VAE", parse=_positive,
+                             group="fine-tuning")
+    hidden_dim: int | list[int] | None = option(_MODEL["hidden_dim"].default, "modes fvvae, head: encoder hidden "
+                                                "layers of a new FV-VAE (default, none, or sizes)",
+                                                parse=hidden_layers, group="fine-tuning")
+    dropout: float = option(FinetuneConfig.dropout, "mode fvvae: dropout on the FV-VAE encoder input", parse=number,
+                            group="fine-tuning")
+    seed: int = option(FinetuneConfig.seed, "seed of everything random: new layers, items, frames, noise (and "
+                       "random backbone weights)", parse=integer(0), group="fine-tuning")
+
+    def run(self, progress: bool = True, say=print) -> JobReport:
+        from ..finetune import finetune
+
+        self.refuse_own_inputs(self.out)
+        for path in (self.model_out, self.checkpoint):
+            if path is not None:
+                self.refuse_own_inputs(path)
+        kind = self.source or DEFAULT_SOURCE[self.dataset]
+        if kind == "precomputed" or self.dataset == "arrays":
+            raise JobError("finetune trains a backbone on videos or images: --source video or image, not "
+                           "precomputed descriptors")
+        if self.mode == "classifier" and (self.init_model or self.model_out):
+            raise JobError("--init-model and --model-out are for --mode fvvae or head (an FV-VAE is trained there)")
+        backbone_name, preprocess, map_scale = self._pipeline(kind)
+        dataset = self._dataset(kind)
+        split = self.train_split or next((s for s in TRAIN_SPLITS if s in dataset.splits()), None)
+        if split is None or split not in dataset.splits():
+            raise JobError(f"{dataset.name}: no training split {split or ' or '.join(map(repr, TRAIN_SPLITS))} "
+                           f"(splits: {', '.join(map(repr, dataset.splits()))}); choose one with --train-split")
+        device = device_of(self.device)
+        source = self._frame_source(kind, preprocess, map_scale)
+        backbone = self._backbone(backbone_name, kind, device)
+        init = load_any_model(self.init_model) if self.init_model else None
+        config = FinetuneConfig(
+            mode=self.mode, trainable=self.trainable, iterations=self.iterations, batch_items=self.batch_items,
+            frames_per_item=self.frames_per_item, lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay, amp=self.amp, lambda3=self.lambda3, latent_dim=self.latent_dim,
+            hidden_dim=self.hidden_dim, dropout=self.dropout, seed=self.seed, device=device,
+            workers=self.workers if self.workers is not None else default_workers(),
+            checkpoint_every=self.checkpoint_every)
+        checkpoint = self.checkpoint or f"{self.out}.ckpt"
+        train_items = dataset.split(split)
+        say(f"finetune: {len(train_items)} {kind} items of {dataset.name} split {split!r} ({len(dataset.classes)} "
+            f"classes), {backbone.arch} up to {backbone.layer}, mode {self.mode}, trainable {self.trainable}")
+        if self.overwrite and distributed.is_main():
+            Path(checkpoint).unlink(missing_ok=True)
+        distributed.barrier()
+        t0 = time.perf_counter()
+        result = finetune(backbone, source, train_items, config, out=self.out, model_out=self.model_out,
+                          init_model=init, checkpoint=checkpoint, log_dir=self.log_dir, progress=progress,
+                          resume="extend" if self.extend else "exact")
+        seconds = time.perf_counter() - t0
+        done = config.iterations - result.resumed_from
+        last = result.history[-1] if result.history else {}
+        losses = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "iteration")
+        lines = [f"finetune: {done} steps in {seconds:.1f} s (resumed from {result.resumed_from}); last losses: "
+                 f"{losses or 'n/a'}", f"backbone weights: {self.out}"]
+        if self.model_out:
+            lines.append(f"FV-VAE: {self.model_out}")
+        return JobReport(lines, {"steps": done, "resumed_from": result.resumed_from, "seconds": seconds, **last})
+
+
+JOBS: dict[str, type[Job]] = {job.stage: job for job in (DescriptorsJob, TrainJob, FimJob, EncodeJob, EvaluateJob,
+                                                          FinetuneJob)}
