@@ -42,8 +42,8 @@ from .pipelines.sources import FrameSource, VideoSource
 from .train import (
     CHECKPOINT_SECONDS,
     CHECKPOINT_VERSION,
-    RESUME_MODES,
     INIT_SAMPLE,
+    RESUME_MODES,
     TrainConfig,
     _check_resume,
     _deferred_interrupts,
