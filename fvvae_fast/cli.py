@@ -76,6 +76,14 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports a mistake in the arguments as one line (``fvvae <command>: error: ...``, exit 2), like
+    every other user error; ``--help`` shows the usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _argument_type(parse):
     def convert(value: str):
         try:
@@ -195,7 +203,7 @@ def _add_demo_options(demo: argparse.ArgumentParser) -> None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; the options of ``command`` only (None: of every command; '': of none), so that a
     command imports only its own modules and ``fvvae --help`` imports none."""
-    parser = argparse.ArgumentParser(prog="fvvae", description="FV-VAE Fisher vectors (Qiu et al., CVPR 2017).",
+    parser = _Parser(prog="fvvae", description="FV-VAE Fisher vectors (Qiu et al., CVPR 2017).",
                                      epilog=__doc__.split("\n\n", 1)[1].rsplit("\n\n", 1)[0],
                                      formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"fvvae {__version__}")

@@ -202,7 +202,8 @@ class _TrainItems(torch.utils.data.Dataset):
         if frames.shape[0] > self.k:
             pick = torch.randperm(frames.shape[0], generator=step_generator(self.seed, step, "frames", i))[: self.k]
             frames = frames[pick.sort().values]
-        return frames, item.label, None
+        # preprocessed here, on the CPU: images come in any size, the batch needs one
+        return self.source.prepare(frames), item.label, None
 
 
 def _collate(batch):

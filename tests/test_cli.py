@@ -106,9 +106,9 @@ def test_user_mistakes_are_one_line_errors(tmp_path, videos, capsys):
     one_line_error(capsys, run_cli("run", cfg), "unknown key 'latent_dim'")
     cfg.write_text('out = "o"\n[descriptors\n')
     one_line_error(capsys, run_cli("run", cfg), "invalid TOML")
-    with pytest.raises(SystemExit) as exit_info:  # argparse's own check of option values
+    with pytest.raises(SystemExit) as exit_info:  # the argument parser's own check of option values: one line too
         main(["descriptors", "--dataset", "folder", "--out", "x", "--frames", "0"])
-    assert exit_info.value.code == 2
+    one_line_error(capsys, exit_info.value.code, "argument --frames: must be >= 1, got 0")
 
 
 def test_each_stage(tmp_path, videos, capsys):

@@ -79,7 +79,7 @@ def test_each_mode_lowers_its_loss_and_trains_only_the_chosen_layers(images, tmp
     assert not any(p.requires_grad for p in result.backbone.parameters())
     # the weights file loads as it is and gives the fine-tuned maps
     loaded = build_backbone(TINY["name"], TINY["layer"], weights=tmp_path / "w.pt")
-    x = IMAGE.load(train.items[0])
+    x = IMAGE.prepare(IMAGE.load(train.items[0]))
     with torch.no_grad():
         assert torch.equal(loaded(x), result.backbone(x))
     if mode == "classifier":

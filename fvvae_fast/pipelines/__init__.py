@@ -24,7 +24,7 @@ from .datasets import (
     read_ucf101,
 )
 from .extract import StageReport, default_workers, descriptors_of, extract_descriptors
-from .flow import FlowCache, decode_frame_pairs, flow_images
+from .flow import FlowCache, FlowSource, decode_frame_pairs, flow_images
 from .sources import (
     DECODERS,
     ImageSource,
@@ -49,6 +49,7 @@ __all__ = [
     "Dataset",
     "DatasetError",
     "FlowCache",
+    "FlowSource",
     "ImageSource",
     "Item",
     "PrecomputedSource",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import UserError
@@ -35,7 +35,8 @@ class Item:
 
     id: stable unique name (the path relative to the dataset root); path: the file;
     label: class index (0-based; -1 = unknown); split: "train", "test", ... ("" = none);
-    box: (x, y, width, height) in pixels, for the CUB "+box" crop.
+    box: (x, y, width, height) in pixels, for the CUB "+box" crop;
+    crop: None, or k: this item is crop k of 10-crop testing of its file (:func:`ten_crops`).
     """
 
     id: str
@@ -43,6 +44,7 @@ class Item:
     label: int = -1
     split: str = ""
     box: tuple[float, float, float, float] | None = None
+    crop: int | None = None
 
 
 @dataclass
@@ -305,3 +307,26 @@ def read_folder(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTEN
     if not items:
         raise DatasetError(root, f"no file with extension {', '.join(extensions)} found")
     return Dataset(root.name, items, class_names)
+
+
+CROP_ID = "#crop"  # item id of crop k: "<id>#crop<k>"
+
+
+def ten_crops(dataset: Dataset, splits: Sequence[str]) -> Dataset:
+    """The dataset with each item of ``splits`` replaced by its ten crops (10-crop testing): items
+    ``<id>#crop0`` ... ``<id>#crop9`` of the same file, label and split."""
+    from .crops import NUM_CROPS
+
+    items = []
+    for it in dataset.items:
+        if it.split in splits:
+            items += [replace(it, id=f"{it.id}{CROP_ID}{k}", crop=k) for k in range(NUM_CROPS)]
+        else:
+            items.append(it)
+    return Dataset(dataset.name, items, dataset.classes)
+
+
+def crop_parent(item_id: str) -> str:
+    """The item a crop item was made from (the id itself for an item that is not a crop)."""
+    head, sep, k = item_id.rpartition(CROP_ID)
+    return head if sep and k.isdigit() else item_id

@@ -136,14 +136,40 @@ class _Staging:
         return out
 
 
+@dataclass
+class Encoding:
+    """Fisher vectors written in place of the descriptors: one pass from frames to a Fisher-vector
+    store (:func:`fvvae_fast.fisher_encode` of each item's descriptors with ``model``, ``fim``,
+    ``normalize``), the descriptors never written."""
+
+    model: torch.nn.Module
+    fim: object | None = None
+    normalize: bool = True
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return self.model.in_dim * (self.model.latent_dim + 1)
+
+    def config(self) -> dict:
+        return {"normalize": self.normalize, **self.provenance}
+
+    def __call__(self, x: Tensor, offsets: Tensor) -> Tensor:
+        from ..encode import fisher_encode
+
+        device = next(self.model.parameters()).device
+        return fisher_encode(self.model, x.to(device), offsets.to(device), fim=self.fim, normalize=self.normalize)
+
+
 class _ShardRun:
     """Collects the items of one shard, runs the backbone in batches of ``batch_frames`` frames;
-    the descriptors stay on the device until :meth:`results` (on the writer thread)."""
+    the descriptors (or, with an :class:`Encoding`, the Fisher vectors made from them when the shard
+    closes) stay on the device until :meth:`results` (on the writer thread)."""
 
     def __init__(self, shard: int, source, backbone: Backbone | None, dim: int, batch_frames: int,
-                 staging: _Staging) -> None:
+                 staging: _Staging, encoding: Encoding | None = None) -> None:
         self.shard, self.source, self.backbone, self.dim = shard, source, backbone, dim
-        self.batch_frames, self.staging = batch_frames, staging
+        self.batch_frames, self.staging, self.encoding = batch_frames, staging, encoding
         self.order: list[int] = []
         self.errors: dict[int, str] = {}
         self.chunks: dict[int, list[Tensor]] = {}
@@ -151,7 +177,7 @@ class _ShardRun:
         self.queued = 0
 
     @torch.inference_mode()
-    def add(self, idx: int, data: Tensor | None, error: str | None) -> None:
+    def add(self, idx: int, data: Tensor | None, error: str | None, crop: int | None = None) -> None:
         self.order.append(idx)
         if error is not None:
             self.errors[idx] = error
@@ -162,7 +188,7 @@ class _ShardRun:
             else:
                 self.chunks[idx] = [data]
             return
-        frames = self.source.prepare(self.staging(data))
+        frames = self.source.prepare(self.staging(data), crop)
         self.chunks[idx] = []
         self.queue.append((idx, frames))
         self.queued += frames.shape[0]
@@ -189,10 +215,28 @@ class _ShardRun:
             self.chunks[idx].append(desc[start : start + n].reshape(-1, desc.shape[-1]))
             start += n
 
+    @torch.inference_mode()
     def close(self) -> None:
-        """Run the frames still queued (main thread)."""
+        """Run the frames still queued, and the encoding (main thread)."""
         if self.queued:
             self._run(self.queued)
+        if self.encoding is None:
+            return
+        finite = []
+        for idx in self.order:
+            if idx in self.errors:
+                continue
+            part = torch.cat(self.chunks[idx])
+            if bool(torch.isfinite(part).all()):
+                finite.append((idx, part))
+            else:
+                self.errors[idx] = "non-finite descriptors (NaN or Inf): the item is skipped, never encoded"
+        if finite:
+            lengths = torch.tensor([len(part) for _, part in finite], device=finite[0][1].device)
+            offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            vectors = self.encoding(torch.cat([part for _, part in finite]), offsets).float()
+            for (idx, _), v in zip(finite, vectors):
+                self.chunks[idx] = [v[None]]
 
     @torch.inference_mode()
     def results(self) -> list[ShardResult]:
@@ -262,6 +306,7 @@ def extract_descriptors(
     progress: bool = True,
     extra_config: dict | None = None,
     on_shard: Callable[[int], None] | None = None,
+    encoding: Encoding | None = None,
 ) -> StageReport:
     """Compute the descriptor sets of ``dataset`` into the store ``out`` (created or resumed).
 
@@ -278,6 +323,8 @@ def extract_descriptors(
         dtype: the stored descriptors' dtype (``float32`` or ``float16``).
         on_shard: called with each shard number once it is written, from the writer thread (tests,
             progress hooks).
+        encoding: write each item's Fisher vector (one row of C (d+1)) instead of its descriptors:
+            a Fisher-vector store, as :func:`encode_store` would make from the descriptor store.
 
     Returns a :class:`StageReport`. Items that fail to load are stored as failed with their reason.
     """
@@ -300,8 +347,16 @@ def extract_descriptors(
         raise ValueError(f"extract_descriptors: need batch_frames >= 1 and workers >= 0, got {batch_frames}, {workers}")
     config = {"stage": "descriptors", "dataset": dataset.name, "source": source.config(),
               "backbone": None if backbone is None else backbone.config(), **(extra_config or {})}
+    kind, in_dim = "descriptors", dim
+    if encoding is not None:
+        if encoding.model.in_dim != dim:
+            raise ValueError(f"extract_descriptors: the descriptors have C={dim}, the model expects "
+                             f"in_dim={encoding.model.in_dim}")
+        encoding.model.to(device).eval()
+        kind, dim, dtype = "fisher", encoding.dim, "float32"
+        config = {**config, "stage": "descriptors+encode", **encoding.config()}
     store = distributed.open_store(
-        lambda journal: Store.create(out, kind="descriptors", dim=dim, items=item_records(dataset.items),
+        lambda journal: Store.create(out, kind=kind, dim=dim, items=item_records(dataset.items),
                                      classes=dataset.classes, dtype=dtype, shard_items=shard_items, config=config,
                                      overwrite=overwrite, journal=journal), out)
     try:
@@ -320,7 +375,7 @@ def extract_descriptors(
         run: _ShardRun | None = None
         staging = _Staging(device)
         writer = _ShardWriter(store, on_shard)
-        names = {idx: item.id for _, idx, item in work}
+        items = {idx: item for _, idx, item in work}
         try:
             with tqdm(total=len(work), desc="descriptors", unit=unit,
                       disable=not progress or not distributed.is_main(), dynamic_ncols=True) as bar:
@@ -329,16 +384,16 @@ def extract_descriptors(
                         writer.submit(run)
                         run = None
                     if run is None:
-                        run = _ShardRun(shard, source, backbone, dim, batch_frames, staging)
+                        run = _ShardRun(shard, source, backbone, in_dim, batch_frames, staging, encoding)
                     if error is not None:
                         failed_now += 1
-                        msg = f"skipped {names[idx]}: {error}"
+                        msg = f"skipped {items[idx].id}: {error}"
                         if progress:
                             bar.write(msg)
                             log.info(msg)
                         else:
                             log.warning(msg)
-                    run.add(idx, data, error)
+                    run.add(idx, data, error, items[idx].crop)
                     bar.update(1)
                     bar.set_postfix(failed=failed_now, refresh=False)
                 if run is not None:

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,8 @@ import torch
 from torch import Tensor
 
 from ..io import atomic_open
-from .sources import SourceError, decode_frames, sample_indices
+from .datasets import Item
+from .sources import SourceError, VideoSource, decode_frames, sample_indices
 
 FLOW_BOUND = 20.0
 FLOW_METHODS = ("auto", "tvl1", "farneback", "raft_small", "raft_large")
@@ -214,7 +216,8 @@ class FlowCache:
         return self.root / f"{digest}.npy"
 
     def flow_images(self, video: str | os.PathLike, num_frames: int, method: str = "auto", *,
-                    bound: float = FLOW_BOUND, raft_weights: str | os.PathLike | None = None) -> Tensor:
+                    bound: float = FLOW_BOUND, raft_weights: str | os.PathLike | None = None,
+                    decoder: str = "pyav") -> Tensor:
         """:func:`flow_images` of :func:`decode_frame_pairs` (``num_frames``, 3, H, W) uint8, from the cache
         when it holds them."""
         if not Path(video).is_file():
@@ -226,7 +229,46 @@ class FlowCache:
                 return torch.from_numpy(cached)
         except (OSError, ValueError):
             pass
-        images = flow_images(decode_frame_pairs(video, num_frames), method, bound=bound, raft_weights=raft_weights)
+        images = flow_images(decode_frame_pairs(video, num_frames, decoder=decoder), method, bound=bound,
+                             raft_weights=raft_weights)
         with atomic_open(path, "wb") as f:
             np.save(f, images.numpy())
         return images
+
+
+@dataclass
+class FlowSource(VideoSource):
+    """The optical-flow stream of a video (Table 4): for each of the ``frames`` sampled frames, the
+    flow to the next frame rendered as a 3-channel image (:func:`render_flow`: x, y, magnitude clipped at
+    ``flow_bound`` pixels), then the same preprocessing, backbone and pooling as the RGB frames.
+    ``flow_method``: ``auto`` (TV-L1 when OpenCV has it, else Farneback), ``tvl1``, ``farneback``,
+    ``raft_small`` or ``raft_large`` (with a local ``raft_weights`` file); ``flow_cache``: a folder
+    where the flow images are kept and reused."""
+
+    flow_method: str = "auto"
+    flow_bound: float = FLOW_BOUND
+    raft_weights: str | None = None
+    flow_cache: str | None = None
+    modality = "flow"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        resolve_method(self.flow_method)
+        if not self.flow_bound > 0:
+            raise ValueError(f"flow_bound must be > 0, got {self.flow_bound}")
+        if self.flow_method.startswith("raft") and self.raft_weights is None:
+            raise ValueError(f"flow_method {self.flow_method!r} needs raft_weights (a local weights file)")
+
+    def config(self) -> dict:
+        """The settings that make the descriptors (the cache folder is not one of them)."""
+        config = {**super().config(), "modality": self.modality}
+        del config["flow_cache"]
+        return config
+
+    def load(self, item: Item) -> Tensor:
+        if self.flow_cache is not None:
+            return FlowCache(self.flow_cache).flow_images(item.path, self.frames, self.flow_method,
+                                                          bound=self.flow_bound, raft_weights=self.raft_weights,
+                                                          decoder=self.decoder)
+        pairs = decode_frame_pairs(item.path, self.frames, decoder=self.decoder)
+        return flow_images(pairs, self.flow_method, bound=self.flow_bound, raft_weights=self.raft_weights)

@@ -25,13 +25,19 @@ from ..io import atomic_open, file_sha256
 from ..model import FVVAE
 from ..official import RELEASE_NORM_SCALE
 from ..train import TrainConfig
-from .options import Job, JobError, hidden_layers, integer, integers, number, option
+from .backbones import PRECISIONS
+from .datasets import ten_crops
+from .extract import Encoding, default_workers
+from .flow import FLOW_BOUND, FLOW_METHODS
+from .options import Job, JobError, hidden_layers, integer, integer_in, integers, number, numbers, option
+from .sources import DECODERS
 
 DATASETS = ("ucf101", "cub", "activitynet", "folder", "arrays")
 SOURCES = ("video", "image", "precomputed")
 DEFAULT_SOURCE = {"ucf101": "video", "activitynet": "video", "cub": "image", "folder": "video", "arrays": "precomputed"}
 DEFAULT_BACKBONE = {"video": "vgg19-pool5", "image": "vgg19-conv5_4"}
 DEFAULT_SIZE = {"video": 224, "image": 448}
+MODALITIES = ("rgb", "flow")
 TRAIN_SPLITS = ("train", "training")  # UCF101/CUB/folders, ActivityNet
 TEST_SPLITS = {"train": "test", "training": "validation"}
 FIM_MODES = ("diagonal", "lowrank", "kronecker")
@@ -139,8 +145,24 @@ class MediaJob(Job):
     levels: tuple[int, ...] = option((6, 3, 2, 1), "video: SPP grid sizes", parse=integers(1),
                                      group="sampling and pooling")
     box: bool = option(False, "images: crop to the bounding box first (CUB '+box')", group="sampling and pooling")
-    workers: int | None = option(help="decoding worker processes (default: min(4, cores - 1); 0: decode in the main "
-                                 "process)", parse=integer(0))
+    decoder: str = option("pyav", "video decoder: pyav (seeks to the sampled frames), torchcodec (optional package; "
+                          "NVDEC-capable)", choices=DECODERS, group="source and backbone")
+    precision: str = option("fp32", "backbone arithmetic: fp32, bf16 (autocast), fp16 (autocast, CUDA only)",
+                            choices=PRECISIONS, group="source and backbone")
+    modality: str = option("rgb", "video: rgb frames, or flow: the optical flow from each sampled frame to the next "
+                           "as an image (x, y, magnitude; the two-stream networks' input)", choices=MODALITIES,
+                           group="source and backbone")
+    flow_method: str = option("auto", "--modality flow: auto (TV-L1 when OpenCV has it, else Farneback), tvl1, "
+                              "farneback, raft_small, raft_large (with --raft-weights)", choices=FLOW_METHODS,
+                              group="source and backbone")
+    flow_bound: float = option(FLOW_BOUND, "--modality flow: flow clipped at this many pixels before scaling to "
+                               "0-255", parse=number, group="source and backbone")
+    raft_weights: str | None = option(help="--modality flow: local weights file of torchvision's RAFT", input=True,
+                                      group="source and backbone")
+    flow_cache: str | None = option(help="--modality flow: keep the flow images in this folder and reuse them",
+                                    path=True, group="source and backbone")
+    workers: int | None = option(help="decoding worker processes (default: the available cores - 1; 0: decode in "
+                                 "the main process)", parse=integer(0))
     device: str = _device_option()
 
     def _dataset(self, source_kind: str):
@@ -169,19 +191,27 @@ class MediaJob(Job):
         return self.backbone or "vgg19-pool5", "release", self.map_scale or RELEASE_NORM_SCALE
 
     def _frame_source(self, kind: str, preprocess: str, map_scale: float | None):
-        from . import ImageSource, VideoSource
+        from . import FlowSource, ImageSource, VideoSource
 
         size = self.size or DEFAULT_SIZE[kind]
-        if kind == "video":
-            return VideoSource(preprocess=preprocess, map_scale=map_scale, frames=self.frames, size=size,
-                               resize=self.resize or round(size * 256 / 224), levels=self.levels)
-        return ImageSource(preprocess=preprocess, map_scale=map_scale, size=size, use_box=self.box)
+        if kind != "video":
+            if self.modality != "rgb":
+                raise JobError(f"--modality {self.modality} needs videos (optical flow between frames), not "
+                               f"{kind} items")
+            return ImageSource(preprocess=preprocess, map_scale=map_scale, size=size, use_box=self.box)
+        video = dict(preprocess=preprocess, map_scale=map_scale, frames=self.frames, size=size,
+                     resize=self.resize or round(size * 256 / 224), levels=self.levels, decoder=self.decoder)
+        if self.modality == "flow":
+            return FlowSource(**video, flow_method=self.flow_method, flow_bound=self.flow_bound,
+                              raft_weights=self.raft_weights, flow_cache=self.flow_cache)
+        return VideoSource(**video)
 
     def _backbone(self, name: str | None, kind: str, device: str):
         from . import build_backbone
 
         return build_backbone(name or DEFAULT_BACKBONE[kind], self.layer, weights=self.weights,
-                              random_weights=self.random_weights, seed=self.seed, device=device)
+                              random_weights=self.random_weights, seed=self.seed, device=device,
+                              precision=self.precision)
 
 
 @dataclass
@@ -207,6 +237,16 @@ class DescriptorsJob(MediaJob):
                               "until written", parse=_positive, group="output")
     batch_frames: int = option(64, "frames per backbone batch", parse=_positive, group="output")
     dtype: str = option("float32", "stored descriptor type", choices=("float32", "float16"), group="output")
+    crops: int = option(1, "1: the centre crop; 10: each test item as ten sets (four corners, centre, their "
+                        "mirrors), whose SVM scores `fvvae evaluate` averages (videos)", parse=integer_in((1, 10)),
+                        group="sampling and pooling")
+    model: str | None = option(help="one pass: write the Fisher vectors of this FV-VAE (a checkpoint of `fvvae train` "
+                               "or a released .mat) straight from the frames, no descriptor store", input=True,
+                               group="one pass to Fisher vectors")
+    fim: str | None = option(help="with --model: the FIM file of `fvvae fim`", input=True,
+                             group="one pass to Fisher vectors")
+    normalize: bool = option(True, "with --model: signed square root and L2 normalisation",
+                             group="one pass to Fisher vectors")
 
     def _arrays(self):
         import numpy as np
@@ -243,6 +283,12 @@ class DescriptorsJob(MediaJob):
             dataset = dataset.split(*self.subset)
             if not dataset.items:
                 raise JobError(f"no item in subset(s) {', '.join(self.subset)}")
+        if self.crops != 1:
+            if kind != "video":
+                raise JobError(f"--crops {self.crops} is for videos, not {kind} items")
+            dataset = ten_crops(dataset, [s for s in dataset.splits() if s not in TRAIN_SPLITS])
+        if self.fim is not None and self.model is None:
+            raise JobError("--fim is for the one pass to Fisher vectors: give --model too")
         device = device_of(self.device)
         backbone = None
         if kind == "precomputed":
@@ -250,19 +296,32 @@ class DescriptorsJob(MediaJob):
         else:
             source = self._frame_source(kind, preprocess, map_scale)
             backbone = self._backbone(backbone_name, kind, device)
+        encoding = None if self.model is None else Encoding(*load_model_and_fim(self.model, self.fim),
+                                                            normalize=self.normalize,
+                                                            provenance=provenance(self.model, self.fim))
         splits = ", ".join(repr(s) for s in dataset.splits())
         say(f"descriptors: {len(dataset.items)} {kind} items of {dataset.name} ({len(dataset.classes)} classes, "
-            f"splits: {splits}) -> {self.out}")
-        workers = self.workers if self.workers is not None else default_workers()
+            f"splits: {splits}) -> {'Fisher vectors ' if encoding else ''}{self.out}")
         return extract_descriptors(source, dataset, self.out, backbone, shard_items=self.shard_items,
-                                   batch_frames=self.batch_frames, workers=workers, device=device, dtype=self.dtype,
-                                   overwrite=self.overwrite, progress=progress)
+                                   batch_frames=self.batch_frames, workers=self.workers, device=device,
+                                   dtype=self.dtype, overwrite=self.overwrite, progress=progress,
+                                   extra_config={"crops": self.crops} if self.crops != 1 else None, encoding=encoding)
 
 
-def default_workers() -> int:
-    import os
+def load_model_and_fim(model: str, fim: str | None):
+    """The FV-VAE of a checkpoint or .mat file and the FisherInformation of a FIM file (or None)."""
+    if fim is None:
+        return load_any_model(model), None
+    from ..fim import FisherInformation
 
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    if not Path(fim).is_file():
+        raise FileNotFoundError(f"{fim}: FIM file not found")
+    return load_any_model(model), FisherInformation.load(fim)
+
+
+def provenance(model: str, fim: str | None) -> dict:
+    """The SHA-256 of the model (and FIM) file a Fisher-vector store was made with."""
+    return {"model_sha256": file_sha256(model), **({"fim_sha256": file_sha256(fim)} if fim else {})}
 
 
 @dataclass
@@ -407,55 +466,62 @@ class EncodeJob(Job):
         from .stages import encode_store
 
         self.refuse_own_inputs(self.out)
-        model = load_any_model(self.model)
-        fim = None
-        extra = {"model_sha256": file_sha256(self.model)}
-        if self.fim:
-            from ..fim import FisherInformation
-
-            if not Path(self.fim).is_file():
-                raise FileNotFoundError(f"{self.fim}: FIM file not found")
-            fim = FisherInformation.load(self.fim)
-            extra["fim_sha256"] = file_sha256(self.fim)
+        model, fim = load_model_and_fim(self.model, self.fim)
         src = Store.open(self.descriptors, kind="descriptors")
         return encode_store(model, src, self.out, fim=fim, normalize=self.normalize, batch_sets=self.batch_sets,
                             device=device_of(self.device), overwrite=self.overwrite, progress=progress,
-                            extra_config=extra)
+                            extra_config=provenance(self.model, self.fim))
 
 
 @dataclass
 class EvaluateJob(Job):
     """Train a one-vs-all linear SVM on the vectors of one split and report the top-1 accuracy on
-    another (paper section 5.2)."""
+    another (paper section 5.2). Several --fisher stores of the same items (RGB and flow streams):
+    each stream's SVM and their late fusion (Table 4); test items stored as ten crops are scored by
+    the mean over their crops."""
 
     stage: ClassVar[str] = "evaluate"
-    fisher: str = option(help="Fisher-vector store (from `fvvae encode`)", required=True, input=True)
+    fisher: tuple[str, ...] = option(help="Fisher-vector store(s) (from `fvvae encode`); several: late fusion",
+                                     required=True, input=True, many=True)
+    fusion_weights: tuple[float, ...] | None = option(help="weights of the streams' SVM scores, comma-separated "
+                                                      "(default: 1 each)", parse=numbers)
     train_split: str | None = option(help="split the SVM is trained on (default: train, or ActivityNet's training)")
     test_split: str | None = option(help="split the accuracy is measured on (default: test, or ActivityNet's "
                                     "validation when training on training)")
     C: float = option(100.0, "SVM regularisation constant", parse=number)
     json: str | None = option(help="also write the results to this JSON file", path=True)
 
+    def inputs(self) -> list[tuple[str, str]]:
+        return [("fisher", path) for path in self.fisher]
+
     def run(self, progress: bool = True, say=print) -> JobReport:
         import json
 
         from ..store import Store
-        from .stages import evaluate_store
+        from .stages import evaluate_stores
 
         if self.json is not None:
             self.refuse_own_inputs(self.json)
-        store = Store.open(self.fisher, kind="fisher")
-        train_split = self.train_split or next((s for s in TRAIN_SPLITS if s in store.splits()), "train")
+        if self.fusion_weights is not None and len(self.fusion_weights) != len(self.fisher):
+            raise JobError(f"--fusion-weights: one weight per --fisher store ({len(self.fisher)}), got "
+                           f"{len(self.fusion_weights)}")
+        stores = [Store.open(path, kind="fisher") for path in self.fisher]
+        train_split = self.train_split or next((s for s in TRAIN_SPLITS if s in stores[0].splits()), "train")
         test_split = self.test_split or TEST_SPLITS.get(train_split, "test")
-        res = evaluate_store(store, train_split=train_split, test_split=test_split, C=self.C)
+        res = evaluate_stores(stores, train_split=train_split, test_split=test_split, C=self.C,
+                              weights=None if self.fusion_weights is None else list(self.fusion_weights))
         if self.json:
             with atomic_open(self.json, "w") as f:
                 json.dump(res, f, indent=2)
-        return JobReport([f"evaluate: one-vs-all linear SVM (C={self.C:g}) on {res['train']} {train_split!r} vectors, "
-                          f"{res['classes']} classes, tested on {res['test']} {test_split!r} vectors in "
-                          f"{res['seconds']:.1f} s",
-                          f"top-1 accuracy: {100 * res['top1']:.2f}%, top-3: {100 * res['top3']:.2f}%, "
-                          f"mAP: {100 * res['mean_ap']:.2f}%"], res)
+        lines = [f"evaluate: one-vs-all linear SVM (C={self.C:g}) on {res['train']} {train_split!r} vectors, "
+                 f"{res['classes']} classes, tested on {res['test']} {test_split!r} items in {res['seconds']:.1f} s"]
+        for path, stream in zip(self.fisher, res.get("streams", [])):
+            lines.append(f"  {path}: top-1 {100 * stream['top1']:.2f}%, top-3 {100 * stream['top3']:.2f}%, "
+                         f"mAP {100 * stream['mean_ap']:.2f}%")
+        fused = f" (late fusion, weights {','.join(f'{w:g}' for w in res['weights'])})" if len(self.fisher) > 1 else ""
+        lines.append(f"top-1 accuracy{fused}: {100 * res['top1']:.2f}%, top-3: {100 * res['top3']:.2f}%, "
+                     f"mAP: {100 * res['mean_ap']:.2f}%")
+        return JobReport(lines, res)
 
 
 @dataclass

@@ -57,6 +57,16 @@ def integer(low: int | None = None, high: int | None = None) -> Callable[[Any], 
     return parse
 
 
+def integer_in(values: Sequence[int]) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        v = integer()(value)
+        if v not in values:
+            raise ValueError(f"expected one of {', '.join(map(str, values))}, got {v}")
+        return v
+
+    return parse
+
+
 def number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"expected a number, got {value!r}")
@@ -64,6 +74,14 @@ def number(value: Any) -> float:
         return float(value)
     except ValueError:
         raise ValueError(f"expected a number, got {value!r}") from None
+
+
+def numbers(value: Any) -> tuple[float, ...]:
+    """Comma-separated numbers ("1,1.5") or a list of them."""
+    parts = value.split(",") if isinstance(value, str) else value
+    if not isinstance(parts, (list, tuple)) or not parts:
+        raise ValueError(f"expected comma-separated numbers such as 1,1.5, got {value!r}")
+    return tuple(number(v.strip() if isinstance(v, str) else v) for v in parts)
 
 
 def text(value: Any) -> str:

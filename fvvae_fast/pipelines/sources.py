@@ -240,9 +240,10 @@ class FrameSource:
     def config(self) -> dict:
         return {"source": self.kind, **asdict(self)}
 
-    def prepare(self, frames: Tensor) -> Tensor:
+    def prepare(self, frames: Tensor, crop: int | None = None) -> Tensor:
         """uint8 RGB frames (T, 3, H, W) from :meth:`load` -> the backbone's float32 input
-        (T, 3, h, w), on the frames' device."""
+        (T, 3, h, w), on the frames' device. ``crop``: None for the single centre crop, k for crop k
+        of :func:`.crops.ten_crop` (video)."""
         raise NotImplementedError
 
     def pool(self, maps: Tensor) -> Tensor:
@@ -292,10 +293,17 @@ class VideoSource(FrameSource):
     def load(self, item: Item) -> Tensor:
         return decode_video(item.path, self.frames, decoder=self.decoder)
 
-    def prepare(self, frames: Tensor) -> Tensor:
-        if self.preprocess == "release":
-            return release_preprocess(frames, RELEASE_RESIZE, RELEASE_CROP)
-        return torchvision_preprocess(frames, self.resize, self.size)
+    def prepare(self, frames: Tensor, crop: int | None = None) -> Tensor:
+        release = self.preprocess == "release"
+        side = RELEASE_CROP if release else self.size
+        if crop is None:
+            return release_preprocess(frames, RELEASE_RESIZE, side) if release else \
+                torchvision_preprocess(frames, self.resize, side)
+        from .crops import ten_crop
+
+        whole = release_preprocess(frames, RELEASE_RESIZE, None) if release else \
+            torchvision_preprocess(frames, self.resize, None)
+        return ten_crop(whole, side)[crop]
 
     def pool(self, maps: Tensor) -> Tensor:
         return spp(maps, self.levels)
@@ -337,7 +345,9 @@ class ImageSource(FrameSource):
             raise SourceError(f"cannot read image: {err}") from None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0)
 
-    def prepare(self, frames: Tensor) -> Tensor:
+    def prepare(self, frames: Tensor, crop: int | None = None) -> Tensor:
+        if crop is not None:
+            raise ValueError("crop: ten crops are for videos; an image is resized to the input size whole")
         if self.preprocess == "release":
             return release_preprocess(frames, (self.size, self.size), None)
         return torchvision_preprocess(frames, (self.size, self.size), None)

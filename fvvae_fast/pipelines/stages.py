@@ -206,3 +206,41 @@ def evaluate_store(store: Store, *, train_split: str = "train", test_split: str 
     scores = evaluate_blocks(X_train, y_train, X_test, y_test, C=C, normalize=not store.config.get("normalize", True))
     return {**scores.as_dict(), "seconds": scores.svm_seconds, "train": len(y_train), "test": len(y_test),
             "classes": int(len(np.unique(y_train)))}
+
+
+def evaluate_stores(stores: list[Store], *, train_split: str = "train", test_split: str = "test", C: float = 100.0,
+                    weights: list[float] | None = None) -> dict:
+    """The protocol on several Fisher-vector stores of the same items (streams: RGB, flow, ...) and
+    their late fusion (:func:`fvvae_fast.evaluation.evaluate_fusion`, weighted sum of the SVMs'
+    decision values); a test item stored as ten crops (``fvvae descriptors --crops 10``) is scored by
+    the mean over its crops. One store without crops: :func:`evaluate_store` (bounded memory); else
+    the vectors are read into memory."""
+    from ..evaluation.fusion import evaluate_fusion
+    from .datasets import crop_parent
+
+    crops = any(s.config.get("crops", 1) != 1 or s.config.get("descriptors", {}).get("crops", 1) != 1 for s in stores)
+    if len(stores) == 1 and not crops and weights is None:
+        return evaluate_store(stores[0], train_split=train_split, test_split=test_split, C=C)
+    for s in stores:
+        if s.kind != "fisher":
+            raise StoreError(f"{s.path}: holds {s.kind}; evaluate needs the Fisher vectors of `fvvae encode`")
+    streams, labels = [], None
+    for s in stores:
+        (xtr, ytr, _), (xte, yte, ids) = s.vectors(train_split), s.vectors(test_split)
+        if labels is None:
+            labels, first, item_ids = (ytr, yte), s, ids
+        elif ids != item_ids or not (np.array_equal(ytr, labels[0]) and np.array_equal(yte, labels[1])):
+            raise StoreError(f"{s.path} and {first.path}: the stores hold other items or labels in splits "
+                             f"{train_split!r}/{test_split!r}: fusion needs the same items in every stream")
+        streams.append((xtr, xte))
+    for name, y in zip((train_split, test_split), labels):
+        if len(y) == 0 or (y < 0).any():
+            raise ValueError(f"{first.path}: split {name!r} has no vector or unlabelled items")
+    parents = [crop_parent(i) for i in item_ids]
+    items = np.unique(parents, return_inverse=True)[1] if crops else None
+    res = evaluate_fusion(streams, labels[0], labels[1], weights, test_items=items, C=C,
+                          normalize=not stores[0].config.get("normalize", True))
+    fused = res.fused
+    return {**fused.as_dict(), "seconds": fused.svm_seconds, "train": len(labels[0]),
+            "test": len(set(parents)), "classes": int(len(np.unique(labels[0]))),
+            "streams": [s.as_dict() for s in res.streams], "weights": list(res.weights)}
