@@ -90,7 +90,8 @@ def tolerance(dtype: torch.dtype, out_dtype: torch.dtype | None = None, scale: f
 
 
 def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "",
-                             out_dtype: torch.dtype | None = None, loose: torch.Tensor | None = None) -> None:
+                             out_dtype: torch.dtype | None = None, loose: torch.Tensor | None = None,
+                             cancellation: float = 1.0) -> None:
     """Compare ``out`` with the float64 ``ref`` under :func:`tolerance` (atol scaled by max |ref|).
 
     ``loose``: a bool mask (broadcast against ``out``) of entries a ReLU mask flip may change; there
@@ -98,6 +99,7 @@ def assert_matches_reference(out: torch.Tensor, ref: torch.Tensor, dtype: torch.
     """
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     atol, rtol = tolerance(dtype, out_dtype, max(float(ref.abs().max()), 1.0) if ref.numel() else 1.0)
+    atol *= cancellation
     if loose is not None:
         loose = loose.expand_as(ref)
         unwritten = loose & ref.isfinite() & ~out.isfinite()
@@ -143,5 +145,9 @@ def check_backward(grads, grad: torch.Tensor, inputs, dtype: torch.dtype, what: 
     by_col = flips.any(0)
     looses = (flips, flips.any(1)[:, None], by_col[:, None], by_col, by_col)
     expected = reference.backward(grad.detach().double().cpu(), *_float64(inputs))
+    # 16-bit inputs: the backward's GEMM operands (and the upstream grad) are rounded to the input dtype,
+    # so a sum whose terms cancel keeps errors of a few ulps of its terms, not of its result (a 1-row
+    # bfloat16 dz was 2% off on 1 draw in 100 at the plain tolerance)
+    cancellation = 3.0 if torch.finfo(dtype).bits == 16 else 1.0
     for name, g, e, loose in zip(("dx", "dz", "dweight", "dbias", "dinv_var"), grads, expected, looses):
-        assert_matches_reference(g, e, dtype, f"{what} {name}", loose=loose)
+        assert_matches_reference(g, e, dtype, f"{what} {name}", loose=loose, cancellation=cancellation)
