@@ -359,6 +359,33 @@ def test_backbone_needs_weights_or_the_explicit_flag():
         build_backbone(TINY["name"], "features.99", random_weights=True)
 
 
+def test_backbone_weights_by_torchvision_name_from_the_hub_cache(tmp_path):
+    """weights="IMAGENET1K_V1" (or the enum's full name, or DEFAULT) loads the file torchvision's own
+    download would have left in the torch hub cache; absent, one clear error and nothing downloaded."""
+    import torchvision
+
+    hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        entry = torchvision.models.get_model_weights(TINY["name"]).IMAGENET1K_V1
+        with pytest.raises(FileNotFoundError, match="not in the torch hub cache"):
+            build_backbone(TINY["name"], TINY["layer"], weights="IMAGENET1K_V1")
+        torch.manual_seed(1)
+        net = torchvision.models.get_model(TINY["name"], weights=None).eval()
+        cached = tmp_path / "hub" / "checkpoints" / Path(entry.url).name
+        cached.parent.mkdir(parents=True)
+        torch.save(net.state_dict(), cached)
+        x = torch.rand(2, 3, 64, 64)
+        for name in ("IMAGENET1K_V1", f"{type(entry).__name__}.IMAGENET1K_V1", "DEFAULT"):
+            bb = build_backbone(TINY["name"], TINY["layer"], weights=name)
+            with torch.inference_mode():
+                torch.testing.assert_close(bb(x), net.features[:5](x))
+        with pytest.raises(FileNotFoundError):
+            build_backbone(TINY["name"], TINY["layer"], weights="NO_SUCH_WEIGHTS")
+    finally:
+        torch.hub.set_dir(hub)
+
+
 def test_backbone_weights_file_roundtrip(tmp_path, tiny_backbone):
     import torchvision
 

@@ -5,8 +5,8 @@ Up to ``GRAM_MAX_SAMPLES`` training vectors, the same dual solve on the Gram mat
 Gram matrix accumulated from pairs of row blocks: memory 8 (n^2 + m n) bytes for n training and m test
 vectors, plus two blocks of at most ``BLOCK_BYTES``. Beyond, liblinear's own algorithm for the same
 classifier as the in-memory ``LinearSVC`` (dual coordinate descent for the hinge loss, bias as a
-constant feature; Hsieh et al., ICML 2008), run over the rows in blocks: memory 8 K (D + 1 + n) bytes
-for K classes, plus a block.
+constant feature; Hsieh et al., ICML 2008), run over the rows in blocks: memory 8 K (D + 2 n) bytes
+for K classes, plus a block of rows (``BLOCK_BYTES`` in float64, and its float32 read).
 """
 
 from __future__ import annotations

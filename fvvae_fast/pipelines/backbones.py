@@ -2,7 +2,9 @@
 
 Nothing downloads: weights come from a local ``state_dict`` file given by the user
 (``torch.save(model.state_dict(), path)`` of the torchvision model, or a checkpoint dict
-with a ``"state_dict"`` / ``"model"`` entry; a ``module.`` prefix is stripped). Random
+with a ``"state_dict"`` / ``"model"`` entry; a ``module.`` prefix is stripped), or by a torchvision
+weight name (``IMAGENET1K_V1``, ``VGG19_Weights.IMAGENET1K_V1``, ``DEFAULT``) whose file is in the torch hub
+cache (``torch.hub.get_dir()/checkpoints``, where ``weights=...`` downloads put it). Random
 weights are used only with ``random_weights=True`` (tests, benchmarks), seeded so that two
 runs build the same network.
 
@@ -46,6 +48,26 @@ PRESETS: dict[str, tuple[str, str]] = {
 
 class BackboneError(UserError, ValueError):
     """A backbone that cannot be built as asked (unknown model or layer, bad weights file)."""
+
+
+def resolve_weights(arch: str, weights: str | os.PathLike) -> Path:
+    """The local file of ``weights``: a path, or a torchvision weight name of ``arch`` found in the torch hub
+    cache (nothing is downloaded)."""
+    path = Path(weights)
+    if path.is_file() or os.sep in str(weights):
+        return path
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        entry = enum[str(weights).rsplit(".", 1)[-1]] if str(weights) != "DEFAULT" else enum.DEFAULT
+    except (KeyError, ValueError):
+        return path  # not a weight name: reported as a missing file
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(entry.url)
+    if not cached.is_file():
+        raise FileNotFoundError(f"weights {weights} of {arch}: {cached.name} is not in the torch hub cache "
+                                f"({cached.parent}); nothing is downloaded: put the file there or give its path")
+    return cached
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -203,7 +225,8 @@ def build_backbone(
             or a torchvision model name (``torchvision.models.list_models()``), then ``layer`` is needed.
         layer: the layer whose output is the conv map (overrides the preset's).
         weights: a local state_dict file of the torchvision architecture (keys after the layer,
-            such as the classifier, are ignored; every key up to the layer must be there).
+            such as the classifier, are ignored; every key up to the layer must be there), or a
+            torchvision weight name whose file is in the torch hub cache (:func:`resolve_weights`).
         random_weights: allow random weights (seeded by ``seed``) when no file is given; for tests.
         device: where the backbone runs.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only): autocast type of the forward
@@ -224,7 +247,7 @@ def build_backbone(
         raise BackboneError(f"backbone {name!r} needs a weights file (a local state_dict); nothing is downloaded. "
                             f"Random weights only with the explicit random-weights option")
     if weights is not None:
-        path = Path(weights)
+        path = resolve_weights(arch, weights)
         state = _read_state_dict(path)
         with torch.device("meta"):
             model = torchvision.models.get_model(arch, weights=None)

@@ -124,8 +124,9 @@ class MediaJob(Job):
                                   "for images)", group="source and backbone")
     layer: str | None = option(help="the layer whose output is the conv map (a torchvision feature-extraction node or "
                                "submodule name), overrides the preset's", group="source and backbone")
-    weights: str | None = option(help="local state_dict file of the backbone (nothing is downloaded)", input=True,
-                                 group="source and backbone")
+    weights: str | None = option(help="local state_dict file of the backbone, or a torchvision weight name "
+                                 "(IMAGENET1K_V1, DEFAULT) whose file is in the torch hub cache; nothing is downloaded",
+                                 input=True, group="source and backbone")
     random_weights: bool = option(False, "allow random backbone weights (tests only)", group="source and backbone")
     preprocess: str = option("torchvision", "torchvision: RGB, ImageNet mean/std; release: the released model's "
                              "Caffe input (240x320 resize, 224 crop, BGR minus [104,117,123])",

@@ -127,6 +127,11 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(parts)
 
 
+def _a_name(value: str, base: Path) -> bool:
+    """A bare word such as a weight name (IMAGENET1K_V1), not a file beside the config."""
+    return os.sep not in value and not Path(value).suffix and not (base / value).exists()
+
+
 @dataclass
 class Job:
     """Base of the stage jobs: checks and converts every field on construction."""
@@ -165,7 +170,8 @@ class Job:
             if name not in fields:
                 known = ", ".join(sorted(n for n in fields if n not in fixed))
                 raise JobError(f"{where}: unknown key {key!r} (known: {known})")
-            if base is not None and fields[name].metadata.get("path") and isinstance(value, str):
+            if base is not None and fields[name].metadata.get("path") and isinstance(value, str) \
+                    and not _a_name(value, base):
                 value = str(base / value)
             kwargs[name] = value
         try:
