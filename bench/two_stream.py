@@ -4,15 +4,17 @@ Each clip's frames and its optical-flow images (:func:`fvvae_fast.pipelines.flow
 through the built-in ImageNet MobileNetV2 (dense descriptors of every frame: one set per clip), one
 FV-VAE is trained per stream with the demo's settings (``CompareConfig``) and its diagonal FIM, and
 the protocol's SVMs score RGB, flow and their late fusion (:func:`.evaluation.fusion.evaluate_fusion`).
-A class is an (animal, motion) pair: frames should miss the motion, flow should see it.
+A class is an (animal, motion) pair: frames should miss the motion, flow should see it. Each seed
+draws its own clips, models and SVM data; the figures are mean ± std over the seeds.
 
-    python bench/two_stream.py --train-per-class 20 --test-per-class 10
+    python bench/two_stream.py --train-per-class 20 --test-per-class 10 --seeds 0,1,2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
@@ -61,26 +63,35 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iterations", type=int, default=CompareConfig.iterations)
     p.add_argument("--flow-method", choices=FLOW_METHODS, default="auto")
     p.add_argument("--fusion-weights", type=float, nargs=2, default=(1.0, 1.0), metavar=("RGB", "FLOW"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1, 2])
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     progress, cfg = not args.no_progress, CompareConfig()
-    clips = {split: moving_clips(n, frames=args.frames, size=args.clip_size, split=split, seed=args.seed)
-             for split, n in (("train", args.train_per_class), ("test", args.test_per_class))}
     extractor = MobileNetDescriptors(mobilenet_v2())
+    runs = [one_seed(args, cfg, extractor, seed, progress) for seed in args.seeds]
+    summary = {key: {m: (statistics.mean(r[key][m] for r in runs),
+                         statistics.stdev(r[key][m] for r in runs) if len(runs) > 1 else 0.0)
+                     for m in ("top1", "top3", "mean_ap")} for key in ("rgb", "flow", "fused")}
+    result = {"classes": runs[0]["classes"], "seeds": args.seeds, "weights": runs[0]["weights"], "runs": runs,
+              "summary": summary}
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def one_seed(args, cfg: CompareConfig, extractor: MobileNetDescriptors, seed: int, progress: bool) -> dict:
+    clips = {split: moving_clips(n, frames=args.frames, size=args.clip_size, split=split, seed=seed)
+             for split, n in (("train", args.train_per_class), ("test", args.test_per_class))}
     vectors = {}
     for stream in ("rgb", "flow"):
         sets = {}
         for split, m in clips.items():
             videos = m.clips if stream == "rgb" else torch.stack([flow_images(c, args.flow_method) for c in m.clips])
             sets[split] = stream_sets(extractor, videos, m.labels, args.image_size, progress, f"{stream} {split}")
-        vectors[stream] = fisher_vectors(sets["train"], sets["test"], cfg, args.iterations, args.seed, progress)
+        vectors[stream] = fisher_vectors(sets["train"], sets["test"], cfg, args.iterations, seed, progress)
     out = evaluate_fusion([vectors["rgb"], vectors["flow"]], clips["train"].labels, clips["test"].labels,
                           args.fusion_weights, C=cfg.svm_C)
-    result = {"classes": len(clips["train"].classes), "rgb": out.streams[0].as_dict(),
-              "flow": out.streams[1].as_dict(), "fused": out.fused.as_dict(), "weights": list(out.weights)}
-    print(json.dumps(result, indent=1))
-    return result
+    return {"seed": seed, "classes": len(clips["train"].classes), "rgb": out.streams[0].as_dict(),
+            "flow": out.streams[1].as_dict(), "fused": out.fused.as_dict(), "weights": list(out.weights)}
 
 
 if __name__ == "__main__":
