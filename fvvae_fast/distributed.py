@@ -6,7 +6,8 @@
   leaves the group.
 - Training (:func:`fvvae_fast.train`): DistributedDataParallel over the sets of each global batch.
 - Extraction and encoding: shard k of the store belongs to rank k mod world; every rank writes its
-  shards and their journals, rank 0 records them in the manifest (:meth:`fvvae_fast.store.Store.join`).
+  shards and their journals, rank 0 records them in the manifest
+  (:class:`fvvae_fast.pipelines.sharded.ShardedStage`).
 - Fisher information: :meth:`fvvae_fast.FisherInformation.all_reduce` merges the ranks' estimators.
 """
 
@@ -16,14 +17,9 @@ import atexit
 import datetime
 import importlib
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from .store import Store
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> bool:
@@ -114,34 +110,6 @@ def my_shards(shards: list[int]) -> list[int]:
     return [s for s in shards if s % world == rank]
 
 
-def open_store(create: Callable[[bool], Store], path: str | os.PathLike) -> Store:
-    """Open a store for writing on every rank: rank 0 creates or resumes it (``create(journal)``)
-    while the others wait, then they join it (:meth:`Store.join`). Alone: ``create(False)``.
-
-    An error on rank 0 (a store made with other settings) is raised on every rank.
-    """
-    from .store import Store, StoreError
-
-    rank, world = rank_world()
-    if world == 1:
-        return create(False)
-    store, error = None, [None]
-    if rank == 0:
-        try:
-            store = create(True)
-        except Exception as err:  # told to every rank below, then raised here too
-            error = [f"{type(err).__name__}: {err}"]
-            dist.broadcast_object_list(error, src=0)
-            raise
-    dist.broadcast_object_list(error, src=0)
-    if error[0] is not None:
-        raise StoreError(f"{path}: rank 0 could not open the store ({error[0]})")
-    return store if store is not None else Store.join(path)
-
-
-def finish_store(store: Store) -> None:
-    """Once every rank wrote its shards: rank 0 records all journals in the manifest."""
-    barrier()
-    if store.journal and rank_world()[0] == 0:
-        store.absorb_journals()
-    barrier()
+def broadcast_object(objects: list) -> None:
+    """Rank 0's picklable ``objects`` (a list, replaced in place) on every rank."""
+    dist.broadcast_object_list(objects, src=0)

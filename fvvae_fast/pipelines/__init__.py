@@ -6,6 +6,7 @@
   (448 x 448, dense 28 x 28 conv5_4 descriptors, optional box crop), precomputed arrays.
 - :mod:`.flow`: optical-flow images (x, y, magnitude, clipped at 20 px) of frame pairs, cached.
 - :mod:`.crops`: 10-crop testing (four corners, centre, their mirrors).
+- :mod:`.sharded`: a stage that writes a store shard by shard (resume, torchrun journals, report).
 - :mod:`.extract`: the batched, overlapped, resumable descriptor stage.
 - :mod:`.stages`: FIM estimation, encoding into a Fisher-vector store, a linear-SVM evaluation.
 """
@@ -23,8 +24,9 @@ from .datasets import (
     read_folder,
     read_ucf101,
 )
-from .extract import StageReport, default_workers, descriptors_of, extract_descriptors
+from .extract import default_workers, descriptors_of, extract_descriptors
 from .flow import FlowCache, FlowSource, decode_frame_pairs, flow_images
+from .sharded import ShardedStage, StageReport
 from .sources import (
     DECODERS,
     ImageSource,
@@ -54,6 +56,7 @@ __all__ = [
     "Item",
     "PrecomputedSource",
     "SourceError",
+    "ShardedStage",
     "StageReport",
     "VideoSource",
     "array_items",

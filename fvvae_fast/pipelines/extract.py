@@ -22,54 +22,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .. import distributed
-from ..store import ShardResult, Store, StoreSummary, item_records
+from ..store import ShardResult, Store, item_records
 from .backbones import Backbone
 from .datasets import Dataset, Item
+from .sharded import ShardedStage, StageReport
 from .sources import FrameSource, PrecomputedSource
 
 log = logging.getLogger("fvvae_fast")
-
-
-@dataclass
-class StageReport:
-    """What a stage run did: items computed now, items found done (resumed), failures, time."""
-
-    stage: str
-    out: Path
-    computed: int
-    resumed: int
-    failed_now: int
-    seconds: float
-    summary: StoreSummary
-    failures: list[tuple[str, str]] = field(default_factory=list)
-    unit: str = "item"
-    notes: list[str] = field(default_factory=list)
-
-    def lines(self, max_failures: int = 10) -> list[str]:
-        rate = self.computed / self.seconds if self.seconds > 0 else float("nan")
-        out = [f"{self.stage}: {self.computed} {self.unit}s computed in {self.seconds:.1f} s "
-               f"({rate:.2f} {self.unit}s/s), {self.resumed} already done (resumed), "
-               f"{self.failed_now} failed now",
-               f"store {self.out}: {self.summary.line()}"]
-        if self.failures:
-            out.append(f"{len(self.failures)} {self.unit}s skipped (unreadable):")
-            out += [f"  {item_id}: {err}" for item_id, err in self.failures[:max_failures]]
-            if len(self.failures) > max_failures:
-                out.append(f"  ... and {len(self.failures) - max_failures} more (see the items table of the manifest)")
-        return out + self.notes
-
-    def figures(self) -> dict:
-        """The counts and time as JSON values."""
-        s = self.summary
-        return {"computed": self.computed, "resumed": self.resumed, "failed_now": self.failed_now,
-                "seconds": self.seconds, "done": s.done, "failed": s.failed, "items": s.items}
 
 
 def _reason(err: BaseException) -> str:
@@ -355,15 +320,13 @@ def extract_descriptors(
         encoding.model.to(device).eval()
         kind, dim, dtype = "fisher", encoding.dim, "float32"
         config = {**config, "stage": "descriptors+encode", **encoding.config()}
-    store = distributed.open_store(
-        lambda journal: Store.create(out, kind=kind, dim=dim, items=item_records(dataset.items),
-                                     classes=dataset.classes, dtype=dtype, shard_items=shard_items, config=config,
-                                     overwrite=overwrite, journal=journal), out)
-    try:
-        resumed = store.summary().done + store.summary().failed
-        pending = distributed.my_shards(store.pending_shards())
+    with ShardedStage("descriptors", out, t0=t0, unit=unit, kind=kind, dim=dim, items=item_records(dataset.items),
+                      classes=dataset.classes, dtype=dtype, shard_items=shard_items, config=config,
+                      overwrite=overwrite) as stage:
+        store = stage.store
         by_id = {it.id: it for it in dataset.items}
-        work = [(shard, idx, by_id[item_id]) for shard in pending for idx, item_id, _, _ in store.items_of_shard(shard)]
+        work = [(shard, idx, by_id[item_id]) for shard in stage.pending
+                for idx, item_id, _, _ in store.items_of_shard(shard)]
         loader = torch.utils.data.DataLoader(
             _Loads(work, source), batch_size=None, shuffle=False, num_workers=workers,
             worker_init_fn=_worker_init if workers else None,
@@ -400,14 +363,7 @@ def extract_descriptors(
                     writer.submit(run)
         finally:
             writer.close()
-        distributed.finish_store(store)
-        computed = distributed.total(len(work))
-        return StageReport("descriptors", Path(out), computed=computed, resumed=resumed,
-                           failed_now=distributed.total(failed_now),
-                           seconds=time.perf_counter() - t0, summary=store.summary(), failures=store.failures(),
-                           unit=unit)
-    finally:
-        store.close()
+        return stage.report(computed=len(work), failed_now=failed_now)
 
 
 def descriptors_of(source: FrameSource, backbone: Backbone, frames: Tensor) -> np.ndarray:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from .. import distributed
 from ..encode import degenerate_rows, fisher_encode
 from ..model import FVVAE
 from ..store import ShardResult, Store, StoreError, item_records
-from .extract import StageReport
+from .sharded import ShardedStage, StageReport
 
 
 def _check_dim(model: FVVAE, store: Store) -> None:
@@ -111,13 +110,9 @@ def encode_store(
     records = item_records(_Row(r) for r in src.items())
     dim = model.in_dim * (model.latent_dim + 1)
     config = {"stage": "encode", "descriptors": src.config, "normalize": normalize, **(extra_config or {})}
-    store = distributed.open_store(
-        lambda journal: Store.create(out, kind="fisher", dim=dim, items=records, classes=src.classes,
-                                     dtype="float32", shard_items=src.shard_items, config=config,
-                                     overwrite=overwrite, journal=journal), out)
-    try:
-        resumed = store.summary().done + store.summary().failed
-        pending = distributed.my_shards(store.pending_shards())
+    with ShardedStage("encode", out, t0=t0, unit="set", kind="fisher", dim=dim, items=records, classes=src.classes,
+                      dtype="float32", shard_items=src.shard_items, config=config, overwrite=overwrite) as stage:
+        store, pending = stage.store, stage.pending
         rows = src.items()
         by_shard: dict[int, list[dict]] = {}
         for r in rows:
@@ -137,19 +132,14 @@ def encode_store(
                 bar.update(len(results))
                 if on_shard is not None:
                     on_shard(shard)
-        distributed.finish_store(store)
-        computed = distributed.total(total)
         zero, constant = (int(v) for v in distributed.all_reduce_sum(degenerate))
+        computed = distributed.total(total)
         notes = []
         if constant:
             notes.append(f"warning: {zero} of the {computed} vectors computed now are all zero and {constant} constant "
                          f"(zero included): they carry nothing for a classifier; a collapsed model (decoder units "
                          f"that are never active) gives such vectors: check the liveness logged by `fvvae train`")
-        return StageReport("encode", Path(out), computed=computed, resumed=resumed, failed_now=0,
-                           seconds=time.perf_counter() - t0, summary=store.summary(), failures=store.failures(),
-                           unit="set", notes=notes)
-    finally:
-        store.close()
+        return stage.report(computed=total, notes=notes)
 
 
 class _Row:
