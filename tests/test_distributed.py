@@ -232,3 +232,30 @@ def test_cli_stages_run_unchanged_under_torchrun(tmp_path):
     assert two.stdout.count("encode: 13 sets computed") == 1  # rank 0 reports for both
     for f in sorted((tmp_path / "one" / "shards").iterdir()):
         assert (tmp_path / "two" / "shards" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_one_pass_to_fisher_vectors_under_torchrun(tmp_path):
+    """`descriptors --model` (frames or arrays straight to Fisher vectors) under torchrun: the
+    single-process store byte for byte, and the same vectors as `encode` of the descriptor store."""
+    import subprocess
+    import sys
+
+    data = _data()
+    np.save(tmp_path / "x.npy", data.x.numpy())
+    np.save(tmp_path / "offsets.npy", data.offsets.numpy())
+    model = _model().eval()
+    torch.save({"version": 1, "model_config": model.config(), "model_state": model.state_dict()}, tmp_path / "m.pt")
+    args = ["descriptors", "--dataset", "arrays", "--arrays", str(tmp_path / "x.npy"), "--offsets",
+            str(tmp_path / "offsets.npy"), "--model", str(tmp_path / "m.pt"), "--shard-items", "2", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "fvvae_fast", *args, "--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "fvvae_fast", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for f in sorted((tmp_path / "one" / "shards").iterdir()):
+        assert (tmp_path / "two" / "shards" / f.name).read_bytes() == f.read_bytes()
+    X, _, _ = Store.open(tmp_path / "two", kind="fisher").vectors()
+    want = fisher_encode(model, data.x, data.offsets, normalize=True)
+    np.testing.assert_allclose(X, want.detach().numpy(), rtol=1e-5, atol=1e-6)
