@@ -213,15 +213,12 @@ def test_killed_rank_then_rerun_completes_without_duplicates(tmp_path):
         assert (tmp_path / "killed" / "shards" / f.name).read_bytes() == f.read_bytes()
 
 
-def test_cli_stages_run_unchanged_under_torchrun(tmp_path):
-    """`torchrun --nproc-per-node 2 -m fvvae_fast encode ...` writes the single-process store, byte for byte."""
+def _one_and_two_processes(tmp_path: Path, args: list[str]) -> str:
+    """Run ``fvvae *args`` alone into tmp/one and under torchrun (2 processes) into tmp/two; check the two
+    stores are the same byte for byte; the torchrun run's stdout."""
     import subprocess
     import sys
 
-    desc = _store(tmp_path)
-    model = _model().eval()
-    torch.save({"version": 1, "model_config": model.config(), "model_state": model.state_dict()}, tmp_path / "m.pt")
-    args = ["encode", "--model", str(tmp_path / "m.pt"), "--descriptors", str(desc), "--quiet", "--batch-sets", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "fvvae_fast", *args, "--out", str(tmp_path / "one")], check=True, env=env,
                    capture_output=True, timeout=300)
@@ -229,33 +226,36 @@ def test_cli_stages_run_unchanged_under_torchrun(tmp_path):
                           "--master-port", str(_free_port()), "-m", "fvvae_fast", *args, "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
-    assert two.stdout.count("encode: 13 sets computed") == 1  # rank 0 reports for both
     for f in sorted((tmp_path / "one" / "shards").iterdir()):
         assert (tmp_path / "two" / "shards" / f.name).read_bytes() == f.read_bytes()
+    return two.stdout
+
+
+def _saved_model(tmp_path: Path) -> FVVAE:
+    model = _model().eval()
+    torch.save({"version": 1, "model_config": model.config(), "model_state": model.state_dict()}, tmp_path / "m.pt")
+    return model
+
+
+def test_cli_stages_run_unchanged_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m fvvae_fast encode ...` writes the single-process store, byte for byte."""
+    desc = _store(tmp_path)
+    _saved_model(tmp_path)
+    out = _one_and_two_processes(tmp_path, ["encode", "--model", str(tmp_path / "m.pt"), "--descriptors", str(desc),
+                                            "--quiet", "--batch-sets", "3"])
+    assert out.count("encode: 13 sets computed") == 1  # rank 0 reports for both
 
 
 def test_one_pass_to_fisher_vectors_under_torchrun(tmp_path):
     """`descriptors --model` (frames or arrays straight to Fisher vectors) under torchrun: the
-    single-process store byte for byte, and the same vectors as `encode` of the descriptor store."""
-    import subprocess
-    import sys
-
+    single-process store byte for byte, and the vectors of `fisher_encode`."""
     data = _data()
     np.save(tmp_path / "x.npy", data.x.numpy())
     np.save(tmp_path / "offsets.npy", data.offsets.numpy())
-    model = _model().eval()
-    torch.save({"version": 1, "model_config": model.config(), "model_state": model.state_dict()}, tmp_path / "m.pt")
-    args = ["descriptors", "--dataset", "arrays", "--arrays", str(tmp_path / "x.npy"), "--offsets",
-            str(tmp_path / "offsets.npy"), "--model", str(tmp_path / "m.pt"), "--shard-items", "2", "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "fvvae_fast", *args, "--out", str(tmp_path / "one")], check=True, env=env,
-                   capture_output=True, timeout=300)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), "-m", "fvvae_fast", *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    for f in sorted((tmp_path / "one" / "shards").iterdir()):
-        assert (tmp_path / "two" / "shards" / f.name).read_bytes() == f.read_bytes()
+    model = _saved_model(tmp_path)
+    _one_and_two_processes(tmp_path, ["descriptors", "--dataset", "arrays", "--arrays", str(tmp_path / "x.npy"),
+                                      "--offsets", str(tmp_path / "offsets.npy"), "--model", str(tmp_path / "m.pt"),
+                                      "--shard-items", "2", "--quiet"])
     X, _, _ = Store.open(tmp_path / "two", kind="fisher").vectors()
     want = fisher_encode(model, data.x, data.offsets, normalize=True)
     np.testing.assert_allclose(X, want.detach().numpy(), rtol=1e-5, atol=1e-6)
