@@ -386,6 +386,21 @@ def test_backbone_weights_by_torchvision_name_from_the_hub_cache(tmp_path):
         torch.hub.set_dir(hub)
 
 
+def test_timm_backbone_by_name_from_a_local_file(tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(2)
+    net = timm.create_model("resnet10t", pretrained=False).eval()
+    torch.save(net.state_dict(), tmp_path / "r.pth")
+    bb = build_backbone("timm:resnet10t", "layer2", weights=tmp_path / "r.pth")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        want = net.layer2(net.layer1(net.maxpool(net.act1(net.bn1(net.conv1(x))))))
+        torch.testing.assert_close(bb(x), want)
+    assert bb.output_shape(64, 64) == tuple(want.shape[1:])
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        build_backbone("timm:no_such_model", "layer2", random_weights=True)
+
+
 def test_backbone_weights_file_roundtrip(tmp_path, tiny_backbone):
     import torchvision
 

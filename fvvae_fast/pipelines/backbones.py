@@ -19,7 +19,8 @@ Speed: the input and weights are kept in ``channels_last`` memory format, and ``
 (``"fp32"``, ``"bf16"``, ``"fp16"``: CUDA only) runs the forward pass under autocast in that
 type; the maps come back in float32 either way.
 
-Any other torchvision model name works with an explicit ``layer``: a node name of
+Any other torchvision model name, or a timm model as ``timm:<name>`` when timm is installed, works
+with an explicit ``layer``: a node name of
 :func:`torchvision.models.feature_extraction.get_graph_node_names` (the graph is cut there, so
 nothing after the layer runs), or, for models FX cannot trace, a submodule name captured
 by a forward hook that stops the forward pass at that module.
@@ -191,6 +192,32 @@ class Backbone(nn.Module):
                 "random_seed": self.seed, "precision": self.precision}
 
 
+TIMM_PREFIX = "timm:"
+
+
+def _known(arch: str) -> bool:
+    if arch.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except ImportError:
+            raise BackboneError(f"backbone {arch!r} needs the timm package (pip install timm)") from None
+        return timm.is_model(arch.removeprefix(TIMM_PREFIX))
+    import torchvision
+
+    return arch in torchvision.models.list_models()
+
+
+def _architecture(arch: str) -> nn.Module:
+    """The untrained network of a torchvision model name, or of a timm one after ``timm:``."""
+    if arch.startswith(TIMM_PREFIX):
+        import timm
+
+        return timm.create_model(arch.removeprefix(TIMM_PREFIX), pretrained=False)
+    import torchvision
+
+    return torchvision.models.get_model(arch, weights=None)
+
+
 def _extractor(model: nn.Module, layer: str) -> nn.Module:
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
@@ -221,8 +248,9 @@ def build_backbone(
     """A frozen backbone from a preset or any torchvision model name (module docstring).
 
     Args:
-        name: a preset (``vgg19-pool5``, ``vgg19-conv5_4``, ``resnet152-res5c``, ``mobilenet_v2``)
-            or a torchvision model name (``torchvision.models.list_models()``), then ``layer`` is needed.
+        name: a preset (``vgg19-pool5``, ``vgg19-conv5_4``, ``resnet152-res5c``, ``mobilenet_v2``),
+            a torchvision model name (``torchvision.models.list_models()``) or ``timm:<name>`` (with timm
+            installed; weights from a local file only), then ``layer`` is needed.
         layer: the layer whose output is the conv map (overrides the preset's).
         weights: a local state_dict file of the torchvision architecture (keys after the layer,
             such as the classifier, are ignored; every key up to the layer must be there), or a
@@ -232,15 +260,13 @@ def build_backbone(
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA only): autocast type of the forward
             pass (the maps, and so the descriptors, are float32 either way).
     """
-    import torchvision
-
     _check_precision(precision, torch.device(device))
 
     arch, preset_layer = PRESETS.get(name, (name, None))
     layer = layer or preset_layer
-    if arch not in torchvision.models.list_models():
-        raise BackboneError(f"unknown backbone {name!r}: use a preset ({', '.join(PRESETS)}) or a torchvision "
-                            f"model name with --layer")
+    if not _known(arch):
+        raise BackboneError(f"unknown backbone {name!r}: use a preset ({', '.join(PRESETS)}), a torchvision "
+                            f"model name or timm:<timm model name> with --layer")
     if layer is None:
         raise BackboneError(f"backbone {name!r} needs a layer name (e.g. layer4 for a ResNet)")
     if weights is None and not random_weights:
@@ -250,7 +276,7 @@ def build_backbone(
         path = resolve_weights(arch, weights)
         state = _read_state_dict(path)
         with torch.device("meta"):
-            model = torchvision.models.get_model(arch, weights=None)
+            model = _architecture(arch)
         extractor = _extractor(model, layer).to_empty(device="cpu")
         wanted = extractor.state_dict()
         prefix = "graph." if isinstance(extractor, _GraphExtractor) else "model."
@@ -269,6 +295,6 @@ def build_backbone(
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = torchvision.models.get_model(arch, weights=None)
+            model = _architecture(arch)
         backbone = Backbone(_extractor(model, layer), arch, layer, None, None, seed, precision)
     return backbone.to(device)
