@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..model import normalize_map
 from ..official import RELEASE_CROP, RELEASE_RESIZE, release_preprocess
 from ..ops.validate import check_offsets
-from ..spp import PAPER_LEVELS, dense_descriptors, spp, spp_size
+from ..spp import PAPER_LEVELS, dense_descriptors, spp
 from .datasets import Item
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -287,9 +287,6 @@ class VideoSource(FrameSource):
     def input_size(self) -> tuple[int, int]:
         return (RELEASE_CROP, RELEASE_CROP) if self.preprocess == "release" else (self.size, self.size)
 
-    def descriptors_per_frame(self, map_hw: tuple[int, int] | None = None) -> int:
-        return spp_size(self.levels)
-
     def load(self, item: Item) -> Tensor:
         return decode_video(item.path, self.frames, decoder=self.decoder)
 
@@ -323,9 +320,6 @@ class ImageSource(FrameSource):
     @property
     def input_size(self) -> tuple[int, int]:
         return (self.size, self.size)
-
-    def descriptors_per_frame(self, map_hw: tuple[int, int]) -> int:
-        return map_hw[0] * map_hw[1]
 
     def load(self, item: Item) -> Tensor:
         from PIL import Image, UnidentifiedImageError
