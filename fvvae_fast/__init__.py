@@ -13,6 +13,7 @@ Public API (DESIGN section 3)::
 """
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -59,11 +60,13 @@ class _Package(types.ModuleType):
     modules: importing the module must not replace the function on the package."""
 
     def __getattr__(self, name: str):
-        if name not in _EXPORTS:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        types.ModuleType.__setattr__(self, name, value)
-        return value
+        if name in _EXPORTS:
+            value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+            types.ModuleType.__setattr__(self, name, value)
+            return value
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # a sub-package: fvvae_fast.ops, .fim, ...
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value) -> None:
         if not (isinstance(value, types.ModuleType) and name in _EXPORTS and name == _EXPORTS[name]):

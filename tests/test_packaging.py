@@ -99,3 +99,17 @@ def test_kernels_come_from_the_checkout_of_the_package():
     folder = package / "kernels" if (package / "kernels").is_dir() else package.parent / "kernels"  # wheel or checkout
     assert Path(kernels.__file__).resolve() == folder / "fisher_accumulate.py"
     assert dispatch.import_kernels("sum_of_squares").__name__ == "fvvae_fast.kernels.sum_of_squares"
+
+
+def test_the_package_imports_lazily_and_gives_every_name():
+    """`import fvvae_fast` imports no torch; each public name and sub-package comes on first use, and
+    importing the modules `train` and `spp` leaves the functions of those names on the package."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fvvae_fast as fv; assert 'torch' not in sys.modules\n"
+            "import fvvae_fast.train, fvvae_fast.spp\n"
+            "assert callable(fv.train) and callable(fv.spp) and fv.ops.sum_of_squares and fv.fim.FisherInformation\n"
+            "assert all(getattr(fv, n) is not None for n in fv.__all__)\n"
+            "try:\n    fv.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no error')")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
