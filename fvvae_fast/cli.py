@@ -6,12 +6,13 @@ Stages, each resumable (rerun the same command after a crash) and each ending wi
     fvvae train        descriptor store -> FV-VAE checkpoint         (resumes from the checkpoint)
     fvvae fim          model + descriptor store -> Fisher information estimate
     fvvae encode       model (+ FIM) + descriptor store -> Fisher-vector store
-    fvvae evaluate     Fisher-vector store -> top-1 of a linear SVM (C = 100)
+    fvvae evaluate     Fisher-vector store(s) -> top-1 of a linear SVM (C = 100); several: late fusion
     fvvae run CONFIG   all of the above from one TOML (or YAML) file; a rerun redoes what changed
+    fvvae finetune     a backbone fine-tuned on a dataset (classifier, end to end, FV head) -> --weights
     fvvae demo         the paper's comparison (Table 2, Fig. 4-6) on built-in real data
 
 Under ``torchrun --nproc-per-node N -m fvvae_fast <stage> ...`` the stages descriptors, train, fim,
-encode and run spread their work over the N processes (:mod:`fvvae_fast.distributed`).
+encode, finetune and run spread their work over the N processes (:mod:`fvvae_fast.distributed`).
 
 User mistakes (a missing file, a bad option value, a store written with other settings)
 print one ``fvvae <command>: error: ...`` line and exit with status 2; set FVVAE_DEBUG=1
