@@ -4,8 +4,11 @@ Each clip's frames and its optical-flow images (:func:`fvvae_fast.pipelines.flow
 through the built-in ImageNet MobileNetV2 (dense descriptors of every frame: one set per clip), one
 FV-VAE is trained per stream with the demo's settings (``CompareConfig``) and its diagonal FIM, and
 the protocol's SVMs score RGB, flow and their late fusion (:func:`.evaluation.fusion.evaluate_fusion`).
-A class is an (animal, motion) pair: frames should miss the motion, flow should see it. Each seed
-draws its own clips, models and SVM data; the figures are mean ± std over the seeds.
+A class is an (animal, motion) pair: frames should miss the motion, flow should see it. Frames are
+resized to 256/224 of the input side and centre-cropped (training, and the single-crop test); the
+10-crop test scores each test clip by the mean SVM decision values of its ten crops
+(:func:`fvvae_fast.pipelines.crops.ten_crop`), with the same models. Each seed draws its own clips,
+models and SVM data; the figures are mean ± std over the seeds.
 
     python bench/two_stream.py --train-per-class 20 --test-per-class 10 --seeds 0,1,2
 """
@@ -23,23 +26,30 @@ from fvvae_fast.evaluation.builtin import MobileNetDescriptors, extract, mobilen
 from fvvae_fast.evaluation.compare import CompareConfig
 from fvvae_fast.evaluation.fusion import evaluate_fusion
 from fvvae_fast.evaluation.moving import moving_clips
+from fvvae_fast.pipelines.crops import NUM_CROPS, ten_crop
 from fvvae_fast.pipelines.flow import FLOW_METHODS, flow_images
 from fvvae_fast.pipelines.sources import torchvision_preprocess
 from fvvae_fast.sets import DescriptorSets
 
 
 def stream_sets(extractor: MobileNetDescriptors, videos: torch.Tensor, labels: torch.Tensor, image_size: int,
-                progress: bool, desc: str) -> DescriptorSets:
-    """Videos (S, T, 3, H, W) uint8 -> one set per video of its frames' dense descriptors (T * h * w, C)."""
+                progress: bool, desc: str, crop: int | None = None) -> DescriptorSets:
+    """Videos (S, T, 3, H, W) uint8 -> one set per video of its frames' dense descriptors (T * h * w, C):
+    resized to 256/224 of ``image_size``, then the centre crop (``crop=None``) or crop k of :func:`ten_crop`."""
     s, t = videos.shape[:2]
-    frames = torchvision_preprocess(videos.flatten(0, 1), (image_size, image_size), None)
+    resize = round(image_size * 256 / 224)
+    if crop is None:
+        frames = torchvision_preprocess(videos.flatten(0, 1), resize, image_size)
+    else:
+        frames = ten_crop(torchvision_preprocess(videos.flatten(0, 1), resize, None), image_size)[crop]
     maps, _ = extract(extractor, frames, progress=progress, desc=desc)
     return DescriptorSets.from_dense(maps.reshape(s, t * maps.shape[1], maps.shape[2]), labels)
 
 
-def fisher_vectors(train_sets: DescriptorSets, test_sets: DescriptorSets, cfg: CompareConfig, iterations: int,
-                   seed: int, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """FV-VAE trained on ``train_sets`` (demo settings), diagonal FIM: (train, test) Fisher vectors."""
+def fisher_vectors(train_sets: DescriptorSets, test_sets: list[DescriptorSets], cfg: CompareConfig, iterations: int,
+                   seed: int, progress: bool) -> tuple[torch.Tensor, ...]:
+    """FV-VAE trained on ``train_sets`` (demo settings), diagonal FIM: the Fisher vectors of the train
+    sets and of each of ``test_sets``."""
     model = fv.FVVAE(train_sets.dim, cfg.latent_dim, num_classes=int(train_sets.labels.max()) + 1, seed=seed)
     fv.train(model, train_sets, fv.TrainConfig(iterations=iterations, batch_sets=cfg.batch_sets, lambda3=cfg.lambda3,
                                                descriptors_per_set=cfg.descriptors_per_set, seed=seed,
@@ -50,7 +60,7 @@ def fisher_vectors(train_sets: DescriptorSets, test_sets: DescriptorSets, cfg: C
         for x, off, _ in train_sets.batches(cfg.encode_batch_sets):
             fim.update_descriptors(model, x, off)
         return tuple(torch.cat([fv.fisher_encode(model, x, off, fim=fim, normalize=False)
-                                for x, off, _ in sets.batches(cfg.encode_batch_sets)]) for sets in (train_sets, test_sets))
+                                for x, off, _ in sets.batches(cfg.encode_batch_sets)]) for sets in (train_sets, *test_sets))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,9 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     progress, cfg = not args.no_progress, CompareConfig()
     extractor = MobileNetDescriptors(mobilenet_v2())
     runs = [one_seed(args, cfg, extractor, seed, progress) for seed in args.seeds]
-    summary = {key: {m: (statistics.mean(r[key][m] for r in runs),
-                         statistics.stdev(r[key][m] for r in runs) if len(runs) > 1 else 0.0)
-                     for m in ("top1", "top3", "mean_ap")} for key in ("rgb", "flow", "fused")}
+    summary = {test: {key: {m: (statistics.mean(r[test][key][m] for r in runs),
+                                statistics.stdev(r[test][key][m] for r in runs) if len(runs) > 1 else 0.0)
+                            for m in ("top1", "top3", "mean_ap")} for key in ("rgb", "flow", "fused")}
+               for test in ("centre", "ten_crops")}
     result = {"classes": runs[0]["classes"], "seeds": args.seeds, "weights": runs[0]["weights"], "runs": runs,
               "summary": summary}
     print(json.dumps(result, indent=1))
@@ -83,15 +94,25 @@ def one_seed(args, cfg: CompareConfig, extractor: MobileNetDescriptors, seed: in
              for split, n in (("train", args.train_per_class), ("test", args.test_per_class))}
     vectors = {}
     for stream in ("rgb", "flow"):
-        sets = {}
-        for split, m in clips.items():
-            videos = m.clips if stream == "rgb" else torch.stack([flow_images(c, args.flow_method) for c in m.clips])
-            sets[split] = stream_sets(extractor, videos, m.labels, args.image_size, progress, f"{stream} {split}")
-        vectors[stream] = fisher_vectors(sets["train"], sets["test"], cfg, args.iterations, seed, progress)
-    out = evaluate_fusion([vectors["rgb"], vectors["flow"]], clips["train"].labels, clips["test"].labels,
-                          args.fusion_weights, C=cfg.svm_C)
-    return {"seed": seed, "classes": len(clips["train"].classes), "rgb": out.streams[0].as_dict(),
-            "flow": out.streams[1].as_dict(), "fused": out.fused.as_dict(), "weights": list(out.weights)}
+        videos = {split: m.clips if stream == "rgb" else torch.stack([flow_images(c, args.flow_method) for c in m.clips])
+                  for split, m in clips.items()}
+        train = stream_sets(extractor, videos["train"], clips["train"].labels, args.image_size, progress,
+                            f"{stream} train")
+        tests = [stream_sets(extractor, videos["test"], clips["test"].labels, args.image_size, progress,
+                             f"{stream} test crop {k}", crop=k) for k in (None, *range(NUM_CROPS))]
+        vectors[stream] = fisher_vectors(train, tests, cfg, args.iterations, seed, progress)
+    n_test = len(clips["test"].labels)
+    items = torch.arange(n_test).repeat(NUM_CROPS)  # crop-major: crop k of clip i is row k * n_test + i
+    result = {"seed": seed, "classes": len(clips["train"].classes)}
+    for test, pick, kwargs in (("centre", lambda v: v[1], {}),
+                               ("ten_crops", lambda v: torch.cat(v[2:]), {"test_items": items})):
+        labels = clips["test"].labels if test == "centre" else clips["test"].labels.repeat(NUM_CROPS)
+        out = evaluate_fusion([(vectors[s][0], pick(vectors[s])) for s in ("rgb", "flow")], clips["train"].labels,
+                              labels, args.fusion_weights, C=cfg.svm_C, **kwargs)
+        result[test] = {"rgb": out.streams[0].as_dict(), "flow": out.streams[1].as_dict(),
+                        "fused": out.fused.as_dict()}
+        result["weights"] = list(out.weights)
+    return result
 
 
 if __name__ == "__main__":
