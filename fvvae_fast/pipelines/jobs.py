@@ -492,9 +492,6 @@ class EvaluateJob(Job):
     C: float = option(100.0, "SVM regularisation constant", parse=number)
     json: str | None = option(help="also write the results to this JSON file", path=True)
 
-    def inputs(self) -> list[tuple[str, str]]:
-        return [("fisher", path) for path in self.fisher]
-
     def run(self, progress: bool = True, say=print) -> JobReport:
         import json
 

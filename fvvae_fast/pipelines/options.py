@@ -184,9 +184,13 @@ class Job:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def inputs(self) -> list[tuple[str, str]]:
-        """(field, path) of each file or folder the job reads."""
-        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                if f.metadata.get("input") and getattr(self, f.name) is not None]
+        """(field, path) of each file or folder the job reads (each path of a many-valued field)."""
+        out = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("input") and value is not None:
+                out += [(f.name, path) for path in (value if f.metadata.get("many") else [value])]
+        return out
 
     def refuse_own_inputs(self, out: str | os.PathLike) -> None:
         """No job writes over what it reads: ``out`` may not be, or hold, one of its inputs."""
