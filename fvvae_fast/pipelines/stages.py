@@ -168,6 +168,23 @@ def _encode_shard(model: FVVAE, src: Store, rows: list[dict], fim, normalize: bo
     return [results[r["idx"]] for r in rows]
 
 
+def _check_fisher(store: Store) -> None:
+    if store.kind != "fisher":
+        raise StoreError(f"{store.path}: holds {store.kind}; evaluate needs the Fisher vectors of `fvvae encode`")
+
+
+def _split_labels(store: Store, name: str) -> np.ndarray:
+    """The labels (n,) int64 of the done items of split ``name``: there must be some, all labelled."""
+    rows = store.items(status="done", split=name)
+    if not rows:
+        splits = ", ".join(map(repr, store.splits()))
+        raise ValueError(f"{store.path}: no vector in split {name!r} (splits: {splits})")
+    y = np.array([r["label"] for r in rows], dtype=np.int64)
+    if (y < 0).any():
+        raise ValueError(f"{store.path}: split {name!r} has unlabelled items")
+    return y
+
+
 def evaluate_store(store: Store, *, train_split: str = "train", test_split: str = "test", C: float = 100.0) -> dict:
     """The evaluation protocol (:func:`fvvae_fast.evaluation.evaluate_vectors`: one-vs-all linear SVM,
     C = 100, top-1, top-3, mAP) trained on the Fisher vectors of ``train_split`` and tested on
@@ -176,19 +193,9 @@ def evaluate_store(store: Store, *, train_split: str = "train", test_split: str 
     signed sqrt + L2 get it here, so each is normalised exactly once."""
     from ..evaluation.streaming import evaluate_blocks
 
-    if store.kind != "fisher":
-        raise StoreError(f"{store.path}: holds {store.kind}; evaluate needs the Fisher vectors of `fvvae encode`")
-    data = {}
-    for name in (train_split, test_split):
-        rows = store.items(status="done", split=name)
-        if not rows:
-            splits = ", ".join(map(repr, store.splits()))
-            raise ValueError(f"{store.path}: no vector in split {name!r} (splits: {splits})")
-        y = np.array([r["label"] for r in rows], dtype=np.int64)
-        if (y < 0).any():
-            raise ValueError(f"{store.path}: split {name!r} has unlabelled items")
-        data[name] = (store.array(name), y)
-    (X_train, y_train), (X_test, y_test) = data[train_split], data[test_split]
+    _check_fisher(store)
+    (X_train, y_train), (X_test, y_test) = ((store.array(name), _split_labels(store, name))
+                                            for name in (train_split, test_split))
     if len(X_train) != len(y_train) or len(X_test) != len(y_test):
         raise StoreError(f"{store.path}: holds sets of several rows per item ({store.kind}), not one vector per item")
     if len(np.unique(y_train)) < 2:
@@ -212,8 +219,9 @@ def evaluate_stores(stores: list[Store], *, train_split: str = "train", test_spl
     if len(stores) == 1 and not crops and weights is None:
         return evaluate_store(stores[0], train_split=train_split, test_split=test_split, C=C)
     for s in stores:
-        if s.kind != "fisher":
-            raise StoreError(f"{s.path}: holds {s.kind}; evaluate needs the Fisher vectors of `fvvae encode`")
+        _check_fisher(s)
+    for name in (train_split, test_split):
+        _split_labels(stores[0], name)
     streams, labels = [], None
     for s in stores:
         (xtr, ytr, _), (xte, yte, ids) = s.vectors(train_split), s.vectors(test_split)
@@ -223,9 +231,6 @@ def evaluate_stores(stores: list[Store], *, train_split: str = "train", test_spl
             raise StoreError(f"{s.path} and {first.path}: the stores hold other items or labels in splits "
                              f"{train_split!r}/{test_split!r}: fusion needs the same items in every stream")
         streams.append((xtr, xte))
-    for name, y in zip((train_split, test_split), labels):
-        if len(y) == 0 or (y < 0).any():
-            raise ValueError(f"{first.path}: split {name!r} has no vector or unlabelled items")
     parents = [crop_parent(i) for i in item_ids]
     items = np.unique(parents, return_inverse=True)[1] if crops else None
     res = evaluate_fusion(streams, labels[0], labels[1], weights, test_items=items, C=C,
