@@ -35,8 +35,12 @@ def row_blocks(x: Any, normalize: bool, rows: int | None = None, dtype: torch.dt
     ShardedArray), in order, copied to ``dtype``, with signed sqrt + L2 when ``normalize``."""
     rows = rows or _rows_per_block(x.shape[1], torch.finfo(dtype).bits // 8)
     for lo in range(0, len(x), rows):
-        block = torch.from_numpy(np.array(x[lo : lo + rows], dtype=np.float32))
-        yield lo, (power_l2_normalize(block) if normalize else block).to(dtype)
+        yield lo, _block(x, lo, rows, normalize).to(dtype)
+
+
+def _block(x: Any, lo: int, rows: int, normalize: bool) -> Tensor:
+    block = torch.from_numpy(np.array(x[lo : lo + rows], dtype=np.float32))
+    return power_l2_normalize(block) if normalize else block
 
 
 def blocked_gram(a: Any, b: Any | None = None, *, normalize: bool, rows: int | None = None) -> Tensor:
@@ -78,8 +82,7 @@ def dual_cd_svm(x: Any, y: np.ndarray, *, C: float, normalize: bool, max_iter: i
         pg_max = torch.full((k,), -torch.inf, dtype=torch.float64)
         pg_min = torch.full((k,), torch.inf, dtype=torch.float64)
         for lo in rng.permutation(starts):
-            block = torch.from_numpy(np.array(x[lo : lo + rows], dtype=np.float32))
-            block = (power_l2_normalize(block) if normalize else block).double()
+            block = _block(x, lo, rows, normalize).double()
             q = block.square().sum(1) + 1.0
             for j in rng.permutation(len(block)):
                 i = lo + j
