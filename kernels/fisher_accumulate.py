@@ -15,7 +15,9 @@ Math (DESIGN section 2; set s = rows offsets[s]:offsets[s+1], inv_var = v):
 every r_t: the on-chip GEMM operand is ``diff`` (the magnitude of x and mu_x), which does not
 overflow float16 even when 1/sigma_x^2 is large. The bias column is a row sum, not a GEMM column.
 
-Forward decomposition. A set is cut into *chunks*; a program owns (chunk, tile of C, tile of d).
+Forward decomposition. A set is cut into *chunks*; a unit of work is (chunk, tile of C, tile of d),
+and a persistent program owns a (C, d) tile and loops over every P-th chunk (P about 4 programs per SM
+over all tiles).
 Orientation [C, rows], like flash attention with Q = a W tile and K = V = z: per BLOCK_T rows it
 computes a^T = W_tile z^T over all of d (tensor cores, fp32), the mask and diff on chip, and
 accumulates diff^T-tile @ z into an fp32 [BLOCK_C, BLOCK_J] accumulator; mu_x and r never reach
@@ -24,7 +26,7 @@ for the whole chunk and each z tile is loaded once for both GEMMs, so the kernel
 4 N C d flops of the two GEMMs and reads x once and z once per C tile; a larger d is streamed in
 BLOCK_K slices and the decoder GEMM is recomputed per d tile. Why this grid: G's tiles are the
 natural parallelism, and a chunk's partial G tile stays in registers for all of its rows.
-Long sets: the launcher picks ``chunk_rows`` so that the grid has about 4 programs per SM; a set
+Long sets: the launcher picks ``chunk_rows`` so that there are about 4 units of work per SM; a set
 of n rows gets max(1, ceil(n / chunk_rows)) equal chunks. A one-chunk set (and an empty set, one
 zero-row chunk that writes zeros) is stored straight into G; the chunks of a longer set store fp32
 partials into a scratch buffer and ``_combine_kernel`` adds them in chunk order: deterministic,
@@ -50,7 +52,8 @@ both kernels instead of being stored (2 x 4 N C d extra flops, no (N, C) round t
 Dtypes. Accumulation is fp32 (fp64 for float64); G is rounded once to ``out_dtype`` (default: the
 accumulation dtype; bf16 halves the bytes written) in the store epilogue (``_store_g``, and the
 combine kernel for split sets, whose partials stay fp32). fp16/bf16: the GEMM operands computed on chip
-(diff, m*q, da, v*diff) and the upstream grad are rounded to the input dtype for ``tl.dot``, as in
+(diff, m*q, da, v*diff) and the upstream grad (tile by tile as it is loaded: no cast pass over all of it)
+are rounded to the input dtype for ``tl.dot``, as in
 any half-precision GEMM (backward: |v q| or |grad| beyond the fp16 range overflows, as fp16
 autograd would). fp32: ``tl.dot`` with ``input_precision=FP32_PRECISION``, default ``"tf32x3"``
 (3xTF32 on tensor cores, about fp32 accuracy: meant to hold the float32 tolerance of
@@ -64,9 +67,7 @@ any GPU, not fast); the interpreter runs that very path.
 from __future__ import annotations
 
 import functools
-import math
 import os
-import threading
 
 import torch
 import triton
@@ -93,11 +94,13 @@ if FP32_PRECISION not in _FP32_PRECISIONS:
 
 
 # ----------------------------------------------------------------------------------------------
-# Autotune configs, keyed on (C, d, typical set length). The GPU lists were checked by compiling
-# every kernel ahead of time for sm_90 with Triton 3.8 at d = 255 (ptxas resource usage: no or
-# few-byte register spills in bf16/fp16; fp32 runs 3xTF32, about three times the operand
-# registers, so only the small tiles are kept for it, see _prune). Timings on an H100/H200 are
-# still to be taken. The interpreter gets one config (its speed is per op, not per element).
+# Autotune configs per dtype kind, keyed on (C, d, typical set length). The GPU lists are the fastest
+# of a sweep of 19 forward and 12 backward candidates on an H200 (Triton 3.6, C = 512, d = 255,
+# 64 x 1,250 and 4,096 x 50 rows; bench/RESULTS.md): in bf16 a [128, 256] G tile per program with
+# 8 warps leads; fp32 runs 3xTF32, about three times the operand registers and shared memory, so
+# its tiles are smaller (every fp32 forward tile with BLOCK_J = 256 and BLOCK_T + BLOCK_C >= 96 ran
+# out of shared memory, and the backward's BLOCK_J = 256 tiles spilled: 10x slower). The small
+# tiles serve small d or C. The interpreter gets one config (its speed is per op, not per element).
 # ----------------------------------------------------------------------------------------------
 def _cfg(bt: int, bc: int, bj: int, bk: int, warps: int, stages: int) -> triton.Config:
     return triton.Config(
@@ -105,46 +108,33 @@ def _cfg(bt: int, bc: int, bj: int, bk: int, warps: int, stages: int) -> triton.
     )
 
 
+_KINDS = ("half", "float32", "float64")  # fp16/bf16 tensor cores, fp32 as 3xTF32, fp64 broadcast FMA
 if _INTERPRET:
-    _FWD_CONFIGS = _BWD_CONFIGS = _FWD_FMA_CONFIGS = _BWD_FMA_CONFIGS = [_cfg(32, 64, 64, 64, 4, 1)]
+    _FWD_CONFIGS = _BWD_CONFIGS = {kind: [_cfg(32, 64, 64, 64, 4, 1)] for kind in _KINDS}
 else:
-    _FWD_CONFIGS = [
-        _cfg(64, 64, 256, 64, 8, 3),  # d <= 256: one pass, W tile on chip, each z tile feeds both GEMMs
-        _cfg(128, 64, 256, 64, 8, 2),
-        _cfg(64, 128, 256, 64, 8, 3),
-        _cfg(32, 64, 64, 32, 4, 3),  # small d or C; fp32
-        _cfg(32, 32, 128, 32, 4, 2),  # fp32
-    ]
+    _FWD_CONFIGS = {
+        "half": [_cfg(64, 128, 256, 64, 8, 2), _cfg(32, 64, 256, 64, 4, 3), _cfg(16, 64, 256, 64, 4, 3),
+                 _cfg(64, 64, 128, 64, 4, 3), _cfg(32, 64, 64, 32, 4, 3)],
+        "float32": [_cfg(16, 64, 256, 64, 4, 3), _cfg(64, 64, 128, 64, 4, 3), _cfg(32, 64, 64, 32, 4, 3)],
+        # the 3-D temporaries [M, K, N] of _mm's FMA path must fit in registers
+        "float64": [_cfg(16, 16, 16, 16, 4, 1), _cfg(16, 32, 32, 8, 8, 1)],
+    }
     # The backward keeps two [.., BLOCK_J] operand tiles (W and P_z) and two GEMM results (a, q) live.
-    _BWD_CONFIGS = [
-        _cfg(32, 32, 256, 64, 4, 2),
-        _cfg(64, 32, 256, 64, 4, 2),
-        _cfg(64, 64, 128, 64, 8, 2),
-        _cfg(32, 32, 128, 32, 4, 2),  # fp32
-        _cfg(32, 32, 64, 32, 4, 2),  # small d; fp32
-    ]
-    # float64 broadcast-FMA path: the 3-D temporaries [M, K, N] of _mm must fit in registers.
-    _FWD_FMA_CONFIGS = [_cfg(16, 16, 16, 16, 4, 1), _cfg(16, 32, 32, 8, 8, 1)]
-    _BWD_FMA_CONFIGS = [_cfg(16, 16, 16, 16, 4, 1)]
+    _BWD_CONFIGS = {
+        "half": [_cfg(64, 32, 256, 64, 4, 2), _cfg(128, 32, 256, 64, 8, 2), _cfg(32, 32, 256, 64, 4, 2),
+                 _cfg(32, 32, 128, 32, 4, 2), _cfg(32, 32, 64, 32, 4, 2)],
+        "float32": [_cfg(32, 32, 128, 32, 4, 2), _cfg(32, 64, 128, 64, 4, 2), _cfg(32, 32, 64, 32, 4, 2)],
+        "float64": [_cfg(16, 16, 16, 16, 4, 1)],
+    }
 
 _TUNE_KEY = ["C", "D", "LEN_KEY"]
-# fp32 (3xTF32) keeps configs with BLOCK_J * (BLOCK_T + BLOCK_C) at most this (fits registers and shared memory).
-_FP32_TILE_BUDGET = 128 * 64
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs with tiles far larger than the problem (small d or C) or too big for fp32."""
-    c, d = named_args["C"], named_args["D"]
-    cap_c = max(16, triton.next_power_of_2(c))
-    cap_j = max(16, triton.next_power_of_2(d))
-    fp32 = named_args["z_ptr"].dtype == torch.float32 and not _INTERPRET
-
-    def fits(cf: triton.Config) -> bool:
-        kw = cf.kwargs
-        small = not fp32 or kw["BLOCK_J"] * (kw["BLOCK_T"] + kw["BLOCK_C"]) <= _FP32_TILE_BUDGET
-        return kw["BLOCK_C"] <= cap_c and kw["BLOCK_J"] <= cap_j and small
-
-    return [cf for cf in configs if fits(cf)] or [
+    """Drop configs with tiles far larger than the problem (small d or C); keep the smallest if none fits."""
+    cap_c = max(16, triton.next_power_of_2(named_args["C"]))
+    cap_j = max(16, triton.next_power_of_2(named_args["D"]))
+    return [cf for cf in configs if cf.kwargs["BLOCK_C"] <= cap_c and cf.kwargs["BLOCK_J"] <= cap_j] or [
         min(configs, key=lambda cf: cf.kwargs["BLOCK_J"] * (cf.kwargs["BLOCK_T"] + cf.kwargs["BLOCK_C"]))
     ]
 
@@ -208,7 +198,7 @@ def _relu_diff(a, x, ACC: tl.constexpr):
 
 @triton.jit
 def _rounded_for(val, ptr):
-    """``val`` (fp32 / fp64) rounded to nearest even in ``ptr``'s element type; a 16-bit type is
+    """``val`` (any float) rounded to nearest even in ``ptr``'s element type; a 16-bit type is
     reached through fp32, as in the C++ kernel."""
     ty: tl.constexpr = ptr.dtype.element_ty
     if ty.primitive_bitwidth == 16:
@@ -237,7 +227,7 @@ def _decode_t(w_ptr, p_ptr, z_ptr, cols, col_ok, rows, row_ok, D: tl.constexpr,
               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Transposed decoder GEMM tile over all of d, streaming d in BLOCK_K slices (d > BLOCK_J):
     a^T = W z^T and (WITH_Q) q^T = P_z z^T, each [BLOCK_C, BLOCK_T], bias not added.
-    ``p_ptr`` is P = grad[s] (C, d+1) in the GEMM dtype."""
+    ``p_ptr`` is P = grad[s] (C, d+1) in G's dtype, rounded to z's dtype tile by tile as it is loaded."""
     a = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
     q = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
     for k0 in range(0, D, BLOCK_K):
@@ -246,7 +236,7 @@ def _decode_t(w_ptr, p_ptr, z_ptr, cols, col_ok, rows, row_ok, D: tl.constexpr,
         zk = _tile(z_ptr, ks, k_ok, 1, rows, row_ok, D)  # [BLOCK_K, BLOCK_T]
         a = _mm(_tile(w_ptr, cols, col_ok, D, ks, k_ok, 1), zk, a, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_K] @
         if WITH_Q:
-            q = _mm(_tile(p_ptr, cols, col_ok, D + 1, ks, k_ok, 1), zk, q, USE_DOT, PRECISION)
+            q = _mm(_rounded_for(_tile(p_ptr, cols, col_ok, D + 1, ks, k_ok, 1), z_ptr), zk, q, USE_DOT, PRECISION)
     return a, q
 
 
@@ -262,44 +252,48 @@ def _fwd_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, off_ptr,  # inputs
     chunk_set_ptr, chunk_ptr_ptr, slot_ptr_ptr,  # chunk table (see _chunk_table)
     out_ptr, part_ptr,  # (S, C, D+1) output, (slots, C, D+1) fp32 partials of split sets
-    S, C, D: tl.constexpr, LEN_KEY,
+    S, C, D: tl.constexpr, N_ENTRIES, LEN_KEY,
     ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    e = tl.program_id(0)
+    # Persistent over chunks: program (C tile, p, d tile) takes chunks p, p + P, ... so its W tile,
+    # bias and v are loaded once, and the store of one chunk's G tile overlaps the next chunk's loads
+    # (frame-sized sets are bound by writing G). The C tile is the fastest grid axis: the programs
+    # that run together read the same z rows, which then come from L2 for all C tiles but the first.
     pid_j = tl.program_id(2)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     js = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     col_ok = cols < C
     j_ok = js < D
-    s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
-    if s < S:  # entries past the last chunk (the grid is an upper bound) do nothing
-        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]
-        if D <= BLOCK_J:
-            w_res = _tile(w_ptr, cols, col_ok, D, js, j_ok, 1)  # [BLOCK_C, BLOCK_J] resident
-        acc = tl.zeros((BLOCK_C, BLOCK_J), ACC)  # [BLOCK_C, BLOCK_J]  sum_t diff_t z_t^T
-        acc_b = tl.zeros((BLOCK_C,), ACC)  # [BLOCK_C]  sum_t diff_t
-        zero_ct = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
-        for t0 in range(lo, hi, BLOCK_T):
-            rows = t0 + tl.arange(0, BLOCK_T)
-            row_ok = rows < hi
-            zt = _tile(z_ptr, rows, row_ok, D, js, j_ok, 1)  # [BLOCK_T, BLOCK_J]
-            if D <= BLOCK_J:
-                a = _mm(w_res, tl.trans(zt), zero_ct, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_T]
-            else:
-                a, _ = _decode_t(w_ptr, w_ptr, z_ptr, cols, col_ok, rows, row_ok, D, False,
-                                 ACC, USE_DOT, PRECISION, BLOCK_T, BLOCK_C, BLOCK_K)  # [BLOCK_C, BLOCK_T]
-            xt = _tile(x_ptr, cols, col_ok, 1, rows, row_ok, C)  # [BLOCK_C, BLOCK_T]
-            _, diff = _relu_diff(a + b[:, None], xt, ACC)  # [BLOCK_C, BLOCK_T]
-            diff = tl.where(row_ok[None, :], diff, 0.0)
-            acc = _mm(diff.to(zt.dtype), zt, acc, USE_DOT, PRECISION)
-            acc_b += tl.sum(diff, axis=1)
-        v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]; r_t = v * diff_t
-        if n_chunks == 1:  # straight into G, in its dtype
-            _store_g(out_ptr + s * C * (D + 1), cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D)
-        else:  # an ACC partial of a split set
-            _store_g(part_ptr + (tl.load(slot_ptr_ptr + s) + k) * C * (D + 1), cols, col_ok, js, j_ok, acc, acc_b,
-                     v, pid_j, D)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]
+    v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]; r_t = v * diff_t
+    if D <= BLOCK_J:
+        w_res = _tile(w_ptr, cols, col_ok, D, js, j_ok, 1)  # [BLOCK_C, BLOCK_J] resident
+    zero_ct = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
+    for e in range(tl.program_id(1), N_ENTRIES, tl.num_programs(1)):
+        s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
+        if s < S:  # entries past the last chunk (the table is an upper bound) do nothing
+            acc = tl.zeros((BLOCK_C, BLOCK_J), ACC)  # [BLOCK_C, BLOCK_J]  sum_t diff_t z_t^T
+            acc_b = tl.zeros((BLOCK_C,), ACC)  # [BLOCK_C]  sum_t diff_t
+            for t0 in range(lo, hi, BLOCK_T):
+                rows = t0 + tl.arange(0, BLOCK_T)
+                row_ok = rows < hi
+                zt = _tile(z_ptr, rows, row_ok, D, js, j_ok, 1)  # [BLOCK_T, BLOCK_J]
+                if D <= BLOCK_J:
+                    a = _mm(w_res, tl.trans(zt), zero_ct, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_T]
+                else:
+                    a, _ = _decode_t(w_ptr, w_ptr, z_ptr, cols, col_ok, rows, row_ok, D, False,
+                                     ACC, USE_DOT, PRECISION, BLOCK_T, BLOCK_C, BLOCK_K)  # [BLOCK_C, BLOCK_T]
+                xt = _tile(x_ptr, cols, col_ok, 1, rows, row_ok, C)  # [BLOCK_C, BLOCK_T]
+                _, diff = _relu_diff(a + b[:, None], xt, ACC)  # [BLOCK_C, BLOCK_T]
+                diff = tl.where(row_ok[None, :], diff, 0.0)
+                acc = _mm(diff.to(zt.dtype), zt, acc, USE_DOT, PRECISION)
+                acc_b += tl.sum(diff, axis=1)
+            if n_chunks == 1:  # straight into G, in its dtype
+                _store_g(out_ptr + s * C * (D + 1), cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D)
+            else:  # an ACC partial of a split set
+                _store_g(part_ptr + (tl.load(slot_ptr_ptr + s) + k) * C * (D + 1), cols, col_ok, js, j_ok, acc,
+                         acc_b, v, pid_j, D)
 
 
 @_batch_jit
@@ -318,8 +312,7 @@ def _combine_kernel(part_ptr, out_ptr, split_set_ptr, chunk_ptr_ptr, slot_ptr_pt
         tl.store(out_ptr + s * E + idx, _rounded_for(acc, out_ptr), mask=ok)
 
 
-_fwd_mma = _autotune(_FWD_CONFIGS)(_fwd_kernel)
-_fwd_fma = _autotune(_FWD_FMA_CONFIGS)(_fwd_kernel)
+_fwd = {kind: _autotune(configs)(_fwd_kernel) for kind, configs in _FWD_CONFIGS.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,7 +352,7 @@ def _bwd_rows_kernel(
                 cols = c0 + tl.arange(0, BLOCK_C)
                 col_ok = cols < C
                 w_cj = _tile(w_ptr, cols, col_ok, D, js, j_ok, 1)  # [BLOCK_C, BLOCK_J]
-                p_cj = _tile(p_set, cols, col_ok, D + 1, js, j_ok, 1)  # [BLOCK_C, BLOCK_J]
+                p_cj = _rounded_for(_tile(p_set, cols, col_ok, D + 1, js, j_ok, 1), z_ptr)  # [BLOCK_C, BLOCK_J]
                 if D <= BLOCK_J:
                     a = _mm(zt, tl.trans(w_cj), zero_tc, USE_DOT, PRECISION)  # [BLOCK_T, BLOCK_C]
                     q = _mm(zt, tl.trans(p_cj), zero_tc, USE_DOT, PRECISION)  # [BLOCK_T, BLOCK_C]
@@ -417,7 +410,7 @@ def _bwd_params_kernel(
             p_set = p_ptr + s * C * (D + 1)
             p_b = tl.load(p_set + cols * (D + 1) + D, mask=col_ok, other=0.0).to(ACC)[:, None]  # [BLOCK_C, 1]
             if D <= BLOCK_J:
-                p_res = _tile(p_set, cols, col_ok, D + 1, js, j_ok, 1)  # [BLOCK_C, BLOCK_J] on chip for the chunk
+                p_res = _rounded_for(_tile(p_set, cols, col_ok, D + 1, js, j_ok, 1), z_ptr)  # [BLOCK_C, BLOCK_J]
             for t0 in range(lo, hi, BLOCK_T):
                 rows = t0 + tl.arange(0, BLOCK_T)
                 row_ok = rows < hi
@@ -440,10 +433,8 @@ def _bwd_params_kernel(
         tl.store(pv_ptr + g.to(tl.int64) * C + cols, acc_v, mask=col_ok)
 
 
-_bwd_rows_mma = _autotune(_BWD_CONFIGS)(_bwd_rows_kernel)
-_bwd_rows_fma = _autotune(_BWD_FMA_CONFIGS)(_bwd_rows_kernel)
-_bwd_params_mma = _autotune(_BWD_CONFIGS)(_bwd_params_kernel)
-_bwd_params_fma = _autotune(_BWD_FMA_CONFIGS)(_bwd_params_kernel)
+_bwd_rows = {kind: _autotune(configs)(_bwd_rows_kernel) for kind, configs in _BWD_CONFIGS.items()}
+_bwd_params = {kind: _autotune(configs)(_bwd_params_kernel) for kind, configs in _BWD_CONFIGS.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,6 +443,16 @@ _bwd_params_fma = _autotune(_BWD_FMA_CONFIGS)(_bwd_params_kernel)
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+RESIDENT_PER_SM = 4  # programs of the persistent forward per SM (1 was 1.4-1.7x slower on an H200; 2-16 alike)
+
+
+def _resident_programs(device: torch.device) -> int:
+    """Programs of the persistent forward grid; a handful under the interpreter (each loops over chunks)."""
+    if device.type == "cuda":
+        return RESIDENT_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
 
 
 def _target_programs(device: torch.device) -> int:
@@ -504,33 +505,22 @@ def _in_bounds(offsets: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cummax(offsets.clamp(0, n), 0).values
 
 
-_SCRATCH = threading.local()  # per thread: {(name, device, stream, dtype): 1-D buffer}
-
-
-def _scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Uninitialised scratch ``name`` of ``shape``: a view of a buffer kept per thread, device, stream
-    and dtype that only grows, so a steady batch shape allocates nothing. Stream order makes reuse
-    safe (one thread, one stream); a CUDA graph being captured gets a fresh tensor from its pool.
-    NaN-filled under the interpreter, so an unwritten element shows in tests."""
-    numel = math.prod(shape)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        buf = torch.empty(numel, dtype=dtype, device=device)
-    else:
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else None
-        cache = _SCRATCH.__dict__.setdefault("buffers", {})
-        key = (name, device, stream, dtype)
-        buf = cache.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = cache[key] = torch.empty(numel, dtype=dtype, device=device)
-    view = buf[:numel].view(shape)
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised scratch of ``shape``, NaN-filled under the interpreter so an unwritten element
+    shows in tests. A plain ``torch.empty``: the caching allocator hands the same block back to a
+    steady batch shape (no cudaMalloc), and a buffer kept across calls would outlive the private
+    memory pool of a CUDA graph (torch.compile's reduce-overhead mode refuses such a tensor)."""
+    view = torch.empty(shape, dtype=dtype, device=device)
     return view.fill_(float("nan")) if _INTERPRET else view
 
 
 def _modes(dtype: torch.dtype):
-    """(accumulator dtype, tl accumulator, use tl.dot, dot input precision) for an input dtype."""
+    """(accumulator dtype, tl accumulator, use tl.dot, dot input precision, config kind) for an input dtype."""
     if dtype == torch.float64:
-        return torch.float64, tl.float64, False, "ieee"
-    return torch.float32, tl.float32, True, FP32_PRECISION if dtype == torch.float32 else "tf32"
+        return torch.float64, tl.float64, False, "ieee", "float64"
+    if dtype == torch.float32:
+        return torch.float32, tl.float32, True, FP32_PRECISION, "float32"
+    return torch.float32, tl.float32, True, "tf32", "half"
 
 
 def _contiguous(*ts: torch.Tensor):
@@ -570,7 +560,7 @@ def fisher_accumulate_fwd(
     d = z.shape[1]
     s = offsets.shape[0] - 1
     offsets = _in_bounds(offsets, n)
-    acc_dtype, acc_tl, use_dot, precision = _modes(x.dtype)
+    acc_dtype, acc_tl, use_dot, precision, kind = _modes(x.dtype)
     out_dtype = out_dtype or acc_dtype
     if out is None:
         out = torch.empty((s, c, d + 1), dtype=out_dtype, device=x.device)
@@ -579,15 +569,17 @@ def fisher_accumulate_fwd(
         return out
     chunk = chunk_rows or _default_chunk(n, triton.cdiv(c, 128) * triton.cdiv(d, 256), x.device)
     chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split = _chunk_table(offsets, chunk, n)
-    part = _scratch("partials", (max(n_slots, 1), c, d + 1), acc_dtype, x.device)
-    kernel = _fwd_mma if use_dot else _fwd_fma
+    part = _scratch((max(n_slots, 1), c, d + 1), acc_dtype, x.device)
+    kernel = _fwd[kind]
 
     def grid(meta):
-        return (n_entries, triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(d, meta["BLOCK_J"]))
+        tiles = triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(d, meta["BLOCK_J"])
+        per_tile = min(n_entries, triton.cdiv(_resident_programs(x.device), tiles))
+        return (triton.cdiv(c, meta["BLOCK_C"]), per_tile, triton.cdiv(d, meta["BLOCK_J"]))
 
     kernel[grid](
         x, z, weight, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, out, part,
-        s, c, d, _len_key(n, s), ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision,
+        s, c, d, n_entries, _len_key(n, s), ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision,
     )
     if n_split:
         e = c * (d + 1)
@@ -624,7 +616,7 @@ def fisher_accumulate_bwd(
     d = z.shape[1]
     s = offsets.shape[0] - 1
     offsets = _in_bounds(offsets, n)
-    acc_dtype, acc_tl, use_dot, precision = _modes(x.dtype)
+    acc_dtype, acc_tl, use_dot, precision, kind = _modes(x.dtype)
     inputs = (x, z, weight, bias, inv_var)
     if out is None:
         out = tuple(torch.empty_like(t) for t in inputs)
@@ -635,16 +627,14 @@ def fisher_accumulate_bwd(
         for t in out:
             t.zero_()
         return out
-    # P in the GEMM dtype: fp32 / fp64 as is, rounded once to fp16 / bf16 for half inputs.
-    p = grad.to(x.dtype)
     chunk = chunk_rows or (48 if _INTERPRET else 128)
     chunk_set, chunk_ptr, _, _, n_entries, _, _ = _chunk_table(offsets, chunk, n)
     len_key = _len_key(n, s)
     meta_args = dict(ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision)
-    rows_kernel, params_kernel = (_bwd_rows_mma, _bwd_params_mma) if use_dot else (_bwd_rows_fma, _bwd_params_fma)
+    rows_kernel, params_kernel = _bwd_rows[kind], _bwd_params[kind]
 
     rows_kernel[lambda meta: (n_entries, triton.cdiv(d, meta["BLOCK_J"]))](
-        x, z, weight, bias, inv_var, p, offsets, chunk_set, chunk_ptr, dx, dz,
+        x, z, weight, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, dx, dz,
         s, c, d, len_key, **meta_args,
     )
 
@@ -652,10 +642,10 @@ def fisher_accumulate_bwd(
     n_groups = groups or max(1, min(n_entries, triton.cdiv(_target_programs(x.device), tiles)))
     per_group = triton.cdiv(n_entries, n_groups)
     n_groups = triton.cdiv(n_entries, per_group)
-    pw = _scratch("dweight", (n_groups, c, d + 1), acc_dtype, x.device)
-    pv = _scratch("dinv_var", (n_groups, c), acc_dtype, x.device)
+    pw = _scratch((n_groups, c, d + 1), acc_dtype, x.device)
+    pv = _scratch((n_groups, c), acc_dtype, x.device)
     params_kernel[lambda meta: (n_groups, triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(d, meta["BLOCK_J"]))](
-        x, z, weight, bias, inv_var, p, offsets, chunk_set, chunk_ptr, pw, pv,
+        x, z, weight, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv,
         s, c, d, n_entries, per_group, len_key, **meta_args,
     )
     gw = pw.sum(0)  # (C, d+1) fixed-order reduction over groups: deterministic
