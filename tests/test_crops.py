@@ -47,3 +47,17 @@ def test_ten_crop_refuses_crops_larger_than_the_frame():
             ten_crop(frames, size)
     with pytest.raises(ValueError, match="frames"):
         ten_crop(torch.zeros(5), 2)
+
+
+def test_the_crops_of_one_video_in_one_shard_share_a_load():
+    from fvvae_fast.pipelines.datasets import Item
+    from fvvae_fast.pipelines.extract import _loads_of
+
+    def crop(name, k):
+        return Item(id=f"{name}#crop{k}", path=f"{name}.avi", label=0, split="test", crop=k)
+
+    plain = Item(id="c", path="c.avi", label=0, split="train")
+    work = [(0, 0, plain), (0, 1, crop("a", 0)), (0, 2, crop("a", 1)), (1, 3, crop("a", 2)), (1, 4, crop("b", 0)),
+            (1, 5, crop("b", 1))]
+    assert [(shard, idxs, item.id) for shard, idxs, item in _loads_of(work)] == [
+        (0, [0], "c"), (0, [1, 2], "a#crop0"), (1, [3], "a#crop2"), (1, [4, 5], "b#crop0")]

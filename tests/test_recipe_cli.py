@@ -112,3 +112,15 @@ def test_recipe_mistakes_are_one_line_errors(tmp_path, videos, capsys):
                    "the same items in every stream")
     one_line_error(capsys, run_cli("evaluate", "--fisher", tmp_path / "fv-a", "--fusion-weights", "1,2"),
                    "one weight per --fisher store")
+
+
+def test_ten_crops_decode_each_video_once(tmp_path, videos, monkeypatch):
+    from fvvae_fast.pipelines.datasets import crop_parent
+    from fvvae_fast.pipelines.sources import VideoSource
+
+    loaded, load = [], VideoSource.load
+    monkeypatch.setattr(VideoSource, "load", lambda self, item: loaded.append(item.path) or load(self, item))
+    assert run_cli(*descriptor_args(videos, tmp_path / "rgb", "--crops", "10", "--shard-items", "64")) == 0
+    store = Store.open(tmp_path / "rgb")
+    assert len(store.items(split="test")) == 40
+    assert len(loaded) == len(set(loaded)) == len({crop_parent(r["item_id"]) for r in store.items()})

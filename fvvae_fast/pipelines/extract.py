@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import distributed
 from ..store import ShardResult, Store, item_records
 from .backbones import Backbone
-from .datasets import Dataset, Item
+from .datasets import Dataset, Item, crop_parent
 from .sharded import ShardedStage, StageReport
 from .sources import FrameSource, PrecomputedSource
 
@@ -43,20 +43,35 @@ def _reason(err: BaseException) -> str:
 
 
 class _Loads(torch.utils.data.Dataset):
-    """(shard, idx, item) -> (shard, idx, loaded tensor or None, error text or None); runs in workers."""
+    """(shard, idxs, item) -> (shard, idxs, loaded tensor or None, error text or None); runs in workers.
+    ``idxs``: the store rows that share the item's frames (the ten crops of one video: decoded once)."""
 
-    def __init__(self, work: list[tuple[int, int, Item]], source) -> None:
+    def __init__(self, work: list[tuple[int, list[int], Item]], source) -> None:
         self.work, self.source = work, source
 
     def __len__(self) -> int:
         return len(self.work)
 
     def __getitem__(self, k: int):
-        shard, idx, item = self.work[k]
+        shard, idxs, item = self.work[k]
         try:
-            return shard, idx, self.source.load(item), None
+            return shard, idxs, self.source.load(item), None
         except Exception as err:  # a bad item must never stop the run: it is recorded and skipped
-            return shard, idx, None, _reason(err)
+            return shard, idxs, None, _reason(err)
+
+
+def _loads_of(work: list[tuple[int, int, Item]]) -> list[tuple[int, list[int], Item]]:
+    """``work`` (shard, store row, item) grouped into loads: consecutive crops of one file in one shard
+    share a load (an item's crop is applied after loading, by :meth:`FrameSource.prepare`)."""
+    loads: list[tuple[int, list[int], Item]] = []
+    for shard, idx, item in work:
+        last = loads[-1] if loads else None
+        if (last is not None and item.crop is not None and last[2].crop is not None and last[0] == shard
+                and crop_parent(last[2].id) == crop_parent(item.id)):
+            last[1].append(idx)
+        else:
+            loads.append((shard, [idx], item))
+    return loads
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -328,7 +343,7 @@ def extract_descriptors(
         work = [(shard, idx, by_id[item_id]) for shard in stage.pending
                 for idx, item_id, _, _ in store.items_of_shard(shard)]
         loader = torch.utils.data.DataLoader(
-            _Loads(work, source), batch_size=None, shuffle=False, num_workers=workers,
+            _Loads(_loads_of(work), source), batch_size=None, shuffle=False, num_workers=workers,
             worker_init_fn=_worker_init if workers else None,
             prefetch_factor=4 if workers else None, persistent_workers=False,
         )
@@ -342,22 +357,23 @@ def extract_descriptors(
         try:
             with tqdm(total=len(work), desc="descriptors", unit=unit,
                       disable=not progress or not distributed.is_main(), dynamic_ncols=True) as bar:
-                for shard, idx, data, error in loader:
+                for shard, idxs, data, error in loader:
                     if run is not None and run.shard != shard:
                         writer.submit(run)
                         run = None
                     if run is None:
                         run = _ShardRun(shard, source, backbone, in_dim, batch_frames, staging, encoding)
-                    if error is not None:
-                        failed_now += 1
-                        msg = f"skipped {items[idx].id}: {error}"
-                        if progress:
-                            bar.write(msg)
-                            log.info(msg)
-                        else:
-                            log.warning(msg)
-                    run.add(idx, data, error, items[idx].crop)
-                    bar.update(1)
+                    for idx in idxs:
+                        if error is not None:
+                            failed_now += 1
+                            msg = f"skipped {items[idx].id}: {error}"
+                            if progress:
+                                bar.write(msg)
+                                log.info(msg)
+                            else:
+                                log.warning(msg)
+                        run.add(idx, data, error, items[idx].crop)
+                        bar.update(1)
                     bar.set_postfix(failed=failed_now, refresh=False)
                 if run is not None:
                     writer.submit(run)
