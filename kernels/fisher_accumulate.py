@@ -445,21 +445,24 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _programs(device: torch.device, per_sm: int, interpreted: int) -> int:
+    """``per_sm`` programs per SM of a CUDA device; ``interpreted`` under the interpreter."""
+    if device.type != "cuda":
+        return interpreted
+    return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 RESIDENT_PER_SM = 4  # programs of the persistent forward per SM (1 was 1.4-1.7x slower on an H200; 2-16 alike)
 
 
 def _resident_programs(device: torch.device) -> int:
     """Programs of the persistent forward grid; a handful under the interpreter (each loops over chunks)."""
-    if device.type == "cuda":
-        return RESIDENT_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
+    return _programs(device, RESIDENT_PER_SM, 4)
 
 
 def _target_programs(device: torch.device) -> int:
     """About 4 resident programs per SM; a handful under the interpreter (so long sets still split)."""
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 8
+    return _programs(device, 4, 8)
 
 
 def _len_key(n: int, s: int) -> int:
