@@ -10,7 +10,8 @@ Inputs (generated, nothing downloads): ``FVVAE_BENCH_VIDEOS`` videos (default 4)
 50 frames (UCF101-like), through a random-weight ``FVVAE_BENCH_BACKBONE`` (default
 ``resnet18`` ``layer4``: C = 512 like VGG-19 pool5; set ``vgg19-pool5`` for the paper's) at
 ``FVVAE_BENCH_SIZE`` (default 112; 224 is the paper's) input in ``FVVAE_BENCH_PRECISION``
-(fp32, bf16, fp16); FV-VAE with d = 255. Each timed round runs a stage from scratch into a
+(fp32, bf16, fp16), compiled with ``torch.compile`` when ``FVVAE_BENCH_COMPILE=1`` (the warm-up
+call pays the compilation); FV-VAE with d = 255. Each timed round runs a stage from scratch into a
 fresh store (store creation and atomic shard writes included). Decoding: one clip per length
 in ``FVVAE_BENCH_CLIP_SECONDS`` (default 10 and 120 s) at 25 frames/s, 320 x 240 MPEG-4 with
 the encoder's default keyframe interval (12 frames, as in UCF101); the target is the 2-minute
@@ -48,11 +49,12 @@ BACKBONE = os.environ.get("FVVAE_BENCH_BACKBONE", "resnet18")
 LAYER = os.environ.get("FVVAE_BENCH_LAYER", "layer4" if BACKBONE == "resnet18" else "") or None
 SIZE = int(os.environ.get("FVVAE_BENCH_SIZE", "112"))
 PRECISION = os.environ.get("FVVAE_BENCH_PRECISION", "fp32")
+COMPILE = os.environ.get("FVVAE_BENCH_COMPILE", "0") == "1"
 CLIP_SECONDS = [int(t) for t in os.environ.get("FVVAE_BENCH_CLIP_SECONDS", "10,120").split(",")]
 FRAMES, LATENT, RATE, BATCH_FRAMES = 25, 255, 25, 64
 WORKERS = min(default_workers(), VIDEOS)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-SHAPE = f"{VIDEOS} videos x {FRAMES} frames, {BACKBONE} @ {SIZE}px {PRECISION}"
+SHAPE = f"{VIDEOS} videos x {FRAMES} frames, {BACKBONE} @ {SIZE}px {PRECISION}{' compiled' * COMPILE}"
 MEDIANS: dict[str, float] = {}
 
 
@@ -85,7 +87,10 @@ def workdir():
 
 @pytest.fixture(scope="module")
 def backbone():
-    return build_backbone(BACKBONE, LAYER, random_weights=True, device=DEVICE, precision=PRECISION)
+    net = build_backbone(BACKBONE, LAYER, random_weights=True, device=DEVICE, precision=PRECISION)
+    if COMPILE:
+        net.compile()
+    return net
 
 
 def _source() -> VideoSource:

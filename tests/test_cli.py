@@ -167,6 +167,25 @@ def test_each_stage(tmp_path, videos, capsys):
                    "2", "--batch-sets", "4", "--lambda3", "1", "--quiet") == 0
 
 
+def test_compiled_backbone_gives_the_eager_descriptors(tmp_path, videos, capsys):
+    """``--compile`` (torch.compile of the backbone) changes the speed, not the store: the descriptors
+    equal the eager ones to float32 rounding, and the store's config is the same."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert run_cli(*descriptor_args(videos, eager, "--subset", "test")) == 0
+    assert run_cli(*descriptor_args(videos, compiled, "--subset", "test", "--compile")) == 0
+    a, b = Store.open(eager).sets(), Store.open(compiled).sets()
+    np.testing.assert_array_equal(b.offsets.numpy(), a.offsets.numpy())
+    np.testing.assert_array_equal(b.labels.numpy(), a.labels.numpy())
+    np.testing.assert_allclose(np.asarray(b.x), np.asarray(a.x), rtol=1e-5, atol=1e-5)
+    assert Store.open(compiled).config == Store.open(eager).config
+    np.save(tmp_path / "x.npy", np.zeros((4, 3), np.float32))
+    np.save(tmp_path / "o.npy", np.array([0, 2, 4]))
+    capsys.readouterr()  # inductor's own warnings
+    one_line_error(capsys, run_cli("descriptors", "--dataset", "arrays", "--arrays", tmp_path / "x.npy", "--offsets",
+                                   tmp_path / "o.npy", "--compile", "--out", tmp_path / "p", "--quiet"),
+                   "precomputed descriptors have none")
+
+
 @pytest.mark.skipif(not OFFICIAL.is_file(), reason="released weights not found")
 def test_encode_with_the_released_model(tmp_path, videos, capsys):
     """A 512-channel backbone (ResNet-18 layer4) with the release's map normalisation, encoded by the

@@ -172,7 +172,8 @@ class Backbone(nn.Module):
         if key not in self._channels:
             p = next(self.extractor.parameters(), None)
             device = p.device if p is not None else torch.device("cpu")
-            self._channels[key] = tuple(self(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+            # forward, not __call__: a probe must not compile a graph for batch 1 (nn.Module.compile)
+            self._channels[key] = tuple(self.forward(torch.zeros(1, 3, height, width, device=device)).shape[1:])
         return self._channels[key]
 
     @staticmethod

@@ -38,7 +38,8 @@ RUN_PATHS = {
 STAGES = tuple(RUN_PATHS)
 RESUMABLE = ("descriptors", "train", "encode")
 # settings that change how a stage runs, not what it produces
-OPERATIONAL = ("overwrite", "extend", "device", "workers", "log_dir", "checkpoint_every", "batch_frames", "flow_cache")
+OPERATIONAL = ("overwrite", "extend", "device", "workers", "log_dir", "checkpoint_every", "batch_frames", "flow_cache",
+               "compile")
 
 
 def read_config(path: str | Path) -> dict:

@@ -237,6 +237,8 @@ class DescriptorsJob(MediaJob):
     shard_items: int = option(32, "items per shard: the unit of resumption; a shard's descriptors stay in memory "
                               "until written", parse=_positive, group="output")
     batch_frames: int = option(64, "frames per backbone batch", parse=_positive, group="output")
+    compile: bool = option(False, "compile the backbone with torch.compile: a one-off compilation per batch shape "
+                           "(tens of seconds), then faster batches (GPU nodes)", group="source and backbone")
     dtype: str = option("float32", "stored descriptor type", choices=("float32", "float16"), group="output")
     crops: int = option(1, "1: the centre crop; 10: each test item as ten sets (four corners, centre, their "
                         "mirrors), whose SVM scores `fvvae evaluate` averages (videos)", parse=integer_in((1, 10)),
@@ -278,6 +280,8 @@ class DescriptorsJob(MediaJob):
         kind = self.source or DEFAULT_SOURCE[self.dataset]
         if self.dataset == "arrays" and kind != "precomputed":
             raise JobError("--dataset arrays holds precomputed descriptors: use --source precomputed")
+        if self.compile and kind == "precomputed":
+            raise JobError("--compile compiles the backbone: precomputed descriptors have none")
         backbone_name, preprocess, map_scale = self._pipeline(kind)
         dataset, arrays = self._arrays() if self.dataset == "arrays" else (self._dataset(kind), None)
         if self.subset:
@@ -297,6 +301,8 @@ class DescriptorsJob(MediaJob):
         else:
             source = self._frame_source(kind, preprocess, map_scale)
             backbone = self._backbone(backbone_name, kind, device)
+            if self.compile:
+                backbone.compile()
         encoding = None if self.model is None else Encoding(*load_model_and_fim(self.model, self.fim),
                                                             normalize=self.normalize,
                                                             provenance=provenance(self.model, self.fim))
