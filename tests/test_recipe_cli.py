@@ -42,7 +42,7 @@ def test_one_pass_equals_descriptors_then_encode(tmp_path, videos, capsys):
                    "give --model too")
 
 
-def test_flow_stream_ten_crops_and_late_fusion(tmp_path, videos, capsys):
+def test_flow_stream_ten_crops_and_late_fusion(tmp_path, videos, capsys, monkeypatch):
     rgb, flow = tmp_path / "rgb", tmp_path / "flow"
     assert run_cli(*descriptor_args(videos, rgb, "--crops", "10")) == 0
     assert run_cli(*descriptor_args(videos, flow, "--crops", "10", "--modality", "flow", "--flow-method", "farneback",
@@ -62,7 +62,10 @@ def test_flow_stream_ten_crops_and_late_fusion(tmp_path, videos, capsys):
                        "--quiet") == 0
         fishers.append(tmp_path / f"fv-{name}")
     capsys.readouterr()
-    assert run_cli("evaluate", "--fisher", *fishers, "--fusion-weights", "1,1.5", "--json", tmp_path / "r.json") == 0
+    with monkeypatch.context() as m:  # fusion and crop scoring read the stores block by block, never whole
+        m.setattr(Store, "vectors", lambda *a, **k: pytest.fail("evaluate loaded a store's vectors into memory"))
+        assert run_cli("evaluate", "--fisher", *fishers, "--fusion-weights", "1,1.5", "--json",
+                       tmp_path / "r.json") == 0
     out = capsys.readouterr().out
     assert "tested on 4 'test' items" in out and "late fusion, weights 1,1.5" in out
     res = json.loads((tmp_path / "r.json").read_text())

@@ -5,7 +5,8 @@ Each stream (RGB frames, optical-flow images, another layer...) gets the protoco
 classifier ranks the weighted sum of the streams' decision values ("late fusion is used to combine
 classifier scores on the two modalities", section 5.3). With ``test_items``, a test item stored as
 several vectors (10 crops, :mod:`fvvae_fast.pipelines.crops`) is scored by the mean of its vectors'
-decision values before ranking.
+decision values before ranking. :func:`fuse_decisions` fuses decisions made elsewhere (the
+store's block-by-block SVMs of ``fvvae evaluate``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
-from .protocol import Scores, _array, rank_scores, svm_decisions
+from .protocol import Decisions, Scores, _array, rank_scores, svm_decisions
 
 Vectors = Tensor | np.ndarray
 
@@ -82,18 +83,31 @@ def evaluate_fusion(
     """
     if len(streams) == 0:
         raise ValueError("streams: at least one (train vectors, test vectors) pair is needed")
-    weights = tuple(float(w) for w in (weights if weights is not None else [1.0] * len(streams)))
-    if len(weights) != len(streams) or not all(math.isfinite(w) for w in weights) or not any(weights):
-        raise ValueError(f"weights: expected {len(streams)} finite numbers, not all 0, one per stream, got {weights}")
+    weights = fusion_weights(weights, len(streams))
     train_y = np.asarray(_array(train_labels), dtype=np.int64)
     test_y = np.asarray(_array(test_labels), dtype=np.int64)
     for s, (tr, te) in enumerate(streams):
         if len(tr) != len(train_y) or len(te) != len(test_y):
             raise ValueError(f"streams[{s}]: expected {len(train_y)} train and {len(test_y)} test vectors (one "
                              f"per label, the same items in every stream), got {len(tr)} and {len(te)}")
+    decisions = [svm_decisions(tr, train_y, te, C=C, normalize=normalize, max_iter=max_iter) for tr, te in streams]
+    return fuse_decisions(decisions, test_y, weights, test_items)
+
+
+def fusion_weights(weights: Sequence[float] | None, streams: int) -> tuple[float, ...]:
+    """The fusion weights as floats (default: 1 each), checked: one per stream, finite, not all 0."""
+    weights = tuple(float(w) for w in (weights if weights is not None else [1.0] * streams))
+    if len(weights) != streams or not all(math.isfinite(w) for w in weights) or not any(weights):
+        raise ValueError(f"weights: expected {streams} finite numbers, not all 0, one per stream, got {weights}")
+    return weights
+
+
+def fuse_decisions(decisions: Sequence[Decisions], test_y: np.ndarray, weights: tuple[float, ...],
+                   test_items: Vectors | None = None) -> FusionScores:
+    """Each stream's scores and the late fusion's from the streams' SVM decisions on the same (m,) int
+    ``test_y`` (``weights`` from :func:`fusion_weights`; ``test_items`` as in :func:`evaluate_fusion`)."""
     if test_items is not None:
         test_y = _item_labels(test_y, test_items)
-    decisions = [svm_decisions(tr, train_y, te, C=C, normalize=normalize, max_iter=max_iter) for tr, te in streams]
     values = [d.values if test_items is None else average_items(d.values, test_items)[1] for d in decisions]
     classes = decisions[0].classes
     per_stream = tuple(Scores(*rank_scores(v, classes, test_y), d.seconds, d.converged)

@@ -136,4 +136,5 @@ def _render(sprites: Tensor, poses: Tensor, size: int) -> Tensor:
     theta = torch.cat([rot, -(rot @ centre[:, :, None])], 2)
     grid = F.affine_grid(theta, [s * t, 1, size, size], align_corners=False)
     src = sprites[:, None].expand(-1, t, -1, -1, -1).reshape(s * t, *sprites.shape[1:])
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(s, t, size, size)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(s, t, size, size)

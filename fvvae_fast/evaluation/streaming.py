@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..encode import power_l2_normalize
-from .protocol import GRAM_MAX_SAMPLES, Scores, gram, gram_svm, rank_scores
+from .protocol import GRAM_MAX_SAMPLES, Decisions, Scores, gram, gram_svm, rank_scores
 
 BLOCK_BYTES = 1 << 30  # float32 bytes of one block of rows in memory
 
@@ -103,25 +103,36 @@ def dual_cd_svm(x: Any, y: np.ndarray, *, C: float, normalize: bool, max_iter: i
     return w, b, classes, False
 
 
-def evaluate_blocks(train_x: Any, train_y: np.ndarray, test_x: Any, test_y: np.ndarray, *, C: float = 100.0,
-                    normalize: bool = True, max_iter: int = 2000, gram_max_samples: int = GRAM_MAX_SAMPLES) -> Scores:
-    """:func:`~.protocol.evaluate_vectors` on row-sliceable (n, D) and (m, D) arrays (memory maps, a
+def block_decisions(train_x: Any, train_y: np.ndarray, test_x: Any, *, C: float = 100.0, normalize: bool = True,
+                    max_iter: int = 2000, gram_max_samples: int = GRAM_MAX_SAMPLES) -> Decisions:
+    """:func:`~.protocol.svm_decisions` on row-sliceable (n, D) and (m, D) float arrays (memory maps, a
     store's ShardedArray) read block by block, with the memory bound of the module's docstring."""
-    train_y, test_y = np.asarray(train_y, dtype=np.int64), np.asarray(test_y, dtype=np.int64)
-    if train_x.shape[1] != test_x.shape[1] or len(train_y) != len(train_x) or len(test_y) != len(test_x):
-        raise ValueError(f"evaluate_blocks: need (n, D) and (m, D) vectors with one label each, got "
-                         f"{tuple(train_x.shape)}, {len(train_y)} labels and {tuple(test_x.shape)}, {len(test_y)}")
-    if len(np.unique(train_y)) < 2:
-        raise ValueError("evaluate_blocks: the training labels hold fewer than 2 classes")
+    train_y = np.asarray(train_y, dtype=np.int64)
+    if train_x.shape[1] != test_x.shape[1] or len(train_y) != len(train_x):
+        raise ValueError(f"block_decisions: need (n, D) training vectors with one label each and (m, D) test "
+                         f"vectors, got {tuple(train_x.shape)}, {len(train_y)} labels and {tuple(test_x.shape)}")
+    classes = np.unique(train_y)
+    if len(classes) < 2:
+        raise ValueError("block_decisions: the training labels hold fewer than 2 classes")
     t0 = time.perf_counter()
     if len(train_x) <= gram_max_samples:
         values = gram_svm(blocked_gram(train_x, normalize=normalize), train_y,
                           blocked_gram(test_x, train_x, normalize=normalize), C)
-        classes, converged = np.unique(train_y), True
+        converged = True
         if values.ndim == 1:
             values = np.stack([-values, values], axis=1)
     else:
         w, b, classes, converged = dual_cd_svm(train_x, train_y, C=C, normalize=normalize, max_iter=max_iter)
         values = torch.cat([blk.double() @ w.t() + b for _, blk in row_blocks(test_x, normalize)]).numpy()
-    seconds = time.perf_counter() - t0
-    return Scores(*rank_scores(np.asarray(values, dtype=np.float64), classes, test_y), seconds, converged)
+    return Decisions(np.asarray(values, dtype=np.float64), classes, time.perf_counter() - t0, converged)
+
+
+def evaluate_blocks(train_x: Any, train_y: np.ndarray, test_x: Any, test_y: np.ndarray, *, C: float = 100.0,
+                    normalize: bool = True, max_iter: int = 2000, gram_max_samples: int = GRAM_MAX_SAMPLES) -> Scores:
+    """:func:`~.protocol.evaluate_vectors` on row-sliceable arrays read block by block (:func:`block_decisions`)."""
+    test_y = np.asarray(test_y, dtype=np.int64)
+    if len(test_y) != len(test_x):
+        raise ValueError(f"evaluate_blocks: need test vectors with one label each, got {len(test_y)} for {len(test_x)}")
+    d = block_decisions(train_x, train_y, test_x, C=C, normalize=normalize, max_iter=max_iter,
+                        gram_max_samples=gram_max_samples)
+    return Scores(*rank_scores(d.values, d.classes, test_y), d.seconds, d.converged)

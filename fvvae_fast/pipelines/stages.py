@@ -208,34 +208,38 @@ def evaluate_store(store: Store, *, train_split: str = "train", test_split: str 
 def evaluate_stores(stores: list[Store], *, train_split: str = "train", test_split: str = "test", C: float = 100.0,
                     weights: list[float] | None = None) -> dict:
     """The protocol on several Fisher-vector stores of the same items (streams: RGB, flow, ...) and
-    their late fusion (:func:`fvvae_fast.evaluation.evaluate_fusion`, weighted sum of the SVMs'
+    their late fusion (:func:`fvvae_fast.evaluation.fusion.fuse_decisions`, weighted sum of the SVMs'
     decision values); a test item stored as ten crops (``fvvae descriptors --crops 10``) is scored by
-    the mean over its crops. One store without crops: :func:`evaluate_store` (bounded memory); else
-    the vectors are read into memory."""
-    from ..evaluation.fusion import evaluate_fusion
+    the mean over its crops. Each stream's SVM reads its store block by block, as :func:`evaluate_store`
+    does, so the memory does not grow with D."""
+    from ..evaluation.fusion import fuse_decisions, fusion_weights
+    from ..evaluation.streaming import block_decisions
     from .datasets import crop_parent
 
     crops = any(s.config.get("crops", 1) != 1 or s.config.get("descriptors", {}).get("crops", 1) != 1 for s in stores)
     if len(stores) == 1 and not crops and weights is None:
         return evaluate_store(stores[0], train_split=train_split, test_split=test_split, C=C)
+    weights = fusion_weights(weights, len(stores))
     for s in stores:
         _check_fisher(s)
-    for name in (train_split, test_split):
-        _split_labels(stores[0], name)
-    streams, labels = [], None
-    for s in stores:
-        (xtr, ytr, _), (xte, yte, ids) = s.vectors(train_split), s.vectors(test_split)
-        if labels is None:
-            labels, first, item_ids = (ytr, yte), s, ids
-        elif ids != item_ids or not (np.array_equal(ytr, labels[0]) and np.array_equal(yte, labels[1])):
-            raise StoreError(f"{s.path} and {first.path}: the stores hold other items or labels in splits "
+    ids = [[[r["item_id"] for r in s.items(status="done", split=name)] for name in (train_split, test_split)]
+           for s in stores]
+    labels = [tuple(_split_labels(s, name) for name in (train_split, test_split)) for s in stores]
+    for s, i, y in zip(stores[1:], ids[1:], labels[1:]):
+        if i != ids[0] or not all(np.array_equal(a, b) for a, b in zip(y, labels[0])):
+            raise StoreError(f"{s.path} and {stores[0].path}: the stores hold other items or labels in splits "
                              f"{train_split!r}/{test_split!r}: fusion needs the same items in every stream")
-        streams.append((xtr, xte))
-    parents = [crop_parent(i) for i in item_ids]
+    y_train, y_test = labels[0]
+    decisions = []
+    for s in stores:
+        x_train, x_test = s.array(train_split), s.array(test_split)
+        if len(x_train) != len(y_train) or len(x_test) != len(y_test):
+            raise StoreError(f"{s.path}: holds sets of several rows per item ({s.kind}), not one vector per item")
+        decisions.append(block_decisions(x_train, y_train, x_test, C=C, normalize=not s.config.get("normalize", True)))
+    parents = [crop_parent(i) for i in ids[0][1]]
     items = np.unique(parents, return_inverse=True)[1] if crops else None
-    res = evaluate_fusion(streams, labels[0], labels[1], weights, test_items=items, C=C,
-                          normalize=not stores[0].config.get("normalize", True))
+    res = fuse_decisions(decisions, y_test, weights, items)
     fused = res.fused
-    return {**fused.as_dict(), "seconds": fused.svm_seconds, "train": len(labels[0]),
-            "test": len(set(parents)), "classes": int(len(np.unique(labels[0]))),
+    return {**fused.as_dict(), "seconds": fused.svm_seconds, "train": len(y_train),
+            "test": len(set(parents)), "classes": int(len(np.unique(y_train))),
             "streams": [s.as_dict() for s in res.streams], "weights": list(res.weights)}
