@@ -2,7 +2,7 @@
 # Each creates or refreshes the virtual environment first.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1 torchcodec==0.17.0
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml requirements-data.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*.h csrc/*/*.h)
 
@@ -24,11 +24,19 @@ DEMO_ARGS ?=
 demo: setup
 	$(PY) -m fvvae_fast demo $(DEMO_ARGS)
 
-test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+# torchcodec's decoder is tested and timed on the FFmpeg inside PyAV's wheel (tests/pyav_ffmpeg.py): no
+# system FFmpeg needed.
+FFMPEG_LINKS := $(VENV)/ffmpeg
+WITH_FFMPEG := LD_LIBRARY_PATH=$(abspath $(FFMPEG_LINKS))$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}
+$(FFMPEG_LINKS): $(STAMP)
+	$(PY) tests/pyav_ffmpeg.py $@
+	touch $@
 
-bench: setup
-	$(PY) -m pytest bench -q --benchmark-only
+test: setup $(FFMPEG_LINKS)
+	TRITON_INTERPRET=1 $(WITH_FFMPEG) $(PY) -m pytest -q
+
+bench: setup $(FFMPEG_LINKS)
+	$(WITH_FFMPEG) $(PY) -m pytest bench -q --benchmark-only
 
 clean:
 	rm -rf $(VENV) build *.egg-info fvvae_fast/*.so demo_out

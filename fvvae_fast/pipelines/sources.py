@@ -39,6 +39,10 @@ class SourceError(UserError, ValueError):
     """An item that cannot be read (corrupt, truncated, missing): the item is skipped and logged."""
 
 
+class DecoderUnavailable(UserError, ImportError):
+    """The chosen video decoder's package or libraries are missing."""
+
+
 def sample_indices(total: int, count: int) -> list[int]:
     """``count`` frame indices spread uniformly over ``total`` frames: the centre of each of
     ``count`` equal segments, floor((k + 1/2) total / count). Repeats when total < count."""
@@ -48,7 +52,8 @@ def sample_indices(total: int, count: int) -> list[int]:
 
 
 def check_decoder(decoder: str) -> None:
-    """Raise ValueError for an unknown ``decoder`` name, ImportError when its library is missing."""
+    """Raise ValueError for an unknown ``decoder`` name, :class:`DecoderUnavailable` (an ImportError) when
+    its library is missing."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     if decoder == "torchcodec":
@@ -57,10 +62,15 @@ def check_decoder(decoder: str) -> None:
 
 def _torchcodec_decoder():
     try:
+        import torchcodec
         from torchcodec.decoders import VideoDecoder
-    except (ImportError, RuntimeError, OSError) as err:  # not installed, or its FFmpeg libraries missing
-        raise ImportError(f"decoder='torchcodec' needs the torchcodec package and FFmpeg's shared libraries "
+    except (ImportError, RuntimeError, OSError) as err:  # not installed, or an old one whose import loads FFmpeg
+        raise DecoderUnavailable(f"decoder='torchcodec' needs the torchcodec package and FFmpeg's shared libraries "
                           f"({type(err).__name__}: {err}); use decoder='pyav'") from None
+    # torchcodec imports without FFmpeg and fails on the first video: say so once, here
+    if getattr(torchcodec, "ffmpeg_major_version", 0) is None:
+        raise DecoderUnavailable("decoder='torchcodec' needs FFmpeg's shared libraries (libavutil, libavcodec, ... of "
+                          "FFmpeg 4 to 9, on the loader's path), which torchcodec could not load; use decoder='pyav'")
     return VideoDecoder
 
 
@@ -162,8 +172,27 @@ def _decode_pyav(path: Path, pick: Callable[[int], list[int]]) -> Tensor:
 
 
 def _decode_torchcodec(path: Path, pick: Callable[[int], list[int]]) -> Tensor:
-    decoder = _torchcodec_decoder()(os.fspath(path), seek_mode="exact", dimension_order="NCHW")
-    return decoder.get_frames_at(indices=pick(len(decoder))).data.contiguous()
+    """torchcodec's frames when they are the packet index's (PyAV's) frames, else PyAV's decode.
+
+    torchcodec trusts the container's keyframe flags: an MPEG-4 AVI with B-frames that flags P-frames
+    as keys gets frames 2-3 positions late from its exact seek, or an error on the last one. The
+    presentation times it returns show this, so they are checked against the packets (demuxed, not
+    decoded) and such a file is decoded by PyAV instead."""
+    import av
+
+    try:
+        decoder = _torchcodec_decoder()(os.fspath(path), seek_mode="exact", dimension_order="NCHW")
+        idx = pick(len(decoder))
+        batch = decoder.get_frames_at(indices=idx)
+    except RuntimeError:
+        return _decode_pyav(path, pick)
+    with av.open(os.fspath(path)) as container:
+        stream = _video_stream(container)
+        count, pts, _ = _packet_index(container, stream)
+        expected = None if pts is None or count != len(decoder) else [float(pts[i] * stream.time_base) for i in idx]
+    if expected is None or any(abs(a - b) > 1e-6 for a, b in zip(batch.pts_seconds.tolist(), expected)):
+        return _decode_pyav(path, pick)
+    return batch.data.contiguous()
 
 
 def decode_frames(path: str | os.PathLike, pick: Callable[[int], list[int]], *, decoder: str = "pyav") -> Tensor:
@@ -188,8 +217,9 @@ def decode_video(path: str | os.PathLike, num_frames: int, *, decoder: str = "py
     keyframe interval, not with the clip (only the demuxing pass, which reads packets
     without decoding them, does). A stream whose packets carry no timestamps, or whose
     decoded frames do not match them, is decoded once in order instead. ``"torchcodec"``
-    (optional package) does the same with torchcodec's exact seek mode. Exact and
-    deterministic. Raises :class:`SourceError` or the decoder's errors for an unreadable file.
+    (optional package, with FFmpeg's shared libraries) does the same with torchcodec's exact seek
+    mode, its presentation times checked against the packets (PyAV decodes a file where they
+    differ). Exact and deterministic. Raises :class:`SourceError` or the decoder's errors for an unreadable file.
     """
     if num_frames < 1:
         raise ValueError(f"decode_video: num_frames must be >= 1, got {num_frames}")
