@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .ops.training import dropout_keep, linear_relu, normalize_dropout, reconstruction_error
+
 NORMS = ("descriptor", "map", "none")
 # init_from_data: sigma_x >= SIGMA_FLOOR x the data's RMS; the latent noise moves the decoder's
 # pre-activations by INIT_NOISE x each channel's spread at the start.
@@ -55,32 +57,6 @@ def _hidden_dims(hidden_dim: int | Sequence[int] | None, in_dim: int) -> tuple[i
     if isinstance(hidden_dim, int):
         return (hidden_dim,) if hidden_dim > 0 else ()
     return tuple(int(h) for h in hidden_dim)
-
-
-class _ReconstructionError(torch.autograd.Function):
-    """sum_t sum_c (ReLU(a_tc) - x_tc)^2 / (2 sigma_c^2) (the data term of L_rec, Eq. 8) and its gradient.
-
-    a (N, C) decoder pre-activations W z + b, x (N, C), log_sigma (C,). Three passes over (N, C)
-    forward and three backward, where autograd of the plain formula makes about twelve: training
-    is memory-bound outside its GEMMs.
-    """
-
-    @staticmethod
-    def forward(ctx, a: Tensor, x: Tensor, log_sigma: Tensor) -> Tensor:
-        err = a.clamp_min(0).sub_(x)  # mu_x - x
-        sq = torch.linalg.vector_norm(err, dim=0).square_()  # (C,) sum_t err^2
-        inv_var = torch.exp(-2.0 * log_sigma)
-        ctx.save_for_backward(a, err, sq, inv_var)
-        return 0.5 * (sq * inv_var).sum()
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        a, err, sq, inv_var = ctx.saved_tensors
-        g_err = err * (inv_var * grad)
-        g_x = -g_err if ctx.needs_input_grad[1] else None
-        g_a = g_err.masked_fill_(a <= 0, 0.0) if ctx.needs_input_grad[0] else None
-        g_log_sigma = -grad * sq * inv_var if ctx.needs_input_grad[2] else None
-        return g_a, g_x, g_log_sigma
 
 
 class FVVAE(nn.Module):
@@ -161,13 +137,19 @@ class FVVAE(nn.Module):
     def preprocess(self, x: Tensor) -> Tensor:
         """x: (N, C) raw descriptors -> (N, C) as the model sees them (DESIGN section 1)."""
         self._check_x(x)
-        if self.norm == "descriptor":
-            return x / x.norm(dim=1, keepdim=True).clamp_min(self.eps)
-        return x
+        return normalize_dropout(x, None, self.dropout, self.norm == "descriptor", self.eps)[0]
 
     def encode(self, x: Tensor) -> Tensor:
         """mu_z: (N, d) of the preprocessed descriptors x (N, C); no dropout, no sampling."""
         return self.encoder(self.preprocess(x))
+
+    def _encoder_fused(self, x: Tensor) -> Tensor:
+        """The encoder of :meth:`loss`: each hidden layer's bias and ReLU in one pass after its GEMM
+        (:func:`~fvvae_fast.ops.training.linear_relu`); equal to ``self.encoder(x)`` to rounding."""
+        *hidden, last = self.encoder
+        for linear in hidden[::2]:  # (Linear, ReLU) pairs
+            x = linear_relu(x, linear.weight, linear.bias)
+        return last(x)
 
     def decode(self, z: Tensor) -> Tensor:
         """mu_x = ReLU(W z + b): (N, C) from z (N, d) (Eq. 10)."""
@@ -222,15 +204,10 @@ class FVVAE(nn.Module):
         """The training noise of n descriptors: dropout keep mask (n, C) bool (None without dropout)
         and eps (n, d) ~ N(0, I), drawn from ``generator`` in this order.
 
-        The keep mask compares 16-bit slices of random 64-bit words with the dropout rate (P(keep) =
-        1 - round(65536 p) / 65536, exactly 0.5 for p = 0.5): 1.5x faster than uniform floats.
+        The keep mask (:func:`fvvae_fast.ops.training.dropout_keep`) compares 16-bit slices of random
+        words with the dropout rate (P(keep) = 1 - round(65536 p) / 65536, exactly 0.5 for p = 0.5).
         """
-        keep = None
-        if self.dropout != 0.0:
-            words = (n * self.in_dim + 3) // 4
-            bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
-            threshold = round(self.dropout * 65536) - 32768
-            keep = (bits.view(torch.int16)[: n * self.in_dim] >= threshold).view(n, self.in_dim)
+        keep = dropout_keep(n, self.in_dim, self.dropout, generator, device) if self.dropout != 0.0 else None
         return keep, torch.randn((n, self.latent_dim), generator=generator, device=device, dtype=dtype)
 
     def loss(
@@ -256,19 +233,19 @@ class FVVAE(nn.Module):
         the part of the descriptor-free terms (log sigma_x, the sigma_z part of the KL) this call
         carries, so that the parts' losses add up to the whole batch's.
         """
-        xp = self.preprocess(x)
+        self._check_x(x)
         n = num_rows if num_rows is not None else x.shape[0]
+        keep, eps = None, None
         if self.training:
             keep, eps = noise if noise is not None else self.draw_noise(x.shape[0], generator, x.device, x.dtype)
-            x_in = xp if keep is None else xp * keep / (1.0 - self.dropout)
-        else:
-            x_in = xp
-        mu_z = self.encoder(x_in)
+        xp, x_in = normalize_dropout(x, keep, self.dropout, self.norm == "descriptor", self.eps)
+        mu_z = self._encoder_fused(x_in)
         sigma_z = self.log_sigma_z.exp()
         z = mu_z + eps * sigma_z if self.training else mu_z  # reparametrisation (Algorithm 1, line 7)
         # L_rec = -log N(x; mu_x, sigma_x^2 I) without the constant (Algorithm 1, line 9).
         log_sigma_x = self.sigma_x_log()
-        rec = _ReconstructionError.apply(self.decoder(z), xp, log_sigma_x) / n + share * log_sigma_x.sum()
+        rec = reconstruction_error(z, self.decoder.weight, self.decoder.bias, xp, log_sigma_x) / n \
+            + share * log_sigma_x.sum()
         # L_reg = KL(N(mu_z, sigma_z^2) || N(0, I)) (line 10, with squared norms).
         reg = 0.5 * (mu_z**2).sum() / n + share * (0.5 * (sigma_z**2).sum() - 0.5 * (1 + 2 * self.log_sigma_z).sum())
         l1, l2, l3 = lambdas

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .io import atomic_torch_save
 from .model import FVVAE
+from .ops.training import Adadelta
 from .sets import DescriptorSets
 
 CHECKPOINT_VERSION = 1
@@ -216,7 +217,7 @@ def train(
     use_labels = _check_labels(model, data, config)
     device = torch.device(config.device)
     model.to(device).train()
-    optimizer = torch.optim.Adadelta(model.parameters(), lr=config.lr, rho=config.rho, eps=config.eps, foreach=True)
+    optimizer = Adadelta(model.parameters(), lr=config.lr, rho=config.rho, eps=config.eps, foreach=True)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     noise = torch.Generator(device=device).manual_seed(config.seed + 1)
     if resume not in RESUME_MODES:

@@ -10,7 +10,6 @@ import torch
 
 import fvvae_fast as fv
 from fvvae_fast.fim import FisherInformation
-from fvvae_fast.model import _ReconstructionError
 from fvvae_fast.train import CollapseWarning
 
 from .cases import SEED, generator
@@ -91,16 +90,6 @@ def test_one_seed_gives_one_model():
     c = _trained(data, 1000.0, iterations=30, seed=8).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
-
-
-def test_reconstruction_kernel_matches_the_formula_and_its_gradient():
-    g = generator(5)
-    a = torch.randn(13, 6, generator=g, dtype=f64, requires_grad=True)
-    x = torch.rand(13, 6, generator=g, dtype=f64, requires_grad=True)
-    log_sigma = (0.3 * torch.randn(6, generator=g, dtype=f64)).requires_grad_()
-    plain = ((torch.relu(a) - x) ** 2 * (0.5 * torch.exp(-2 * log_sigma))).sum()
-    torch.testing.assert_close(_ReconstructionError.apply(a, x, log_sigma), plain, rtol=1e-14, atol=0)
-    assert torch.autograd.gradcheck(_ReconstructionError.apply, (a, x, log_sigma))
 
 
 def test_loss_equals_the_plain_formula_of_eq8():

@@ -71,7 +71,8 @@ def test_losses_match_direct_computation():
 def test_training_mode_drops_encoder_input_but_reconstructs_clean_input():
     model = fv.FVVAE(64, 4, dropout=0.5).train()
     seen = []
-    model.encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    encoder = model._encoder_fused  # the loss's encoder (hidden layers fused on the CPU)
+    model._encoder_fused = lambda x_in: (seen.append(x_in), encoder(x_in))[1]
     x = torch.rand(50, 64, generator=generator(8)) + 0.1
     a = model.loss(x, generator=torch.Generator().manual_seed(0))
     b = model.loss(x, generator=torch.Generator().manual_seed(0))

@@ -77,21 +77,6 @@ int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 #define FV_HAVE_WEAK_BLAS 0
 #endif
 
-// Element-wise tile passes are compiled for AVX-512, AVX2 and the baseline, picked at
-// load time (the extension itself is built for the baseline ISA).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
-    !defined(__SANITIZE_ADDRESS__)
-#define FV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FV_CLONES
-#endif
-
-#if defined(__GNUC__)
-#define FV_INLINE inline __attribute__((always_inline))
-#else
-#define FV_INLINE inline
-#endif
-
 namespace fvvae_fast::cpu {
 namespace {
 
@@ -590,6 +575,15 @@ FV_INSTANTIATE_ALL(float)
 FV_INSTANTIATE_ALL(double)
 #undef FV_INSTANTIATE_ALL
 #undef FV_INSTANTIATE
+
+void tile_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void tile_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+               const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  gemm<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
 
 bool blas_available() {
 #if FV_HAVE_WEAK_BLAS

@@ -1,10 +1,26 @@
 // CPU kernels of fvvae_fast::fisher_accumulate (forward and backward), on raw pointers.
 //
 // The op entry points (argument checks, dtype handling, registration) are in
-// csrc/fisher_accumulate.cpp; this header is the contract between the two files.
+// csrc/fisher_accumulate.cpp; this header is the contract between the two files, and gives the
+// other CPU ops (csrc/sum_of_squares.cpp, csrc/train_loss.cpp) the debug hooks and the ISA clones.
 #pragma once
 
 #include <cstdint>
+
+// Element-wise tile passes are compiled for AVX-512, AVX2 and the baseline, picked at
+// load time (the extension itself is built for the baseline ISA).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__) && \
+    !defined(__SANITIZE_ADDRESS__)
+#define FV_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FV_CLONES
+#endif
+
+#if defined(__GNUC__)
+#define FV_INLINE inline __attribute__((always_inline))
+#else
+#define FV_INLINE inline
+#endif
 
 namespace fvvae_fast::cpu {
 
@@ -33,6 +49,14 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
 template <typename T, typename Gr>
 void backward(const Problem& p, const Gr* grad, const T* x, const T* z, const T* weight, const T* bias,
               const T* inv_var, const int64_t* offsets, T* gx, T* gz, T* gw, T* gb, T* gv);
+
+// C[m, n] = alpha op(A)[m, k] op(B)[k, n] + beta C, all column-major with leading dims (BLAS's
+// convention; a row-major [r, q] matrix is a column-major [q, r] one); beta = 0 never reads C. Runs the
+// GEMM mode below on the calling thread (the kernels parallelise over tiles).
+void tile_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+void tile_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+               const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
 
 // Debug and test hooks (process-wide):
 // - the tile GEMMs: kAuto calls the BLAS that torch links (MKL sgemm_/dgemm_) when torch

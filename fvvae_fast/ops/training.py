@@ -1,0 +1,180 @@
+"""The element-wise work of an FV-VAE training step (Algorithm 1), fused on the CPU.
+
+Each has its plain-torch form (the reference, and the path on other devices, for float16/bfloat16,
+for inputs that need gradients, and without the C++ extension) and a C++ kernel
+(``csrc/train_loss.cpp``) that reads and writes each (N, C) array once:
+
+- :func:`dropout_keep`: the dropout keep mask;
+- :func:`normalize_dropout`: the model's preprocessing and the encoder's dropped-out input;
+- :func:`linear_relu`: a hidden layer, its bias and ReLU applied in one pass after the GEMM;
+- :func:`reconstruction_error`: the decoder and the data term of L_rec (Eq. 8), block by block;
+- :class:`Adadelta`: ``torch.optim.Adadelta`` whose step is one pass per parameter.
+
+The plain-torch forms are where the math is checked; the kernels are tested against them in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+
+_lib = torch.library.Library("fvvae_fast", "FRAGMENT")
+_lib.define("dropout_keep_cpu(int n, int c, int seed, int threshold) -> Tensor")
+_lib.define("normalize_dropout_cpu(Tensor x, Tensor keep, float scale, bool l2, float eps) -> (Tensor, Tensor)")
+_lib.define("reconstruction_error_cpu(Tensor z, Tensor weight, Tensor bias, Tensor x, Tensor inv_var) "
+            "-> (Tensor, Tensor, Tensor)")
+_lib.define("bias_relu_cpu_(Tensor(a!) h, Tensor bias) -> Tensor(a!)")
+_lib.define("adadelta_step_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] acc_deltas, "
+            "float lr, float rho, float eps) -> ()")
+
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _kernel(*tensors: Tensor) -> bool:
+    """True when the C++ kernels take these tensors: on the CPU, float32/float64, no gradient needed
+    for them, the extension built."""
+    return (all(t.device.type == "cpu" and t.dtype in KERNEL_DTYPES and not t.requires_grad for t in tensors)
+            and dispatch.available("cpu", torch.device("cpu")) is None)
+
+
+def keep_threshold(p: float) -> int:
+    """The int16 threshold of dropout rate ``p``: a 16-bit slice s of a random word keeps its element
+    when s >= the threshold, P(keep) = 1 - round(65536 p) / 65536 (exactly 0.5 for p = 0.5)."""
+    return round(p * 65536) - 32768
+
+
+def dropout_keep(n: int, c: int, p: float, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """The dropout keep mask (n, c) bool of rate ``p``, drawn from ``generator``.
+
+    On the CPU (with the extension) one seed is drawn and the mask is a counter-based hash of it: one
+    write of n c bytes, the same mask for a seed whatever the thread count. Elsewhere: 16-bit slices of
+    random 64-bit words from ``generator``. Either way P(keep) is as :func:`keep_threshold` says."""
+    device = torch.device(device)
+    if device.type == "cpu" and dispatch.available("cpu", device) is None:
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64))
+        return torch.ops.fvvae_fast.dropout_keep_cpu(n, c, seed, keep_threshold(p))
+    words = (n * c + 3) // 4
+    bits = torch.empty(words, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    return (bits.view(torch.int16)[: n * c] >= keep_threshold(p)).view(n, c)
+
+
+def normalize_dropout(x: Tensor, keep: Tensor | None, p: float, l2: bool, eps: float) -> tuple[Tensor, Tensor]:
+    """(xp, x_in) of descriptors x (N, C) float: xp = x / max(||x_t||, eps) per row when ``l2`` (else x),
+    and the encoder's input x_in = xp * keep / (1 - p) (xp when ``keep`` is None)."""
+    if keep is not None and _kernel(x):
+        return torch.ops.fvvae_fast.normalize_dropout_cpu(x.contiguous(), keep.contiguous(), 1.0 / (1.0 - p), l2, eps)
+    xp = x / x.norm(dim=1, keepdim=True).clamp_min(eps) if l2 else x
+    return xp, xp if keep is None else xp * keep / (1.0 - p)
+
+
+class _LinearReLU(torch.autograd.Function):
+    """ReLU(x W^T + b) with the C++ kernel's bias and ReLU pass; backward keeps the ReLU mask of h."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        h = torch.ops.fvvae_fast.bias_relu_cpu_(torch.mm(x, weight.t()), bias)
+        ctx.save_for_backward(x, weight, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, h = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(grad, h, 0)
+        g_x = g @ weight if ctx.needs_input_grad[0] else None
+        g_w = g.t() @ x if ctx.needs_input_grad[1] else None
+        g_b = g.sum(0) if ctx.needs_input_grad[2] else None
+        return g_x, g_w, g_b
+
+
+def linear_relu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """ReLU(x W^T + b): x (N, I), weight (O, I), bias (O,) -> (N, O), differentiable in all three."""
+    if _kernel(x.detach(), weight.detach()) and x.dim() == 2:
+        return _LinearReLU.apply(x, weight, bias)
+    return torch.relu(torch.nn.functional.linear(x, weight, bias))
+
+
+class _ReconstructionError(torch.autograd.Function):
+    """sum_t sum_c (ReLU(a_tc) - x_tc)^2 / (2 sigma_c^2) with the decoder a = z W^T + b (the data term of L_rec,
+    Eq. 8), and its gradient.
+
+    z (N, d), weight (C, d), bias (C,), x (N, C), log_sigma (C,). Plain torch writes a, then makes three
+    passes over (N, C) forward and three backward, where autograd of the formula makes about twelve; the
+    C++ kernel computes a block of rows of a and its terms while the block is in cache, and writes only
+    the gradient factor m = [a > 0] (a - x) / sigma^2, whose GEMMs with z and W are the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, weight: Tensor, bias: Tensor, x: Tensor, log_sigma: Tensor) -> Tensor:
+        inv_var = torch.exp(-2.0 * log_sigma)
+        ctx.fused = _kernel(z.detach(), weight.detach(), x.detach()) and not ctx.needs_input_grad[3]
+        if ctx.fused:
+            sq, msum, m = torch.ops.fvvae_fast.reconstruction_error_cpu(
+                z.detach().contiguous(), weight.detach().contiguous(), bias.detach().contiguous(), x.contiguous(),
+                inv_var.detach().contiguous())
+            ctx.save_for_backward(z, weight, m, msum, sq, inv_var)
+        else:
+            a = torch.nn.functional.linear(z, weight, bias)
+            err = a.clamp_min(0).sub_(x)  # mu_x - x
+            sq = torch.linalg.vector_norm(err, dim=0).square_()  # (C,) sum_t err^2
+            ctx.save_for_backward(z, weight, a, err, sq, inv_var)
+        return 0.5 * (sq * inv_var).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        if ctx.fused:
+            z, weight, m, msum, sq, inv_var = ctx.saved_tensors
+            g_x, g_b = None, msum * grad  # the scalar grad scales the small GEMM outputs, not m
+            g_z = (m @ weight).mul_(grad) if ctx.needs_input_grad[0] else None
+            g_w = (m.t() @ z).mul_(grad) if ctx.needs_input_grad[1] else None
+        else:
+            z, weight, a, err, sq, inv_var = ctx.saved_tensors
+            g_err = err * (inv_var * grad)
+            g_x = -g_err if ctx.needs_input_grad[3] else None
+            g_a = g_err.masked_fill_(a <= 0, 0.0)
+            g_b = g_a.sum(0)
+            g_z = g_a @ weight if ctx.needs_input_grad[0] else None
+            g_w = g_a.t() @ z if ctx.needs_input_grad[1] else None
+        g_log_sigma = -grad * sq * inv_var if ctx.needs_input_grad[4] else None
+        return g_z, g_w, g_b if ctx.needs_input_grad[2] else None, g_x, g_log_sigma
+
+
+def reconstruction_error(z: Tensor, weight: Tensor, bias: Tensor, x: Tensor, log_sigma: Tensor) -> Tensor:
+    """sum_t sum_c (ReLU(a_tc) - x_tc)^2 / (2 sigma_c^2) with a = z W^T + b, sigma = exp(log_sigma): a scalar,
+    differentiable in z (N, d), weight (C, d), bias (C,), x (N, C) and log_sigma (C,), one floating dtype."""
+    return _ReconstructionError.apply(z, weight, bias, x, log_sigma)
+
+
+class Adadelta(torch.optim.Adadelta):
+    """``torch.optim.Adadelta`` (same arguments, state and checkpoints) whose step runs the C++ kernel, one
+    pass per parameter, when every parameter with a gradient is a dense float32/float64 CPU tensor and the
+    group neither decays weights nor maximises; otherwise torch's own step."""
+
+    def _fusable(self) -> bool:
+        return all(group["weight_decay"] == 0 and not (group["maximize"] or group["differentiable"]
+                                                       or group["capturable"])
+                   and all(_kernel(p.detach(), p.grad) and not p.grad.is_sparse and p.is_contiguous()
+                           and p.grad.is_contiguous() for p in group["params"] if p.grad is not None)
+                   for group in self.param_groups)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None or not self._fusable():
+            return super().step(closure)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
+                if len(state) == 0:  # as torch initialises it
+                    state["step"] = torch.zeros((), dtype=torch.get_default_dtype())
+                    state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["acc_delta"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            torch.ops.fvvae_fast.adadelta_step_cpu(params, [p.grad for p in params],
+                                                   [s["square_avg"] for s in states],
+                                                   [s["acc_delta"] for s in states],
+                                                   float(group["lr"]), group["rho"], group["eps"])
+            for state in states:
+                state["step"] += 1
+        return None
