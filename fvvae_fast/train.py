@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .io import atomic_torch_save
 from .model import FVVAE
-from .ops.training import Adadelta
+from .ops.training import Adadelta, loss_backward, loss_backward_fused
 from .sets import DescriptorSets
 
 CHECKPOINT_VERSION = 1
@@ -247,6 +247,8 @@ def train(
     batch = min(config.batch_sets, len(data))
     rank, world = distributed.rank_world()
     step = _data_parallel(model, lambdas, world, find_unused=model.classifier is not None and not use_labels)
+    # the training data is read by the step's kernel itself when it is a tensor the kernel takes
+    read_in_kernel = world == 1 and isinstance(data.x, torch.Tensor) and loss_backward_fused(model, data.x)
 
     last_save = time.monotonic()
 
@@ -262,18 +264,24 @@ def train(
     with _deferred_interrupts() as interrupted:
         for it in bar:
             set_ids = torch.randperm(len(data), generator=generator)[:batch]
-            x, offsets, owner = data.gather(set_ids, config.descriptors_per_set, generator)
+            rows, offsets, owner = data.sample(set_ids, config.descriptors_per_set, generator)
             labels = data.labels[set_ids][owner] if use_labels else None
-            keep, eps = model.draw_noise(x.shape[0], noise, device)
-            lo, hi = (int(offsets[len(set_ids) * r // world]) for r in (rank, rank + 1))  # this rank's sets
-            part = slice(lo, hi)
-            losses = step(x[part].to(device), None if labels is None else labels[part].to(device),
-                          (None if keep is None else keep[part], eps[part]), x.shape[0])
+            keep, eps = model.draw_noise(len(rows), noise, device)
             optimizer.zero_grad(set_to_none=True)
-            losses[0].backward()
+            if world == 1:  # the whole step in one C++ pass where it runs (ops.training.loss_backward)
+                in_place = rows if read_in_kernel else None
+                losses = loss_backward(model, data.x if read_in_kernel else data.rows(rows).to(device),
+                                       None if labels is None else labels.to(device), (keep, eps), lambdas,
+                                       rows=in_place)
+            else:
+                lo, hi = (int(offsets[len(set_ids) * r // world]) for r in (rank, rank + 1))  # this rank's sets
+                part = slice(lo, hi)
+                losses = step(data.rows(rows[part]).to(device), None if labels is None else labels[part].to(device),
+                              (None if keep is None else keep[part], eps[part]), len(rows))
+                losses[0].backward()
             optimizer.step()
             if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
-                live = model.liveness(x[:LIVENESS_ROWS].to(device))
+                live = model.liveness(data.rows(rows[:LIVENESS_ROWS]).to(device))
                 row = {"iteration": it + 1, **_summed(*losses), **live}
                 history.append(row)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k not in ("iteration", "sigma_x_max")})

@@ -43,6 +43,14 @@ def _tol(dtype):
     return {"rtol": 1e-12, "atol": 1e-12} if dtype == f64 else {"rtol": 2e-5, "atol": 2e-6}
 
 
+def _close_at_scale(got, want, dtype):
+    """Sums of many products: the error is relative to the largest entry, not to each (an entry near 0 is a
+    cancellation of terms of that size)."""
+    tol = _tol(dtype)["rtol"] * 10
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got, want.to(dtype), rtol=tol, atol=tol * scale + 1e-300)
+
+
 @pytest.mark.parametrize("n,c,d", SHAPES)
 @pytest.mark.parametrize("dtype", [f64, torch.float32])
 @pytest.mark.parametrize("l2", [True, False])
@@ -81,7 +89,7 @@ def test_reconstruction_error_and_its_gradients_equal_the_plain_form(n, c, d, dt
     with reference():
         want = value_and_grads(*(t.double() for t in (z, weight, bias, x, log_sigma)))
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b.to(dtype), rtol=_tol(dtype)["rtol"] * 10, atol=_tol(dtype)["atol"] * 10)
+        _close_at_scale(a, b, dtype)
     # the plain form is the formula itself
     a = torch.nn.functional.linear(z.double(), weight.double(), bias.double())
     formula = ((torch.relu(a) - x.double()) ** 2 * (0.5 * torch.exp(-2 * log_sigma.double()))).sum()
@@ -115,7 +123,7 @@ def test_linear_relu_and_its_gradients_equal_the_plain_form(n, c, d, dtype):
     with reference():
         want = value_and_grads(*(t.double() for t in args))
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b.to(dtype), rtol=_tol(dtype)["rtol"] * 10, atol=_tol(dtype)["atol"] * 10)
+        _close_at_scale(a, b, dtype)
 
 
 @pytest.mark.parametrize("n,c", [(0, 4), (1, 1), (3, 5), (257, 63), (1000, 384)])
@@ -206,3 +214,46 @@ def test_a_training_step_equals_the_plain_one():
     assert got[0] == pytest.approx(want[0], rel=1e-12)
     for a, b in zip(got[1] + got[2], want[1] + want[2]):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+# (hidden layers, classes, lambda3, dropout, norm, rows): the paper's one hidden layer, the release's none,
+# two; no classifier, a classifier with lambda3 = 0; no dropout; rows: one, a tile tail (tiles of 64), many
+STEPS = [(None, 3, 10.0, 0.5, "descriptor", 200), ((), 3, 10.0, 0.5, "descriptor", 65), ((7, 5), 4, 1.0, 0.3, "none", 1),
+         (None, 0, 0.0, 0.5, "descriptor", 130), (9, 3, 0.0, 0.0, "map", 64)]
+
+
+@pytest.mark.parametrize("hidden,classes,lambda3,dropout,norm,rows", STEPS)
+@pytest.mark.parametrize("dtype", [f64, torch.float32])
+def test_the_fused_step_equals_autograd_of_the_loss(hidden, classes, lambda3, dropout, norm, rows, dtype):
+    """loss_backward's C++ step: the loss terms and every parameter's gradient equal autograd of FVVAE.loss
+    computed in float64."""
+    def run(model_dtype, fused):
+        model = fv.FVVAE(20, 4, num_classes=classes, hidden_dim=hidden, dropout=dropout, norm=norm, seed=5)
+        model = model.double().train()
+        with torch.no_grad():  # sigma_x partly under its floor, as training can have it
+            model.log_sigma_x.uniform_(-1.0, 0.5, generator=generator(41))
+            model.log_sigma_x_floor.fill_(-0.5)
+            model.log_sigma_z.uniform_(-0.5, 0.5, generator=generator(42))
+        model = model.to(model_dtype)
+        x = torch.relu(torch.randn(rows, 20, generator=generator(40), dtype=f64)).to(model_dtype)
+        labels = torch.randint(0, max(classes, 1), (rows,), generator=generator(43)) if classes else None
+        keep, eps = model.draw_noise(rows, generator(44), dtype=f64)
+        eps = eps.to(model_dtype)
+        if fused:
+            assert training.loss_backward_fused(model, x)
+            terms = training.loss_backward(model, x, labels, (keep, eps), (1.0, 0.7, lambda3))
+        else:
+            with reference():
+                terms = training.loss_backward(model, x, labels, (keep, eps), (1.0, 0.7, lambda3))
+        return [float(t) for t in terms], {k: p.grad for k, p in model.named_parameters()}
+
+    got_terms, got = run(dtype, True)
+    want_terms, want = run(f64, False)
+    rtol, atol = (1e-10, 1e-12) if dtype == f64 else (2e-4, 2e-5)
+    assert got_terms == pytest.approx(want_terms, rel=rtol, abs=atol)
+    assert got.keys() == want.keys()
+    for name in want:
+        if want[name] is None:
+            assert got[name] is None, name
+        else:
+            torch.testing.assert_close(got[name], want[name].to(dtype), rtol=rtol, atol=atol, msg=name)

@@ -166,26 +166,6 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
   torch_gemm<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
-// MKL runs single-threaded inside our workers (we parallelise across tiles ourselves).
-class OneBlasThread {
- public:
-  OneBlasThread() {
-#if FV_HAVE_WEAK_BLAS
-    if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
-#endif
-  }
-  ~OneBlasThread() {
-#if FV_HAVE_WEAK_BLAS
-    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
-#endif
-  }
-  OneBlasThread(const OneBlasThread&) = delete;
-  OneBlasThread& operator=(const OneBlasThread&) = delete;
-
- private:
-  int previous_ = 0;
-};
-
 // 64-byte aligned scratch from torch's CPU allocator (visible to its memory profiling).
 template <typename T>
 class Scratch {
@@ -575,6 +555,17 @@ FV_INSTANTIATE_ALL(float)
 FV_INSTANTIATE_ALL(double)
 #undef FV_INSTANTIATE_ALL
 #undef FV_INSTANTIATE
+
+OneBlasThread::OneBlasThread() {
+#if FV_HAVE_WEAK_BLAS
+  if (MKL_Set_Num_Threads_Local != nullptr) previous_ = MKL_Set_Num_Threads_Local(1);
+#endif
+}
+OneBlasThread::~OneBlasThread() {
+#if FV_HAVE_WEAK_BLAS
+  if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous_);
+#endif
+}
 
 void tile_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {

@@ -50,6 +50,19 @@ template <typename T, typename Gr>
 void backward(const Problem& p, const Gr* grad, const T* x, const T* z, const T* weight, const T* bias,
               const T* inv_var, const int64_t* offsets, T* gx, T* gz, T* gw, T* gb, T* gv);
 
+// MKL runs single-threaded on the calling thread while one of these lives: the kernels parallelise
+// across tiles themselves, and MKL's own threads inside theirs would oversubscribe the cores.
+class OneBlasThread {
+ public:
+  OneBlasThread();
+  ~OneBlasThread();
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
 // C[m, n] = alpha op(A)[m, k] op(B)[k, n] + beta C, all column-major with leading dims (BLAS's
 // convention; a row-major [r, q] matrix is a column-major [q, r] one); beta = 0 never reads C. Runs the
 // GEMM mode below on the calling thread (the kernels parallelise over tiles).

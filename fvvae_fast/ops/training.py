@@ -8,17 +8,23 @@ for inputs that need gradients, and without the C++ extension) and a C++ kernel
 - :func:`normalize_dropout`: the model's preprocessing and the encoder's dropped-out input;
 - :func:`linear_relu`: a hidden layer, its bias and ReLU applied in one pass after the GEMM;
 - :func:`reconstruction_error`: the decoder and the data term of L_rec (Eq. 8), block by block;
-- :class:`Adadelta`: ``torch.optim.Adadelta`` whose step is one pass per parameter.
+- :class:`Adadelta`: ``torch.optim.Adadelta`` whose step is one pass per parameter;
+- :func:`loss_backward`: a whole training step's loss and gradients, tile by tile.
 
 The plain-torch forms are where the math is checked; the kernels are tested against them in float64.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from . import dispatch
+
+if TYPE_CHECKING:
+    from ..model import FVVAE
 
 _lib = torch.library.Library("fvvae_fast", "FRAGMENT")
 _lib.define("dropout_keep_cpu(int n, int c, int seed, int threshold) -> Tensor")
@@ -26,6 +32,9 @@ _lib.define("normalize_dropout_cpu(Tensor x, Tensor keep, float scale, bool l2, 
 _lib.define("reconstruction_error_cpu(Tensor z, Tensor weight, Tensor bias, Tensor x, Tensor inv_var) "
             "-> (Tensor, Tensor, Tensor)")
 _lib.define("bias_relu_cpu_(Tensor(a!) h, Tensor bias) -> Tensor(a!)")
+_lib.define("train_step_cpu(Tensor x, Tensor? rows, Tensor? keep, Tensor eps, Tensor? labels, Tensor[] weights, Tensor[] biases, "
+            "Tensor w_dec, Tensor b_dec, Tensor? w_cls, Tensor? b_cls, Tensor sigma_z, Tensor inv_var, float scale, "
+            "bool l2, float norm_eps, float c_rec, float c_reg, float c_cls) -> Tensor[]")
 _lib.define("adadelta_step_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] acc_deltas, "
             "float lr, float rho, float eps) -> ()")
 
@@ -42,7 +51,7 @@ def _kernel(*tensors: Tensor) -> bool:
 def keep_threshold(p: float) -> int:
     """The int16 threshold of dropout rate ``p``: a 16-bit slice s of a random word keeps its element
     when s >= the threshold, P(keep) = 1 - round(65536 p) / 65536 (exactly 0.5 for p = 0.5)."""
-    return round(p * 65536) - 32768
+    return min(round(p * 65536) - 32768, 32767)
 
 
 def dropout_keep(n: int, c: int, p: float, generator: torch.Generator | None = None,
@@ -153,11 +162,11 @@ class Adadelta(torch.optim.Adadelta):
     group neither decays weights nor maximises; otherwise torch's own step."""
 
     def _fusable(self) -> bool:
-        return all(group["weight_decay"] == 0 and not (group["maximize"] or group["differentiable"]
-                                                       or group["capturable"])
-                   and all(_kernel(p.detach(), p.grad) and not p.grad.is_sparse and p.is_contiguous()
-                           and p.grad.is_contiguous() for p in group["params"] if p.grad is not None)
-                   for group in self.param_groups)
+        groups_ok = all(group["weight_decay"] == 0 and not (group["maximize"] or group["differentiable"]
+                                                            or group["capturable"]) for group in self.param_groups)
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return groups_ok and _kernel(*(p.detach() for p in params), *(p.grad for p in params)) and all(
+            not p.grad.is_sparse and p.is_contiguous() and p.grad.is_contiguous() for p in params)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -175,6 +184,71 @@ class Adadelta(torch.optim.Adadelta):
                                                    [s["square_avg"] for s in states],
                                                    [s["acc_delta"] for s in states],
                                                    float(group["lr"]), group["rho"], group["eps"])
-            for state in states:
-                state["step"] += 1
+            torch._foreach_add_([state["step"] for state in states], 1.0)
         return None
+
+
+def loss_backward_fused(model: FVVAE, x: Tensor) -> bool:
+    """True when :func:`loss_backward` runs the C++ step for ``model`` on descriptors x: CPU, float32/float64
+    parameters of x's dtype, no gradient asked of x, the extension built."""
+    return _kernel(x, *(p.detach() for p in model.parameters())) and all(p.dtype == x.dtype
+                                                                         for p in model.parameters())
+
+
+def loss_backward(model: FVVAE, x: Tensor, labels: Tensor | None, noise: tuple[Tensor | None, Tensor],
+                  lambdas: tuple[float, float, float], *, rows: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``model.loss(x, labels, lambdas, noise=noise)`` and its ``total.backward()`` (gradients added to the
+    parameters' ``.grad``): (total, rec, reg, cls) detached scalars. With ``rows`` (N,) int64 the batch is
+    ``x[rows]``, read by the kernel straight from x (the training data) where it runs.
+
+    Where :func:`loss_backward_fused` holds, the C++ kernel runs the forward and backward of the loss tile by
+    tile (128 rows at a time through the encoder, the decoder, the classifier and back), so that no
+    (N, C) array leaves the cache; the descriptor-free terms (log sigma_x, the KL's sigma_z part, and the
+    sampling's path to sigma_z through the kernel's sum_t dL/dz_t eps_t) are differentiated here. Else
+    autograd of :meth:`FVVAE.loss`.
+    """
+    if not (model.training and loss_backward_fused(model, x)):
+        if rows is not None:
+            x = x.index_select(0, rows.to(x.device))
+        losses = model.loss(x, labels, lambdas, noise=noise)
+        losses.total.backward()
+        return losses.total.detach(), losses.rec.detach(), losses.reg.detach(), losses.cls.detach()
+    keep, eps = noise
+    l1, l2, l3 = lambdas
+    n = x.shape[0] if rows is None else rows.numel()
+    *hidden, last = model.encoder
+    layers = [*hidden[::2], last]
+    classifier = model.classifier if model.classifier is not None and l3 != 0.0 else None
+    if classifier is not None and labels is None:
+        raise ValueError("FVVAE.loss: labels (N,) are needed when lambda3 > 0")
+    with torch.no_grad():
+        log_sigma_x, sigma_z = model.sigma_x_log(), model.log_sigma_z.exp()
+        inv_var = torch.exp(-2.0 * log_sigma_x)
+        sums, sq, gez, gwd, gbd, gwc, gbc, *layer_grads = torch.ops.fvvae_fast.train_step_cpu(
+            x.contiguous(), rows, None if keep is None else keep.contiguous(), eps.to(x.dtype).contiguous(),
+            None if classifier is None else labels.contiguous(), [layer.weight for layer in layers],
+            [layer.bias for layer in layers], model.decoder.weight, model.decoder.bias,
+            None if classifier is None else classifier.weight, None if classifier is None else classifier.bias,
+            sigma_z, inv_var, 1.0 / (1.0 - model.dropout), model.norm == "descriptor", model.eps, l1 / n, l2 / n,
+            l3 / n)
+        sq, gez = sq.to(x.dtype), gez.to(x.dtype)
+        # the terms of FVVAE.loss, and the gradients of its descriptor-free parts (log sigma_x, floored as
+        # clamp_min passes gradients; the KL's sigma_z part) and of the sampling z = mu + eps sigma_z
+        rec = 0.5 * (sq * inv_var).sum() / n + log_sigma_x.sum()
+        reg = (0.5 * sums[0] / n).to(x.dtype) + 0.5 * (sigma_z**2).sum() - 0.5 * (1 + 2 * model.log_sigma_z).sum()
+        cls = (sums[1] / n).to(x.dtype) if classifier is not None else rec.new_zeros(())
+        total = l1 * rec + l2 * reg + l3 * cls
+        g_log_sigma_x = (l1 * (1.0 - sq * inv_var / n)).mul_(model.log_sigma_x >= model.log_sigma_x_floor)
+        g_log_sigma_z = l2 * (sigma_z**2 - 1.0) + gez * sigma_z
+    params = [model.log_sigma_x, model.log_sigma_z, model.decoder.weight, model.decoder.bias]
+    grads = [g_log_sigma_x, g_log_sigma_z, gwd, gbd]
+    if classifier is not None:
+        params += [classifier.weight, classifier.bias]
+        grads += [gwc, gbc]
+    for layer, gw, gb in zip(layers, layer_grads[0::2], layer_grads[1::2]):
+        params += [layer.weight, layer.bias]
+        grads += [gw, gb]
+    for p, g in zip(params, grads):
+        p.grad = g if p.grad is None else p.grad.add_(g)
+    return total, rec, reg, cls
