@@ -269,10 +269,9 @@ def train(
             keep, eps = model.draw_noise(len(rows), noise, device)
             optimizer.zero_grad(set_to_none=True)
             if world == 1:  # the whole step in one C++ pass where it runs (ops.training.loss_backward)
-                in_place = rows if read_in_kernel else None
-                losses = loss_backward(model, data.x if read_in_kernel else data.rows(rows).to(device),
-                                       None if labels is None else labels.to(device), (keep, eps), lambdas,
-                                       rows=in_place)
+                x, picked = (data.x, rows) if read_in_kernel else (data.rows(rows).to(device), None)
+                losses = loss_backward(model, x, None if labels is None else labels.to(device), (keep, eps), lambdas,
+                                       rows=picked)
             else:
                 lo, hi = (int(offsets[len(set_ids) * r // world]) for r in (rank, rank + 1))  # this rank's sets
                 part = slice(lo, hi)

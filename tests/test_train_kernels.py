@@ -217,9 +217,10 @@ def test_a_training_step_equals_the_plain_one():
 
 
 # (hidden layers, classes, lambda3, dropout, norm, rows): the paper's one hidden layer, the release's none,
-# two; no classifier, a classifier with lambda3 = 0; no dropout; rows: one, a tile tail (tiles of 64), many
-STEPS = [(None, 3, 10.0, 0.5, "descriptor", 200), ((), 3, 10.0, 0.5, "descriptor", 65), ((7, 5), 4, 1.0, 0.3, "none", 1),
-         (None, 0, 0.0, 0.5, "descriptor", 130), (9, 3, 0.0, 0.0, "map", 64)]
+# two; no classifier, a classifier with lambda3 = 0; no dropout; rows: one, part of a tile (tiles of 128 rows),
+# tiles and a tail
+STEPS = [(None, 3, 10.0, 0.5, "descriptor", 200), ((), 3, 10.0, 0.5, "descriptor", 65),
+         ((7, 5), 4, 1.0, 0.3, "none", 1), (None, 0, 0.0, 0.5, "descriptor", 130), (9, 3, 0.0, 0.0, "map", 64)]
 
 
 @pytest.mark.parametrize("hidden,classes,lambda3,dropout,norm,rows", STEPS)
@@ -257,3 +258,22 @@ def test_the_fused_step_equals_autograd_of_the_loss(hidden, classes, lambda3, dr
             assert got[name] is None, name
         else:
             torch.testing.assert_close(got[name], want[name].to(dtype), rtol=rtol, atol=atol, msg=name)
+
+
+def test_the_fused_step_reads_the_batch_rows_from_the_data():
+    """loss_backward(..., rows=r) on the training data equals it on data[r] (the kernel gathers the rows)."""
+    source = torch.relu(torch.randn(300, 20, generator=generator(50), dtype=f64))
+    rows = torch.randint(0, 300, (150,), generator=generator(51))
+    results = []
+    for x, picked in ((source, rows), (source[rows], None)):
+        model = fv.FVVAE(20, 4, num_classes=3, seed=6).double().train()
+        labels = torch.randint(0, 3, (150,), generator=generator(52))
+        noise = model.draw_noise(150, generator(53), dtype=f64)
+        terms = training.loss_backward(model, x, labels, noise, (1.0, 1.0, 5.0), rows=picked)
+        results.append((terms, [p.grad for p in model.parameters()]))
+    for a, b in zip(results[0][0] + tuple(results[0][1]), results[1][0] + tuple(results[1][1])):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model = fv.FVVAE(20, 4, seed=6).double().train()
+    with pytest.raises(RuntimeError, match="rows must index"):
+        training.loss_backward(model, source, None, model.draw_noise(2, generator(54), dtype=f64), (1.0, 1.0, 0.0),
+                               rows=torch.tensor([0, 300]))

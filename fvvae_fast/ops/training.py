@@ -1,4 +1,5 @@
-"""The element-wise work of an FV-VAE training step (Algorithm 1), fused on the CPU.
+"""An FV-VAE training step (Algorithm 1) on the CPU: the whole step in one C++ pass, and its element-wise work
+fused for autograd where the step runs under it (data-parallel training, fine-tuning).
 
 Each has its plain-torch form (the reference, and the path on other devices, for float16/bfloat16,
 for inputs that need gradients, and without the C++ extension) and a C++ kernel
@@ -32,11 +33,11 @@ _lib.define("normalize_dropout_cpu(Tensor x, Tensor keep, float scale, bool l2, 
 _lib.define("reconstruction_error_cpu(Tensor z, Tensor weight, Tensor bias, Tensor x, Tensor inv_var) "
             "-> (Tensor, Tensor, Tensor)")
 _lib.define("bias_relu_cpu_(Tensor(a!) h, Tensor bias) -> Tensor(a!)")
-_lib.define("train_step_cpu(Tensor x, Tensor? rows, Tensor? keep, Tensor eps, Tensor? labels, Tensor[] weights, Tensor[] biases, "
-            "Tensor w_dec, Tensor b_dec, Tensor? w_cls, Tensor? b_cls, Tensor sigma_z, Tensor inv_var, float scale, "
-            "bool l2, float norm_eps, float c_rec, float c_reg, float c_cls) -> Tensor[]")
-_lib.define("adadelta_step_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, Tensor(c!)[] acc_deltas, "
-            "float lr, float rho, float eps) -> ()")
+_lib.define("train_step_cpu(Tensor x, Tensor? rows, Tensor? keep, Tensor eps, Tensor? labels, Tensor[] weights, "
+            "Tensor[] biases, Tensor w_dec, Tensor b_dec, Tensor? w_cls, Tensor? b_cls, Tensor sigma_z, "
+            "Tensor inv_var, float scale, bool l2, float norm_eps, float c_rec, float c_reg, float c_cls) -> Tensor[]")
+_lib.define("adadelta_step_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
+            "Tensor(c!)[] acc_deltas, float lr, float rho, float eps) -> ()")
 
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
