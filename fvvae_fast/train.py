@@ -247,8 +247,9 @@ def train(
     batch = min(config.batch_sets, len(data))
     rank, world = distributed.rank_world()
     step = _data_parallel(model, lambdas, world, find_unused=model.classifier is not None and not use_labels)
-    # the training data is read by the step's kernel itself when it is a tensor the kernel takes
-    read_in_kernel = world == 1 and isinstance(data.x, torch.Tensor) and loss_backward_fused(model, data.x)
+    # the training data is read by the step's kernel itself when it is a tensor the kernel takes as it is
+    read_in_kernel = (world == 1 and isinstance(data.x, torch.Tensor) and data.x.is_contiguous()
+                      and loss_backward_fused(model, data.x))
 
     last_save = time.monotonic()
 
