@@ -89,7 +89,8 @@ at::Tensor dropout_keep_cpu(int64_t n, int64_t c, int64_t seed, int64_t threshol
 // The row loops are branch-free (a random mask would mispredict every other branch), restrict-qualified
 // and compiled for AVX-512, AVX2 and the baseline (FV_CLONES), so that they vectorise.
 template <typename T>
-FV_INLINE void normalize_dropout_rows(const T* __restrict__ x, const uint8_t* __restrict__ keep, int64_t rows, int64_t c,
+FV_INLINE void normalize_dropout_rows(const T* __restrict__ x, const uint8_t* __restrict__ keep, int64_t rows,
+                                      int64_t c,
                                       T scale, bool l2, T eps, T* __restrict__ xp, T* __restrict__ x_in) {
   for (int64_t t = 0; t < rows; ++t) {
     const T* __restrict__ row = x + t * c;
@@ -112,7 +113,8 @@ FV_INLINE void normalize_dropout_rows(const T* __restrict__ x, const uint8_t* __
   }
 }
 
-FV_CLONES void normalize_dropout_rows(const float* x, const uint8_t* keep, int64_t rows, int64_t c, float scale, bool l2,
+FV_CLONES void normalize_dropout_rows(const float* x, const uint8_t* keep, int64_t rows, int64_t c, float scale,
+                                      bool l2,
                                       float eps, float* xp, float* x_in) {
   normalize_dropout_rows<float>(x, keep, rows, c, scale, l2, eps, xp, x_in);
 }
@@ -125,7 +127,8 @@ template <typename T>
 void normalize_dropout_kernel(const T* x, const bool* keep, int64_t n, int64_t c, double scale, bool l2, double eps,
                               T* xp, T* x_in) {
   at::parallel_for(0, n, kRowBlock, [&](int64_t lo, int64_t hi) {
-    normalize_dropout_rows(x + lo * c, reinterpret_cast<const uint8_t*>(keep) + lo * c, hi - lo, c, static_cast<T>(scale), l2, static_cast<T>(eps),
+    normalize_dropout_rows(x + lo * c, reinterpret_cast<const uint8_t*>(keep) + lo * c, hi - lo, c,
+                           static_cast<T>(scale), l2, static_cast<T>(eps),
                            xp + lo * c, x_in + lo * c);
   });
 }
@@ -266,7 +269,8 @@ at::Tensor& bias_relu_cpu_(at::Tensor& h, const at::Tensor& bias) {
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), op, [&] {
     scalar_t* p = h.data_ptr<scalar_t>();
     const scalar_t* b = bias.data_ptr<scalar_t>();
-    at::parallel_for(0, h.size(0), kRowBlock, [&](int64_t lo, int64_t hi) { bias_relu_rows(p + lo * c, b, hi - lo, c); });
+    at::parallel_for(0, h.size(0), kRowBlock,
+                     [&](int64_t lo, int64_t hi) { bias_relu_rows(p + lo * c, b, hi - lo, c); });
   });
   return h;
 }
@@ -304,12 +308,14 @@ void adadelta_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
               ": params, grads, square_avgs and acc_deltas must have one entry per parameter");
   for (size_t i = 0; i < k; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() && (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble),
+    TORCH_CHECK(p.device().is_cpu() && p.is_contiguous() &&
+                    (p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble),
                 op, ": parameter ", i, " must be a contiguous float32/float64 CPU tensor");
     for (const at::Tensor* t : {&grads[i], &square_avgs[i], &acc_deltas[i]}) {
       TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == p.scalar_type() &&
                       t->sizes().equals(p.sizes()),
-                  op, ": the gradient and state of parameter ", i, " must be contiguous CPU tensors of its shape and dtype");
+                  op, ": the gradient and state of parameter ", i,
+                  " must be contiguous CPU tensors of its shape and dtype");
     }
   }
   for (size_t i = 0; i < k; ++i) {
@@ -329,8 +335,9 @@ void adadelta_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
 // ---- the whole step, tile by tile ------------------------------------------------------------------
 // train_step_cpu runs the forward and backward of FVVAE.loss (Eq. 8; Algorithm 1, lines 5-11) on tiles of
 // kStepTile rows, so that every (rows, C) array of the step lives in the L2 cache of the thread that made
-// it: x (or the batch's rows of the training data, gathered here) -> (xp, x_in) -> hidden layers -> mu -> z = mu + eps sigma_z -> a = z W_dec^T + b -> the
-// reconstruction and classification terms, then back through the same layers. Each of G groups of tiles
+// it: x (or the batch's rows of the training data, gathered here) -> (xp, x_in) -> hidden layers -> mu
+// -> z = mu + eps sigma_z -> a = z W_dec^T + b -> the reconstruction and classification terms, then back
+// through the same layers. Each of G groups of tiles
 // (G = the thread count) adds its weight gradients in its own buffers (GEMMs with beta = 1); the groups
 // are added in order at the end. The descriptor-free terms (log sigma_x, the KL's sigma_z part) are the
 // caller's (fvvae_fast/ops/training.py), which gets sq_c = sum_t (ReLU(a_tc) - x_tc)^2 and
@@ -498,7 +505,8 @@ std::vector<at::Tensor> train_step_kernel(const StepNet<T>& net, const at::Tenso
   std::vector<at::Tensor> out;
   at::Tensor sums = at::zeros({2}, opts.dtype(at::kDouble)), sq = at::zeros({net.c}, opts.dtype(at::kDouble)),
              gez = at::zeros({net.d}, opts.dtype(at::kDouble)), gbd = at::zeros({net.c}, opts);
-  at::Tensor gwd = at::zeros({net.c, net.d}, opts), gwc = at::zeros({net.k, net.d}, opts), gbc = at::zeros({net.k}, opts);
+  at::Tensor gwd = at::zeros({net.c, net.d}, opts), gwc = at::zeros({net.k, net.d}, opts),
+             gbc = at::zeros({net.k}, opts);
   std::vector<at::Tensor> gw, gb;
   for (size_t l = 0; l < net.w.size(); ++l) {
     gw.push_back(at::zeros({net.out[l], net.in[l]}, opts));
