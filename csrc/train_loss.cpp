@@ -337,9 +337,8 @@ void adadelta_step_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
 // kStepTile rows, so that every (rows, C) array of the step lives in the L2 cache of the thread that made
 // it: x (or the batch's rows of the training data, gathered here) -> (xp, x_in) -> hidden layers -> mu
 // -> z = mu + eps sigma_z -> a = z W_dec^T + b -> the reconstruction and classification terms, then back
-// through the same layers. Each of G groups of tiles
-// (G = the thread count) adds its weight gradients in its own buffers (GEMMs with beta = 1); the groups
-// are added in order at the end. The descriptor-free terms (log sigma_x, the KL's sigma_z part) are the
+// through the same layers. Each of G groups of tiles (G = the thread count) adds its weight gradients in its
+// own buffers (GEMMs with beta = 1); the groups are added in order at the end. The descriptor-free terms (log sigma_x, the KL's sigma_z part) are the
 // caller's (fvvae_fast/ops/training.py), which gets sq_c = sum_t (ReLU(a_tc) - x_tc)^2 and
 // g_ez_j = sum_t dL/dz_tj eps_tj for them.
 

@@ -249,15 +249,22 @@ class FVVAE(nn.Module):
         # L_reg = KL(N(mu_z, sigma_z^2) || N(0, I)) (line 10, with squared norms).
         reg = 0.5 * (mu_z**2).sum() / n + share * (0.5 * (sigma_z**2).sum() - 0.5 * (1 + 2 * self.log_sigma_z).sum())
         l1, l2, l3 = lambdas
-        if self.classifier is not None and l3 != 0.0:
-            if labels is None:
-                raise ValueError("FVVAE.loss: labels (N,) are needed when lambda3 > 0")
-            if labels.shape != (x.shape[0],):
-                raise ValueError(f"FVVAE.loss: labels must be (N={x.shape[0]},), got {tuple(labels.shape)}")
+        if self._uses_labels(labels, x.shape[0], l3):
             cls = F.cross_entropy(self.classifier(z), labels, reduction="sum") / n  # line 11
         else:
             cls = rec.new_zeros(())
         return Losses(rec=rec, reg=reg, cls=cls, total=l1 * rec + l2 * reg + l3 * cls)
+
+    def _uses_labels(self, labels: Tensor | None, n: int, lambda3: float) -> bool:
+        """Whether the loss has its classification term (a classifier and lambda3 != 0); then ``labels``
+        must be (n,)."""
+        if self.classifier is None or lambda3 == 0.0:
+            return False
+        if labels is None:
+            raise ValueError("FVVAE.loss: labels (N,) are needed when lambda3 > 0")
+        if labels.shape != (n,):
+            raise ValueError(f"FVVAE.loss: labels must be (N={n},), got {tuple(labels.shape)}")
+        return True
 
     def forward(self, x: Tensor) -> Tensor:
         """mu_z of x: (N, C) -> (N, d); same as :meth:`encode`."""

@@ -220,9 +220,7 @@ def loss_backward(model: FVVAE, x: Tensor, labels: Tensor | None, noise: tuple[T
     n = x.shape[0] if rows is None else rows.numel()
     *hidden, last = model.encoder
     layers = [*hidden[::2], last]
-    classifier = model.classifier if model.classifier is not None and l3 != 0.0 else None
-    if classifier is not None and labels is None:
-        raise ValueError("FVVAE.loss: labels (N,) are needed when lambda3 > 0")
+    classifier = model.classifier if model._uses_labels(labels, n, l3) else None
     with torch.no_grad():
         log_sigma_x, sigma_z = model.sigma_x_log(), model.log_sigma_z.exp()
         inv_var = torch.exp(-2.0 * log_sigma_x)

@@ -185,6 +185,14 @@ def _split_labels(store: Store, name: str) -> np.ndarray:
     return y
 
 
+def _split_vectors(store: Store, name: str):
+    """The vectors of split ``name`` (row-sliceable, one per item, read lazily) and their labels (n,) int64."""
+    x, y = store.array(name), _split_labels(store, name)
+    if len(x) != len(y):
+        raise StoreError(f"{store.path}: holds sets of several rows per item ({store.kind}), not one vector per item")
+    return x, y
+
+
 def evaluate_store(store: Store, *, train_split: str = "train", test_split: str = "test", C: float = 100.0) -> dict:
     """The evaluation protocol (:func:`fvvae_fast.evaluation.evaluate_vectors`: one-vs-all linear SVM,
     C = 100, top-1, top-3, mAP) trained on the Fisher vectors of ``train_split`` and tested on
@@ -194,10 +202,7 @@ def evaluate_store(store: Store, *, train_split: str = "train", test_split: str 
     from ..evaluation.streaming import evaluate_blocks
 
     _check_fisher(store)
-    (X_train, y_train), (X_test, y_test) = ((store.array(name), _split_labels(store, name))
-                                            for name in (train_split, test_split))
-    if len(X_train) != len(y_train) or len(X_test) != len(y_test):
-        raise StoreError(f"{store.path}: holds sets of several rows per item ({store.kind}), not one vector per item")
+    (X_train, y_train), (X_test, y_test) = (_split_vectors(store, name) for name in (train_split, test_split))
     if len(np.unique(y_train)) < 2:
         raise ValueError(f"{store.path}: split {train_split!r} has fewer than 2 classes")
     scores = evaluate_blocks(X_train, y_train, X_test, y_test, C=C, normalize=not store.config.get("normalize", True))
@@ -224,18 +229,15 @@ def evaluate_stores(stores: list[Store], *, train_split: str = "train", test_spl
         _check_fisher(s)
     ids = [[[r["item_id"] for r in s.items(status="done", split=name)] for name in (train_split, test_split)]
            for s in stores]
-    labels = [tuple(_split_labels(s, name) for name in (train_split, test_split)) for s in stores]
+    splits = [[_split_vectors(s, name) for name in (train_split, test_split)] for s in stores]
+    labels = [(train[1], test[1]) for train, test in splits]
     for s, i, y in zip(stores[1:], ids[1:], labels[1:]):
         if i != ids[0] or not all(np.array_equal(a, b) for a, b in zip(y, labels[0])):
             raise StoreError(f"{s.path} and {stores[0].path}: the stores hold other items or labels in splits "
                              f"{train_split!r}/{test_split!r}: fusion needs the same items in every stream")
     y_train, y_test = labels[0]
-    decisions = []
-    for s in stores:
-        x_train, x_test = s.array(train_split), s.array(test_split)
-        if len(x_train) != len(y_train) or len(x_test) != len(y_test):
-            raise StoreError(f"{s.path}: holds sets of several rows per item ({s.kind}), not one vector per item")
-        decisions.append(block_decisions(x_train, y_train, x_test, C=C, normalize=not s.config.get("normalize", True)))
+    decisions = [block_decisions(train[0], y_train, test[0], C=C, normalize=not s.config.get("normalize", True))
+                 for s, (train, test) in zip(stores, splits)]
     parents = [crop_parent(i) for i in ids[0][1]]
     items = np.unique(parents, return_inverse=True)[1] if crops else None
     res = fuse_decisions(decisions, y_test, weights, items)
