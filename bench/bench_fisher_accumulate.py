@@ -1,5 +1,6 @@
 """fisher_accumulate forward: naive autograd, vmap(grad), best plain torch, the fused backend
-of the device, and the GEMM ceiling of the same machine, in one run.
+of the device, and the GEMM ceiling of the same machine, in one run; then the normalised Fisher
+vector (whitening, sign, signed sqrt, L2): fisher_vectors against the same steps composed.
 
     python -m pytest bench/bench_fisher_accumulate.py --benchmark-only [--benchmark-json out.json]
 """
@@ -11,6 +12,7 @@ import torch
 from common import Shape, default_device, record, run_benchmark
 
 import fvvae_fast as fv
+from fvvae_fast.encode import power_l2_normalize
 from fvvae_fast.ops import naive
 
 DEVICE = default_device()
@@ -33,6 +35,30 @@ METHODS = {
     "plain-torch": naive.padded_bmm_accumulate,
     "reference": lambda *a: fv.fisher_accumulate(*a, backend="reference"),
     f"fused-{FUSED}": lambda *a: fv.fisher_accumulate(*a, backend=FUSED),
+}
+
+
+def _without_output_cache(*a):
+    """The C++ kernel with a fresh output every call (its pages faulted in and zeroed by the kernel)."""
+    from fvvae_fast import _C
+
+    _C._set_output_cache(False)
+    try:
+        return fv.fisher_accumulate(*a, backend="cpu")
+    finally:
+        _C._set_output_cache(True)
+
+
+if FUSED == "cpu":
+    METHODS["fused-cpu-no-output-cache"] = _without_output_cache
+
+# The normalised vector -F^(-1/2) vec(G), signed sqrt, L2 (scale: a diagonal F^(-1/2)), three ways.
+VECTOR_METHODS = {
+    "plain-torch+normalize": lambda *a, scale: power_l2_normalize(naive.padded_bmm_accumulate(*a).flatten(1) * scale,
+                                                                  negate=True),
+    f"fused-{FUSED}+normalize": lambda *a, scale: power_l2_normalize(
+        fv.fisher_accumulate(*a, backend=FUSED).flatten(1) * scale, negate=True),
+    f"fisher_vectors-{FUSED}": lambda *a, scale: fv.fisher_vectors(*a, scale=scale, backend=FUSED),
 }
 
 
@@ -59,4 +85,19 @@ def test_fisher_accumulate(benchmark, method, shape, dtype):
     slow = method in ("naive-autograd", "vmap-grad", "reference")
     run_benchmark(benchmark, lambda: fn(*inputs), DEVICE, rounds=5 if slow else 20, warmup=1 if slow else 3)
     record(benchmark, op="fisher_accumulate", method=method, shape=shape.name, dtype=dtype,
+           flops=shape.flops(), nbytes=shape.bytes(dtype))
+
+
+@pytest.mark.parametrize("method", list(VECTOR_METHODS))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
+def test_fisher_vectors(benchmark, method, shape, dtype):
+    if fv.ops.dispatch.available(FUSED, DEVICE) is not None:
+        pytest.skip(f"backend {FUSED!r} unavailable: {fv.ops.dispatch.available(FUSED, DEVICE)}")
+    inputs = shape.inputs(dtype, DEVICE)
+    scale = torch.rand(shape.c * (shape.d + 1), device=DEVICE) + 0.5
+    fn = VECTOR_METHODS[method]
+    with torch.inference_mode():
+        run_benchmark(benchmark, lambda: fn(*inputs, scale=scale), DEVICE, rounds=20, warmup=3)
+    record(benchmark, op="fisher_vectors", method=method, shape=shape.name, dtype=dtype,
            flops=shape.flops(), nbytes=shape.bytes(dtype))

@@ -1,4 +1,4 @@
-// fvvae_fast::fisher_accumulate_cpu / fisher_accumulate_backward_cpu: argument checks,
+// fvvae_fast::fisher_accumulate_cpu / fisher_accumulate_backward_cpu / fisher_vectors_cpu: argument checks,
 // dtype handling and registration of the CPU kernels (csrc/cpu/fisher_accumulate_cpu.cpp).
 //
 // The schemas are defined in Python (fvvae_fast/ops/fisher_accumulate.py); this file only
@@ -16,6 +16,7 @@
 //   _set_gemm("auto"|"torch"|"naive") the tile GEMMs: BLAS, at::addmm_ on views, plain loops
 //   _set_poison(bool)                fill outputs and scratch with NaN before computing
 //   _set_huge_pages(bool)            advise transparent huge pages on outputs >= 32 MiB (default on)
+//   _set_output_cache(bool)          reuse freed outputs >= 32 MiB (default on)
 
 #include <Python.h>
 
@@ -31,6 +32,7 @@ namespace {
 
 constexpr const char* kFwd = "fisher_accumulate_cpu";
 constexpr const char* kBwd = "fisher_accumulate_backward_cpu";
+constexpr const char* kVec = "fisher_vectors_cpu";
 
 bool supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -91,28 +93,56 @@ Checked check_inputs(const char* op, const at::Tensor& x, const at::Tensor& z, c
 // Inputs in the compute dtype (a copy only for float16 / bfloat16).
 at::Tensor in_compute(const at::Tensor& t) { return t.to(compute_type(t.scalar_type())); }
 
+// The forward kernel into a new output of `sizes` (S, C, d+1) or (S, C*(d+1)), in out_dtype.
+at::Tensor run_forward(const char* op, const Checked& chk, const at::Tensor& x, const at::Tensor& z,
+                       const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& inv_var,
+                       const at::Tensor& offsets, std::optional<at::ScalarType> out_dtype, at::IntArrayRef sizes,
+                       const std::optional<at::Tensor>& scale, std::optional<double> eps) {
+  const auto& p = chk.p;
+  const at::ScalarType ct = compute_type(chk.dtype);
+  const at::ScalarType ot = out_dtype.value_or(ct);
+  TORCH_CHECK(supported_float(ot), op, ": out_dtype must be float32, float64, float16 or bfloat16, got ", ot);
+  at::Tensor out = fvvae_fast::cpu::empty_output(sizes, x.options().dtype(ot));
+  if (out.numel() == 0) return out;
+  const at::Tensor xc = in_compute(x), zc = in_compute(z), wc = in_compute(weight), bc = in_compute(bias),
+                   vc = in_compute(inv_var);
+  const at::Tensor sc = scale.has_value() ? scale->to(ct).contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(ct, "fisher_accumulate_cpu", [&] {
+    using acc_t = scalar_t;
+    const fvvae_fast::cpu::Normalize<acc_t> normalize{sc.defined() ? sc.const_data_ptr<acc_t>() : nullptr,
+                                                      static_cast<acc_t>(eps.value_or(0.0))};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ot, "fisher_accumulate_cpu", [&] {
+      fvvae_fast::cpu::forward<acc_t, scalar_t>(p, xc.const_data_ptr<acc_t>(), zc.const_data_ptr<acc_t>(),
+                                                wc.const_data_ptr<acc_t>(), bc.const_data_ptr<acc_t>(),
+                                                vc.const_data_ptr<acc_t>(), offsets.const_data_ptr<int64_t>(),
+                                                out.mutable_data_ptr<scalar_t>(),
+                                                eps.has_value() ? &normalize : nullptr);
+    });
+  });
+  return out;
+}
+
 at::Tensor fisher_accumulate_cpu(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
                                  const at::Tensor& bias, const at::Tensor& inv_var, const at::Tensor& offsets,
                                  std::optional<at::ScalarType> out_dtype) {
   const Checked chk = check_inputs(kFwd, x, z, weight, bias, inv_var, offsets);
-  const auto& p = chk.p;
-  const at::ScalarType ct = compute_type(chk.dtype);
-  const at::ScalarType ot = out_dtype.value_or(ct);
-  TORCH_CHECK(supported_float(ot), kFwd, ": out_dtype must be float32, float64, float16 or bfloat16, got ", ot);
-  at::Tensor out = at::empty({p.s, p.c, p.d + 1}, x.options().dtype(ot));
-  if (out.numel() == 0) return out;
-  const at::Tensor xc = in_compute(x), zc = in_compute(z), wc = in_compute(weight), bc = in_compute(bias),
-                   vc = in_compute(inv_var);
-  AT_DISPATCH_FLOATING_TYPES(ct, kFwd, [&] {
-    using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ot, kFwd, [&] {
-      fvvae_fast::cpu::forward<acc_t, scalar_t>(p, xc.const_data_ptr<acc_t>(), zc.const_data_ptr<acc_t>(),
-                                                wc.const_data_ptr<acc_t>(), bc.const_data_ptr<acc_t>(),
-                                                vc.const_data_ptr<acc_t>(), offsets.const_data_ptr<int64_t>(),
-                                                out.mutable_data_ptr<scalar_t>());
-    });
-  });
-  return out;
+  return run_forward(kFwd, chk, x, z, weight, bias, inv_var, offsets, out_dtype, {chk.p.s, chk.p.c, chk.p.d + 1},
+                     std::nullopt, std::nullopt);
+}
+
+at::Tensor fisher_vectors_cpu(const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& inv_var, const at::Tensor& offsets,
+                              const std::optional<at::Tensor>& scale, double eps,
+                              std::optional<at::ScalarType> out_dtype) {
+  const Checked chk = check_inputs(kVec, x, z, weight, bias, inv_var, offsets);
+  const int64_t dim = chk.p.c * (chk.p.d + 1);
+  if (scale.has_value()) {
+    TORCH_CHECK(supported_float(scale->scalar_type()), kVec, ": scale must be a floating tensor, got ",
+                scale->scalar_type());
+    check_float(kVec, "scale", *scale, {dim}, scale->scalar_type(), "(C*(d+1),)");
+  }
+  TORCH_CHECK(eps >= 0, kVec, ": eps must be >= 0, got ", eps);
+  return run_forward(kVec, chk, x, z, weight, bias, inv_var, offsets, out_dtype, {chk.p.s, dim}, scale, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fisher_accumulate_backward_cpu(
@@ -153,6 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fisher_ac
 TORCH_LIBRARY_IMPL(fvvae_fast, CPU, m) {
   m.impl("fisher_accumulate_cpu", TORCH_FN(fisher_accumulate_cpu));
   m.impl("fisher_accumulate_backward_cpu", TORCH_FN(fisher_accumulate_backward_cpu));
+  m.impl("fisher_vectors_cpu", TORCH_FN(fisher_vectors_cpu));
 }
 
 // ---- the Python module (no pybind11: only test hooks live here) --------------------
@@ -196,6 +227,13 @@ PyObject* py_set_huge_pages(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_set_output_cache(PyObject*, PyObject* arg) {
+  const int on = PyObject_IsTrue(arg);
+  if (on < 0) return nullptr;
+  fvvae_fast::cpu::set_output_cache(on != 0);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef kMethods[] = {
     {"_blas_available", py_blas_available, METH_NOARGS,
      "True when the kernels call the BLAS that torch links (MKL sgemm_/dgemm_), False when they use at::addmm_."},
@@ -206,6 +244,9 @@ PyMethodDef kMethods[] = {
      "Test hook: fill outputs and scratch buffers with NaN before computing (catches unwritten elements)."},
     {"_set_huge_pages", py_set_huge_pages, METH_O,
      "Advise transparent huge pages on outputs of at least 32 MiB (default True; Linux only)."},
+    {"_set_output_cache", py_set_output_cache, METH_O,
+     "Keep freed outputs of at least 32 MiB (at most two, 1 GiB in all) for the next output of the same size "
+     "(default True; False also frees those kept)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

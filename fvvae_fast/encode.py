@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from .model import FVVAE
-from .ops import fisher_accumulate
+from .ops import fisher_accumulate, fisher_vectors
+from .ops.validate import opmath_dtype
 
 
 class Whitener(Protocol):
@@ -33,10 +34,15 @@ def fisher_gradients(model: FVVAE, x: Tensor, offsets: Tensor | None = None, *, 
     x: raw descriptors (N, C) with offsets (S+1,) int64, or dense (S, T, C) with offsets None.
     """
     x, offsets = as_sets(x, offsets)
+    return fisher_accumulate(*_op_inputs(model, x), offsets, backend=backend)
+
+
+def _op_inputs(model: FVVAE, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(x, z, weight, bias, inv_var) of the ops for raw descriptors x (N, C)."""
     xp = model.preprocess(x)
     z = model.encoder(xp)  # mu_z: no dropout, no sampling at extraction (section 3.4)
     dec = model.decoder
-    return fisher_accumulate(xp, z, dec.weight, dec.bias, model.inv_var(), offsets, backend=backend)
+    return xp, z, dec.weight, dec.bias, model.inv_var()
 
 
 # Rows per chunk of the in-place normalisation: about 1 MiB of float32, so each chunk's five passes
@@ -102,7 +108,9 @@ def fisher_encode(
     """FV-VAE Fisher vectors, one per set: (S, C*(d+1)) float32 (float64 for float64 input).
 
     FV_X = -F^(-1/2) vec(G_X) (Eq. 13) with vec row-major over (C, d+1); ``fim=None`` is
-    F = I. With ``normalize=True`` the signed square root and L2 normalisation follow.
+    F = I. With ``normalize=True`` the signed square root and L2 normalisation follow; outside
+    autograd, with F = I or a diagonal F, they run in the kernel's epilogue
+    (:func:`fvvae_fast.ops.fisher_vectors`), which never writes G.
 
     Args:
         model: a (trained) :class:`FVVAE`; it preprocesses the raw descriptors itself.
@@ -118,9 +126,25 @@ def fisher_encode(
         >>> fisher_encode(model, torch.rand(2, 5, 8)).shape
         torch.Size([2, 32])
     """
+    x, offsets = as_sets(x, offsets)
+    scale = _diagonal_scale(fim, model, x)
+    if normalize and (fim is None or scale is not None) and not _needs_grad(model, x):
+        # the whitening, sign and normalisation in the kernel's epilogue: G is never written
+        return fisher_vectors(*_op_inputs(model, x), offsets, scale=scale, backend=backend)
     G = fisher_gradients(model, x, offsets, backend=backend)
     vec = G.reshape(G.shape[0], -1) if fim is None else fim.whiten(G)
     return power_l2_normalize(vec, negate=True) if normalize else -vec
+
+
+def _needs_grad(model: FVVAE, x: Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.parameters()))
+
+
+def _diagonal_scale(fim: Whitener | None, model: FVVAE, x: Tensor) -> Tensor | None:
+    """F^(-1/2) as a (C*(d+1),) vector when ``fim`` whitens with a diagonal of the model's size, else None."""
+    diagonal = getattr(fim, "diagonal_scale", None)
+    scale = diagonal(opmath_dtype(x.dtype), x.device) if diagonal is not None else None
+    return scale if scale is not None and scale.shape == (model.in_dim * (model.latent_dim + 1),) else None
 
 
 def degenerate_rows(vectors: Tensor) -> tuple[int, int]:

@@ -49,6 +49,11 @@ per set); each group stores one fp32 partial of [dW | db] and dv and the launche
 one ``torch.sum`` over groups (Liger-style: deterministic, no atomics). a and q are recomputed in
 both kernels instead of being stored (2 x 4 N C d extra flops, no (N, C) round trip).
 
+Normalised vectors (``fisher_vectors_fwd``): the same forward, whose epilogue writes the signed square
+roots of y = -scale * G (the diagonal whitening of Eq. 13 and its minus sign) and each tile's sum of
+|y| = root^2; ``_normalize_rows_kernel`` then divides every row by max(its L2 norm, eps). The vector
+is written once in the caller's dtype, never G.
+
 Dtypes. Accumulation is fp32 (fp64 for float64); G is rounded once to ``out_dtype`` (default: the
 accumulation dtype; bf16 halves the bytes written) in the store epilogue (``_store_g``, and the
 combine kernel for split sets, whose partials stay fp32). fp16/bf16: the GEMM operands computed on chip
@@ -73,7 +78,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["fisher_accumulate_fwd", "fisher_accumulate_bwd", "FP32_PRECISION"]
+__all__ = ["fisher_accumulate_fwd", "fisher_accumulate_bwd", "fisher_vectors_fwd", "FP32_PRECISION"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter keeps bf16 as raw uint16 and its tl.dot multiplies those bits: feed it fp32.
@@ -212,13 +217,36 @@ def _rounded_for(val, ptr):
 
 
 @triton.jit
-def _store_g(dst, cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D: tl.constexpr):
+def _signed_sqrt(g, scale_ptr, idx, ok, HAS_SCALE: tl.constexpr):
+    """The Fisher vector's entries before the L2 norm (Eq. 13, then the signed square root):
+    y = -scale[idx] * g, returns (sign(y) sqrt|y|, sum of |y| where ok), |y| being the root's square."""
+    if HAS_SCALE:
+        g = g * tl.load(scale_ptr + idx, mask=ok, other=0.0)
+    y = -g
+    root = tl.sqrt(tl.abs(y))
+    return tl.where(y < 0, -root, root), tl.sum(tl.where(ok, tl.abs(y), 0.0))
+
+
+@triton.jit
+def _store_g(dst, cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D: tl.constexpr,
+             scale_ptr, sq_ptr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr):
     """Epilogue of a [BLOCK_C, BLOCK_J] tile of G (Eq. 13 before F): dst[c, j] = v_c acc[c, j] and, from
-    the first d tile, the bias column dst[c, D] = v_c acc_b[c]; rounded once to dst's dtype (out_dtype)."""
-    tl.store(dst + cols[:, None] * (D + 1) + js[None, :], _rounded_for(acc * v[:, None], dst),
-             mask=col_ok[:, None] & j_ok[None, :])
+    the first d tile, the bias column dst[c, D] = v_c acc_b[c]; rounded once to dst's dtype (out_dtype).
+    NORMALIZE: the signed square roots of -scale * G instead, and the tile's sum of their squares
+    stored at ``sq_ptr`` (the L2 norm follows in ``_normalize_rows_kernel``)."""
+    idx = cols[:, None] * (D + 1) + js[None, :]
+    ok = col_ok[:, None] & j_ok[None, :]
+    g = acc * v[:, None]
+    g_b = acc_b * v
+    if NORMALIZE:
+        g, sq = _signed_sqrt(g, scale_ptr, idx, ok, HAS_SCALE)
+        if pid_j == 0:
+            g_b, sq_b = _signed_sqrt(g_b, scale_ptr, cols * (D + 1) + D, col_ok, HAS_SCALE)
+            sq += sq_b
+        tl.store(sq_ptr, sq)
+    tl.store(dst + idx, _rounded_for(g, dst), mask=ok)
     if pid_j == 0:
-        tl.store(dst + cols * (D + 1) + D, _rounded_for(acc_b * v, dst), mask=col_ok)
+        tl.store(dst + cols * (D + 1) + D, _rounded_for(g_b, dst), mask=col_ok)
 
 
 @triton.jit
@@ -252,8 +280,10 @@ def _fwd_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, off_ptr,  # inputs
     chunk_set_ptr, chunk_ptr_ptr, slot_ptr_ptr,  # chunk table (see _chunk_table)
     out_ptr, part_ptr,  # (S, C, D+1) output, (slots, C, D+1) fp32 partials of split sets
-    S, C, D: tl.constexpr, N_ENTRIES, LEN_KEY,
+    scale_ptr, sq_ptr,  # NORMALIZE: (C*(D+1),) whitening (HAS_SCALE), (S, N_SQ) sums of squares per tile
+    S, C, D: tl.constexpr, N_ENTRIES, LEN_KEY, N_SQ,
     ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Persistent over chunks: program (C tile, p, d tile) takes chunks p, p + P, ... so its W tile,
@@ -290,16 +320,19 @@ def _fwd_kernel(
                 acc = _mm(diff.to(zt.dtype), zt, acc, USE_DOT, PRECISION)
                 acc_b += tl.sum(diff, axis=1)
             if n_chunks == 1:  # straight into G, in its dtype
-                _store_g(out_ptr + s * C * (D + 1), cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D)
+                tile = tl.program_id(0) * tl.num_programs(2) + pid_j
+                _store_g(out_ptr + s * C * (D + 1), cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D,
+                         scale_ptr, sq_ptr + s * N_SQ + tile, NORMALIZE, HAS_SCALE)
             else:  # an ACC partial of a split set
                 _store_g(part_ptr + (tl.load(slot_ptr_ptr + s) + k) * C * (D + 1), cols, col_ok, js, j_ok, acc,
-                         acc_b, v, pid_j, D)
+                         acc_b, v, pid_j, D, scale_ptr, sq_ptr, False, False)
 
 
 @_batch_jit
-def _combine_kernel(part_ptr, out_ptr, split_set_ptr, chunk_ptr_ptr, slot_ptr_ptr, S, E,
-                    ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """out[s] = sum over the chunks of split set s of their partials, in chunk order, in out's dtype."""
+def _combine_kernel(part_ptr, out_ptr, split_set_ptr, chunk_ptr_ptr, slot_ptr_ptr, scale_ptr, sq_ptr, S, E, N_SQ,
+                    ACC: tl.constexpr, NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[s] = sum over the chunks of split set s of their partials, in chunk order, in out's dtype
+    (NORMALIZE: their signed square roots as in ``_store_g``, the block's sum of squares at sq[s, block])."""
     s = tl.load(split_set_ptr + tl.program_id(0))
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] over the C*(D+1) elements
     ok = idx < E
@@ -309,7 +342,25 @@ def _combine_kernel(part_ptr, out_ptr, split_set_ptr, chunk_ptr_ptr, slot_ptr_pt
         acc = tl.zeros((BLOCK,), ACC)
         for k in range(0, n_chunks):
             acc += tl.load(part_ptr + (slot0 + k) * E + idx, mask=ok, other=0.0)
+        if NORMALIZE:
+            acc, sq = _signed_sqrt(acc, scale_ptr, idx, ok, HAS_SCALE)
+            tl.store(sq_ptr + s * N_SQ + tl.program_id(1), sq)
         tl.store(out_ptr + s * E + idx, _rounded_for(acc, out_ptr), mask=ok)
+
+
+@_batch_jit
+def _normalize_rows_kernel(out_ptr, sq_ptr, E, N_SQ, eps, ACC: tl.constexpr, BLOCK_SQ: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """The L2 normalisation: out[s] /= max(sqrt(sum of sq[s]), eps), in out's dtype; the partial sums
+    are added in one fixed order (deterministic)."""
+    s = tl.program_id(0)
+    i = tl.arange(0, BLOCK_SQ)
+    norm = tl.sqrt(tl.sum(tl.load(sq_ptr + s * N_SQ + i, mask=i < N_SQ, other=0.0)))
+    inv = 1.0 / tl.maximum(norm, eps)
+    idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < E
+    row = tl.load(out_ptr + s * E + idx, mask=ok, other=0.0).to(ACC)
+    tl.store(out_ptr + s * E + idx, _rounded_for(row * inv, out_ptr), mask=ok)
 
 
 _fwd = {kind: _autotune(configs)(_fwd_kernel) for kind, configs in _FWD_CONFIGS.items()}
@@ -428,7 +479,8 @@ def _bwd_params_kernel(
                 acc_b += tl.sum(mq, axis=1)
                 acc_v += tl.sum(tl.where(row_ok[None, :], diff * q, 0.0), axis=1)
     v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]
-    _store_g(pw_ptr + g.to(tl.int64) * C * (D + 1), cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D)
+    _store_g(pw_ptr + g.to(tl.int64) * C * (D + 1), cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D,
+             pw_ptr, pv_ptr, False, False)
     if pid_j == 0:
         tl.store(pv_ptr + g.to(tl.int64) * C + cols, acc_v, mask=col_ok)
 
@@ -558,37 +610,81 @@ def fisher_accumulate_fwd(
     ``chunk_rows``: rows per program (default: chosen to fill the device); sets longer than it
     are split across programs and their fp32 partials summed in order.
     """
+    c, d, s = x.shape[1], z.shape[1], offsets.shape[0] - 1
+    out_dtype = out_dtype or _modes(x.dtype)[0]
+    if out is None:
+        out = torch.empty((s, c, d + 1), dtype=out_dtype, device=x.device)
+    _check_out("out", out, (s, c, d + 1), out_dtype, x.device)
+    return _forward(x, z, weight, bias, inv_var, offsets, out, None, None, chunk_rows)
+
+
+def fisher_vectors_fwd(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    inv_var: torch.Tensor,
+    offsets: torch.Tensor,
+    scale: torch.Tensor | None,
+    eps: float,
+    *,
+    out_dtype: torch.dtype | None = None,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Normalised Fisher vectors (S, C*(d+1)) in ``out_dtype`` (default: the accumulation dtype):
+    y = -scale * vec(G[s]) (``scale`` (C*(d+1),) or None for 1), sign(y) sqrt|y| in the forward's
+    epilogue, then divided by max(its L2 norm, eps). Inputs as :func:`fisher_accumulate_fwd`."""
+    c, d, s = x.shape[1], z.shape[1], offsets.shape[0] - 1
+    out = torch.empty((s, c * (d + 1)), dtype=out_dtype or _modes(x.dtype)[0], device=x.device)
+    if scale is not None:
+        scale = scale.to(_modes(x.dtype)[0]).contiguous()
+    return _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows)
+
+
+_COMBINE_BLOCK = 1024
+
+
+def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
+    """Launch the forward into ``out`` (S, C, d+1) or (S, C*(d+1)); ``eps`` not None: normalised vectors."""
     x, z, weight, bias, inv_var, offsets = _contiguous(x, z, weight, bias, inv_var, offsets)
     n, c = x.shape
     d = z.shape[1]
     s = offsets.shape[0] - 1
-    offsets = _in_bounds(offsets, n)
-    acc_dtype, acc_tl, use_dot, precision, kind = _modes(x.dtype)
-    out_dtype = out_dtype or acc_dtype
-    if out is None:
-        out = torch.empty((s, c, d + 1), dtype=out_dtype, device=x.device)
-    _check_out("out", out, (s, c, d + 1), out_dtype, x.device)
     if s == 0:
         return out
+    offsets = _in_bounds(offsets, n)
+    acc_dtype, acc_tl, use_dot, precision, kind = _modes(x.dtype)
+    e = c * (d + 1)
+    normalize = eps is not None
+    # one sum of squares per (C tile, d tile) of the forward or block of the combine, whichever config runs
+    n_sq = max(triton.cdiv(c, min(cf.kwargs["BLOCK_C"] for cf in _FWD_CONFIGS[kind]))
+               * triton.cdiv(d, min(cf.kwargs["BLOCK_J"] for cf in _FWD_CONFIGS[kind])),
+               triton.cdiv(e, _COMBINE_BLOCK)) if normalize else 1
+    sq = torch.zeros((s, n_sq) if normalize else (1,), dtype=acc_dtype, device=x.device)
     chunk = chunk_rows or _default_chunk(n, triton.cdiv(c, 128) * triton.cdiv(d, 256), x.device)
     chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split = _chunk_table(offsets, chunk, n)
     part = _scratch((max(n_slots, 1), c, d + 1), acc_dtype, x.device)
-    kernel = _fwd[kind]
+    modes = dict(NORMALIZE=normalize, HAS_SCALE=scale is not None)
+    scale = sq if scale is None else scale
 
     def grid(meta):
         tiles = triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(d, meta["BLOCK_J"])
         per_tile = min(n_entries, triton.cdiv(_resident_programs(x.device), tiles))
         return (triton.cdiv(c, meta["BLOCK_C"]), per_tile, triton.cdiv(d, meta["BLOCK_J"]))
 
-    kernel[grid](
-        x, z, weight, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, out, part,
-        s, c, d, n_entries, _len_key(n, s), ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision,
+    _fwd[kind][grid](
+        x, z, weight, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, out, part, scale, sq,
+        s, c, d, n_entries, _len_key(n, s), n_sq, ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision, **modes,
     )
     if n_split:
-        e = c * (d + 1)
+        _combine_kernel[(n_split, triton.cdiv(e, _COMBINE_BLOCK))](
+            part, out, split_set, chunk_ptr, slot_ptr, scale, sq, s, e, n_sq, ACC=acc_tl, BLOCK=_COMBINE_BLOCK,
+            **modes,
+        )
+    if normalize:
         block = 1024
-        _combine_kernel[(n_split, triton.cdiv(e, block))](
-            part, out, split_set, chunk_ptr, slot_ptr, s, e, ACC=acc_tl, BLOCK=block
+        _normalize_rows_kernel[(s, triton.cdiv(e, block))](
+            out, sq, e, n_sq, eps, ACC=acc_tl, BLOCK_SQ=triton.next_power_of_2(n_sq), BLOCK=block
         )
     return out
 

@@ -50,9 +50,11 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <exception>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -86,6 +88,7 @@ constexpr int64_t kBackwardRowTile = 64;       // descriptors per backward tile
 constexpr double kScratchShare = 0.04;         // all [NT, NC] scratch tiles <= 4% of the output
 constexpr int64_t kOutTileBytes = 512 * 1024;  // the [NC, d+1] output block of a unit stays in L2
 constexpr int64_t kBackwardScratchBytes = 64 * 1024;  // each of the two [NT, NC] backward tiles
+constexpr int64_t kWholeSetBytes = 1024 * 1024;        // a set's [C, d+1] block the normalisation keeps whole
 // Outputs this large are always their own mmap under glibc (its largest mmap threshold), so
 // advising transparent huge pages on them affects nothing else in the process.
 constexpr int64_t kHugePageMinBytes = int64_t(32) << 20;
@@ -265,6 +268,55 @@ FV_CLONES void backward_tile(int64_t nt, int64_t nc, double* a, double* q, const
   backward_tile_body<double>(nt, nc, a, q, x, gx, ldx, b, pb, iv, gbs, gvs);
 }
 
+// The normalisation epilogue on a block of n consecutive elements of vec(G[s]) (in place):
+// y = -scale * g, g <- sign(y) sqrt|y|; returns sum |y|, the block's share of ||sign(y) sqrt|y|||^2.
+// The sum runs in kLanes float partials (vectorised) flushed into a double every kFlush elements.
+constexpr int64_t kLanes = 16;
+constexpr int64_t kFlush = 1024;
+
+template <typename T, bool kScaled>
+FV_INLINE double signed_sqrt_body(int64_t n, T* __restrict g, const T* __restrict scale) {
+  double total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kFlush) {
+    const int64_t i1 = std::min(n, i0 + kFlush);
+    T lanes[kLanes] = {};
+    int64_t i = i0;
+    for (; i + kLanes <= i1; i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const T y = kScaled ? -(scale[i + l] * g[i + l]) : -g[i + l];
+        lanes[l] += std::fabs(y);
+        g[i + l] = std::copysign(std::sqrt(std::fabs(y)), y);
+      }
+    }
+    for (; i < i1; ++i) {
+      const T y = kScaled ? -(scale[i] * g[i]) : -g[i];
+      lanes[0] += std::fabs(y);
+      g[i] = std::copysign(std::sqrt(std::fabs(y)), y);
+    }
+    for (int64_t l = 0; l < kLanes; ++l) total += static_cast<double>(lanes[l]);
+  }
+  return total;
+}
+
+FV_CLONES double signed_sqrt_block(int64_t n, float* g, const float* scale) {
+  return scale ? signed_sqrt_body<float, true>(n, g, scale) : signed_sqrt_body<float, false>(n, g, nullptr);
+}
+FV_CLONES double signed_sqrt_block(int64_t n, double* g, const double* scale) {
+  return scale ? signed_sqrt_body<double, true>(n, g, scale) : signed_sqrt_body<double, false>(n, g, nullptr);
+}
+
+// dst[i] = src[i] * factor, rounded to O (src and dst may be the same array).
+template <typename T, typename O>
+void scale_into(const T* src, int64_t n, T factor, O* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<O>(src[i] * factor);
+}
+
+// 1 / max(sqrt(sum_sq), eps), the L2 normalisation's factor.
+template <typename T>
+T inverse_norm(double sum_sq, T eps) {
+  return static_cast<T>(1.0 / std::max(std::sqrt(sum_sq), static_cast<double>(eps)));
+}
+
 // ---- scheduling ---------------------------------------------------------------------
 
 int64_t round_down16(int64_t v) { return std::max<int64_t>(16, v / 16 * 16); }
@@ -279,16 +331,22 @@ struct Tiles {
 };
 
 template <typename T>
-Tiles forward_tiles(const Problem& p, int64_t threads) {
+Tiles forward_tiles(const Problem& p, int64_t threads, bool whole_sets) {
   const int64_t es = static_cast<int64_t>(sizeof(T));
   const double out_bytes = static_cast<double>(p.s) * static_cast<double>(p.c) * static_cast<double>(p.d + 1) * es;
   const int64_t budget =
       static_cast<int64_t>(std::clamp(out_bytes * kScratchShare / threads, 16.0 * 1024, 256.0 * 1024)) / es;
   int64_t nt = std::min(kRowTile, std::max<int64_t>(p.n, 1));
   int64_t nc = std::min(p.c, round_down16(kOutTileBytes / ((p.d + 1) * es)));
+  // the normalisation wants a set's whole vector in one unit, normalised while it is in cache, unless
+  // that leaves tiles of fewer than 128 rows (short GEMMs cost more than a last pass over the output)
+  const bool keep_c = whole_sets && p.c * (p.d + 1) * es <= kWholeSetBytes && budget >= kRowTile / 2 * p.c;
+  if (keep_c) nc = p.c;
   // shrink the larger side first, down to 128 x 128, then 32 rows and 16 columns
   while (nt * nc > budget) {
-    if (nc > 256 || (nt <= 128 && nc > 128)) {
+    if (keep_c && nt > 32) {
+      nt /= 2;
+    } else if (nc > 256 || (nt <= 128 && nc > 128)) {
       nc = round_down16(nc / 2);
     } else if (nt > 32) {
       nt /= 2;
@@ -380,18 +438,111 @@ void advise_huge_pages(void* ptr, int64_t bytes) {
 #endif
 }
 
+// ---- outputs ------------------------------------------------------------------------
+
+namespace {
+
+constexpr size_t kCacheBlocks = 2;
+constexpr size_t kCacheMaxBytes = size_t(1) << 30;
+constexpr size_t kHugePage = size_t(2) << 20;
+std::atomic<bool> g_output_cache{true};
+
+// Freed output buffers kept for the next output of the same size (a loop over batches of frames
+// then touches the same pages every call). Leaked on purpose: tensors may be freed at exit, after
+// static destructors have run.
+class OutputCache {
+ public:
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      if (blocks_[i].second == bytes) {
+        void* ptr = blocks_[i].first;
+        blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(i));
+        return ptr;
+      }
+    }
+    return nullptr;
+  }
+  void give(void* ptr, size_t bytes) {
+    void* evicted = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!g_output_cache.load() || bytes > kCacheMaxBytes) {
+        evicted = ptr;
+      } else {
+        size_t held = bytes;
+        for (const auto& b : blocks_) held += b.second;
+        if (blocks_.size() == kCacheBlocks || held > kCacheMaxBytes) {  // the oldest goes
+          evicted = blocks_.front().first;
+          blocks_.erase(blocks_.begin());
+        }
+        blocks_.emplace_back(ptr, bytes);
+      }
+    }
+    std::free(evicted);
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& b : blocks_) std::free(b.first);
+    blocks_.clear();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<void*, size_t>> blocks_;
+};
+
+OutputCache& output_cache() {
+  static auto* cache = new OutputCache();
+  return *cache;
+}
+
+struct CachedBlock {
+  void* ptr;
+  size_t size;
+};
+
+void release_block(void* context) {
+  auto* block = static_cast<CachedBlock*>(context);
+  output_cache().give(block->ptr, block->size);
+  delete block;
+}
+
+}  // namespace
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (!g_output_cache.load() || bytes < static_cast<size_t>(kHugePageMinBytes)) return at::empty(sizes, options);
+  const size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+  void* ptr = output_cache().take(size);
+  if (ptr == nullptr) {
+    ptr = std::aligned_alloc(kHugePage, size);
+    TORCH_CHECK(ptr != nullptr, "fvvae_fast: could not allocate an output of ", size, " bytes");
+    advise_huge_pages(ptr, static_cast<int64_t>(size));
+  }
+  // a resizable storage: growing the tensor later moves it to torch's allocator and frees this block
+  c10::DataPtr data(ptr, new CachedBlock{ptr, size}, &release_block, at::Device(at::kCPU));
+  c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(data), c10::GetCPUAllocator(), true);
+  return at::empty({0}, options).set_(std::move(storage), 0, sizes);
+}
+
+void set_output_cache(bool on) {
+  g_output_cache.store(on);
+  if (!on) output_cache().clear();
+}
+
 // ---- forward ------------------------------------------------------------------------
 
 template <typename T, typename O>
 void forward(const Problem& p, const T* x, const T* z, const T* weight, const T* bias, const T* inv_var,
-             const int64_t* offsets, O* out) {
+             const int64_t* offsets, O* out, const Normalize<T>* normalize) {
   constexpr bool kInPlace = std::is_same_v<T, O>;  // accumulate straight into G
   const int64_t C = p.c, d = p.d, D1 = d + 1;
   advise_huge_pages(out, p.s * C * D1 * static_cast<int64_t>(sizeof(O)));
   poison(out, p.s * C * D1);
   if (p.s == 0) return;
   const int64_t threads = num_threads();
-  const Tiles tiles = forward_tiles<T>(p, threads);
+  const Tiles tiles = forward_tiles<T>(p, threads, normalize != nullptr);
   const int64_t nt = tiles.nt;
   const std::vector<int64_t> groups = group_sets(offsets, p.s, nt);
   const int64_t num_groups = static_cast<int64_t>(groups.size()) - 1;
@@ -404,6 +555,9 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
   for (size_t u = 0; u < order.size(); ++u) order[u] = static_cast<int64_t>(u);
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t u, int64_t v) { return group_rows(u / ctiles) > group_rows(v / ctiles); });
+  // Normalisation: a set's vector is whole in one unit when ctiles == 1; else each unit leaves its
+  // block's sum |y| here and a last pass scales every set.
+  std::vector<double> sum_sq(normalize != nullptr && ctiles > 1 ? static_cast<size_t>(p.s * ctiles) : 0, 0.0);
 
   for_each_unit(
       static_cast<int64_t>(order.size()), threads,
@@ -421,6 +575,20 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
         for (int64_t s = s_begin; s < s_end; ++s) {
           if (offsets[s] == offsets[s + 1]) std::fill(block(s), block(s) + ncu * D1, O(0));
         }
+        // the set's block is complete in gs: G, or (normalize) its part of the Fisher vector, in O
+        auto finish = [&](int64_t s, T* gs) {
+          if (normalize == nullptr) {
+            if constexpr (!kInPlace) convert(gs, ncu * D1, block(s));
+            return;
+          }
+          const double sq = signed_sqrt_block(ncu * D1, gs, normalize->scale ? normalize->scale + c0 * D1 : nullptr);
+          if (ctiles == 1) {
+            scale_into(gs, ncu * D1, inverse_norm(sq, normalize->eps), block(s));
+          } else {
+            sum_sq[static_cast<size_t>(s * ctiles + c0 / nc)] = sq;
+            if constexpr (!kInPlace) convert(gs, ncu * D1, block(s));
+          }
+        };
         int64_t s = s_begin;
         for (int64_t t0 = lo; t0 < hi; t0 += nt) {
           const int64_t t1 = std::min(t0 + nt, hi);
@@ -446,13 +614,20 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
             } else {
               for (int64_t i = 0; i < ncu; ++i) gs[i * D1 + d] += colsum[i];
             }
-            if constexpr (!kInPlace) {
-              if (seg_end == offsets[s + 1]) convert(acc, ncu * D1, block(s));  // the set is complete
-            }
+            if (seg_end == offsets[s + 1]) finish(s, gs);  // the set is complete
             t = seg_end;
           }
         }
       });
+  if (sum_sq.empty()) return;
+  at::parallel_for(0, p.s, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      double sq = 0;
+      for (int64_t k = 0; k < ctiles; ++k) sq += sum_sq[static_cast<size_t>(s * ctiles + k)];
+      O* row = out + s * C * D1;
+      scale_into(row, C * D1, static_cast<O>(inverse_norm(sq, normalize->eps)), row);
+    }
+  });
 }
 
 // ---- backward -----------------------------------------------------------------------
@@ -543,7 +718,7 @@ void backward(const Problem& p, const Gr* grad, const T* x, const T* z, const T*
 
 #define FV_INSTANTIATE(T, O)                                                                              \
   template void forward<T, O>(const Problem&, const T*, const T*, const T*, const T*, const T*, const int64_t*, \
-                              O*);                                                                            \
+                              O*, const Normalize<T>*);                                                       \
   template void backward<T, O>(const Problem&, const O*, const T*, const T*, const T*, const T*, const T*,     \
                                const int64_t*, T*, T*, T*, T*, T*);
 #define FV_INSTANTIATE_ALL(T)     \

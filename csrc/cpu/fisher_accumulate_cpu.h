@@ -5,6 +5,8 @@
 // other CPU ops (csrc/sum_of_squares.cpp, csrc/train_loss.cpp) the debug hooks and the ISA clones.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstdint>
 
 // Element-wise tile passes are compiled for AVX-512, AVX2 and the baseline, picked at
@@ -33,14 +35,24 @@ struct Problem {
   int64_t s;  // number of sets (S); offsets has s + 1 entries, 0 = o[0] <= ... <= o[s] = n
 };
 
+// The Fisher vector's normalisation, fused into the forward's epilogue (paper Eq. 13, then the
+// signed square root and the L2 normalisation of section 4):
+//   y = -scale * vec(G[s]),  out[s] = sign(y) sqrt|y| / max(||sign(y) sqrt|y|||, eps)
+// scale: (C * (d+1)) diagonal whitening F^(-1/2), or null for F = I.
+template <typename T>
+struct Normalize {
+  const T* scale;
+  T eps;
+};
+
 // G[s] = sum_t r_t [z_t; 1]^T for every set, computed in T (float or double).
 //   x (N, C), z (N, d), weight (C, d), bias (C,), inv_var (C,), offsets (S+1,)
 //   out (S, C, d+1) in O (float, double, c10::Half or c10::BFloat16): every element is written
 //   (empty sets get zeros); O = T accumulates in place, any other O is converted from the T
-//   accumulators once per output block.
+//   accumulators once per output block. With `normalize`, out holds the normalised vectors instead.
 template <typename T, typename O>
 void forward(const Problem& p, const T* x, const T* z, const T* weight, const T* bias, const T* inv_var,
-             const int64_t* offsets, O* out);
+             const int64_t* offsets, O* out, const Normalize<T>* normalize = nullptr);
 
 // Gradients of <grad, G>, computed in T; grad (S, C, d+1) in Gr (any of the types of O above,
 // converted to T tile by tile).
@@ -87,5 +99,10 @@ bool poison_enabled();
 //   their first-touch page faults otherwise cost as much as the GEMMs of short sets.
 void set_huge_pages(bool on);
 void advise_huge_pages(void* ptr, int64_t bytes);
+// - keep freed outputs of at least 32 MiB (at most two, 1 GiB in all) for the next output of the
+//   same size (on by default): a fresh mapping is page-faulted and zeroed by the kernel on first
+//   touch, which costs more than the op itself at frame-sized sets.
+void set_output_cache(bool on);
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace fvvae_fast::cpu

@@ -398,6 +398,14 @@ class FisherInformation:
             self._cast[key] = self._factors.to(dtype, device)
         return self._cast[key]
 
+    def diagonal_scale(self, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """diag(F)^(-1/2) (D,) in ``dtype`` on ``device`` when the whitening is diagonal (mode "diagonal"),
+        else None: what :func:`fvvae_fast.fisher_encode` hands to the fused normalisation."""
+        if type(self._stats) is not DiagonalStatistics:
+            return None
+        self._require_data("whiten")
+        return self._factors_for(dtype, device).scale
+
     def whiten(self, G: Tensor) -> Tensor:
         """A vec(G) per set with A^T A = F_hat^(-1): G (S, C, d+1) or (S, D) float -> (S, D), row-major vec.
 

@@ -1,7 +1,9 @@
-"""The one dispatcher: which implementation of the ops (``fisher_accumulate``, ``sum_of_squares``) runs.
+"""The one dispatcher: which implementation of the ops (``fisher_accumulate``, ``fisher_vectors``,
+``sum_of_squares``) runs.
 
 A backend implements every op, with the signatures of :mod:`fvvae_fast.ops.reference`
-(``forward(..., offsets, *, out_dtype=None)``, ``backward``, ``sum_of_squares(g)``):
+(``forward(..., offsets, *, out_dtype=None)``, ``backward``, ``sum_of_squares(g)``,
+``vectors(..., offsets, scale, eps, *, out_dtype=None)``):
 
 - ``"reference"``: plain torch (:mod:`fvvae_fast.ops.reference`), any device.
 - ``"cpu"``: the compiled C++ kernel (``fvvae_fast._C``, sources in ``csrc/``), CPU tensors.
@@ -39,6 +41,7 @@ class Backend:
     forward: Callable[..., torch.Tensor]  # fisher_accumulate
     backward: Callable[..., tuple[torch.Tensor, ...]]  # its gradients
     sum_of_squares: Callable[[torch.Tensor], torch.Tensor]
+    vectors: Callable[..., torch.Tensor]  # fisher_vectors
 
 
 class BackendUnavailable(RuntimeError):
@@ -78,19 +81,21 @@ def _register_checkout_kernels() -> None:
 def _load(name: str) -> Backend | str:
     """The backend, or a string saying why it is unavailable (cached: imports run once)."""
     if name == "reference":
-        return Backend("reference", reference.forward, reference.backward, reference.sum_of_squares)
+        return Backend("reference", reference.forward, reference.backward, reference.sum_of_squares,
+                       reference.vectors)
     if name == "cpu":
         try:
             importlib.import_module("fvvae_fast._C")
         except ImportError as err:
             return f"the C++ extension fvvae_fast._C is not built ({err}); reinstall with a C++ compiler"
-        return Backend("cpu", _cpu_forward, _cpu_backward, torch.ops.fvvae_fast.sum_of_squares_cpu)
+        return Backend("cpu", _cpu_forward, _cpu_backward, torch.ops.fvvae_fast.sum_of_squares_cpu, _cpu_vectors)
     if name == "triton":
         try:
             kernels, squares = import_kernels("fisher_accumulate"), import_kernels("sum_of_squares")
         except ImportError as err:
             return f"Triton is not importable ({err})"
-        return Backend("triton", kernels.fisher_accumulate_fwd, kernels.fisher_accumulate_bwd, squares.sum_of_squares)
+        return Backend("triton", kernels.fisher_accumulate_fwd, kernels.fisher_accumulate_bwd, squares.sum_of_squares,
+                       kernels.fisher_vectors_fwd)
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
 
 
@@ -100,6 +105,10 @@ def _cpu_forward(x, z, weight, bias, inv_var, offsets, *, out_dtype=None):
 
 def _cpu_backward(grad, x, z, weight, bias, inv_var, offsets):
     return torch.ops.fvvae_fast.fisher_accumulate_backward_cpu(grad, x, z, weight, bias, inv_var, offsets)
+
+
+def _cpu_vectors(x, z, weight, bias, inv_var, offsets, scale, eps, *, out_dtype=None):
+    return torch.ops.fvvae_fast.fisher_vectors_cpu(x, z, weight, bias, inv_var, offsets, scale, eps, out_dtype)
 
 
 def _interpreting() -> bool:

@@ -1,4 +1,5 @@
-"""The float64-capable references of the ops (``fisher_accumulate``, ``sum_of_squares``): plain torch, the oracles.
+"""The float64-capable references of the ops (``fisher_accumulate``, ``fisher_vectors``, ``sum_of_squares``):
+plain torch, the oracles.
 
 Reads like the paper. For descriptor t of set X with latent z_t (Eq. 10, 11):
 
@@ -68,6 +69,30 @@ def forward(
         r = residual(xc, zc, w, b, v)
         out[s, :, :d] += r.t() @ zc  # sum_t r_t z_t^T   (Eq. 13)
         out[s, :, d] += r.sum(0)  # sum_t r_t         (the bias column)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def vectors(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    inv_var: torch.Tensor,
+    offsets: torch.Tensor,
+    scale: torch.Tensor | None,
+    eps: float,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Normalised Fisher vectors (S, C*(d+1)) in ``out_dtype``, default float32 (float64 for float64
+    inputs): y = -scale * vec(G) (Eq. 13 with a diagonal F^(-1/2) = ``scale`` (C*(d+1),), None for 1),
+    then sign(y) sqrt|y| / max(||sign(y) sqrt|y|||, eps). Inputs already validated."""
+    v = forward(x, z, weight, bias, inv_var, offsets).flatten(1)
+    if scale is not None:
+        v = v * scale.to(v.dtype)
+    y = -v
+    root = y.abs().sqrt().copysign(y)
+    out = root / root.norm(dim=1, keepdim=True).clamp_min(eps)
     return out if out_dtype is None else out.to(out_dtype)
 
 

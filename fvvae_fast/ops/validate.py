@@ -46,56 +46,57 @@ def check_inputs(
     offsets: torch.Tensor,
     nan_policy: str,
     out_dtype: torch.dtype | None = None,
+    op: str = "fisher_accumulate",
 ) -> None:
-    """Raise TypeError/ValueError naming the argument when metadata is wrong."""
+    """Raise TypeError/ValueError naming ``op`` and the argument when metadata is wrong."""
     tensors = dict(zip(_FLOAT_NAMES, (x, z, weight, bias, inv_var)), offsets=offsets)
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"fisher_accumulate: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     for name in _FLOAT_NAMES:
         t = tensors[name]
         if not t.is_floating_point():
-            raise TypeError(f"fisher_accumulate: {name} must be a floating tensor, got dtype {t.dtype}")
+            raise TypeError(f"{op}: {name} must be a floating tensor, got dtype {t.dtype}")
         if t.dtype != x.dtype:
             raise TypeError(
-                f"fisher_accumulate: {name} has dtype {t.dtype} but x has dtype {x.dtype}; "
+                f"{op}: {name} has dtype {t.dtype} but x has dtype {x.dtype}; "
                 "all floating inputs must share one dtype"
             )
         if t.device != x.device:
             raise ValueError(
-                f"fisher_accumulate: {name} is on {t.device} but x is on {x.device}; "
+                f"{op}: {name} is on {t.device} but x is on {x.device}; "
                 "all inputs must be on one device"
             )
     if offsets.dtype != torch.int64:
-        raise TypeError(f"fisher_accumulate: offsets must be an int64 tensor, got dtype {offsets.dtype}")
+        raise TypeError(f"{op}: offsets must be an int64 tensor, got dtype {offsets.dtype}")
     if offsets.device != x.device:
         raise ValueError(
-            f"fisher_accumulate: offsets is on {offsets.device} but x is on {x.device}; "
+            f"{op}: offsets is on {offsets.device} but x is on {x.device}; "
             "all inputs must be on one device"
         )
     if x.dim() != 2:
-        raise ValueError(f"fisher_accumulate: x must be (N, C), got {_describe(x)}")
+        raise ValueError(f"{op}: x must be (N, C), got {_describe(x)}")
     if z.dim() != 2:
-        raise ValueError(f"fisher_accumulate: z must be (N, d), got {_describe(z)}")
+        raise ValueError(f"{op}: z must be (N, d), got {_describe(z)}")
     n, c = x.shape
     d = z.shape[1]
     if z.shape[0] != n:
-        raise ValueError(f"fisher_accumulate: z must have N={n} rows like x, got {_describe(z)}")
+        raise ValueError(f"{op}: z must have N={n} rows like x, got {_describe(z)}")
     if c < 1 or d < 1:
-        raise ValueError(f"fisher_accumulate: need C >= 1 and d >= 1, got x {_describe(x)}, z {_describe(z)}")
+        raise ValueError(f"{op}: need C >= 1 and d >= 1, got x {_describe(x)}, z {_describe(z)}")
     if tuple(weight.shape) != (c, d):
-        raise ValueError(f"fisher_accumulate: weight must be (C, d) = ({c}, {d}), got {_describe(weight)}")
+        raise ValueError(f"{op}: weight must be (C, d) = ({c}, {d}), got {_describe(weight)}")
     if tuple(bias.shape) != (c,):
-        raise ValueError(f"fisher_accumulate: bias must be (C,) = ({c},), got {_describe(bias)}")
+        raise ValueError(f"{op}: bias must be (C,) = ({c},), got {_describe(bias)}")
     if tuple(inv_var.shape) != (c,):
-        raise ValueError(f"fisher_accumulate: inv_var must be (C,) = ({c},), got {_describe(inv_var)}")
-    check_offsets_shape(offsets, "fisher_accumulate")
+        raise ValueError(f"{op}: inv_var must be (C,) = ({c},), got {_describe(inv_var)}")
+    check_offsets_shape(offsets, op)
     if nan_policy not in NAN_POLICIES:
-        raise ValueError(f"fisher_accumulate: nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        raise ValueError(f"{op}: nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
-        raise TypeError(f"fisher_accumulate: out_dtype must be a torch.dtype or None, got {out_dtype!r}")
+        raise TypeError(f"{op}: out_dtype must be a torch.dtype or None, got {out_dtype!r}")
     if out_dtype is not None and out_dtype not in OUT_DTYPES:
-        raise ValueError(f"fisher_accumulate: out_dtype must be one of {OUT_DTYPES} or None, got {out_dtype}")
+        raise ValueError(f"{op}: out_dtype must be one of {OUT_DTYPES} or None, got {out_dtype}")
 
 
 def check_values(
@@ -106,15 +107,16 @@ def check_values(
     inv_var: torch.Tensor,
     offsets: torch.Tensor,
     nan_policy: str,
+    op: str = "fisher_accumulate",
 ) -> None:
     """Data-dependent checks: offsets form a valid partition of the N rows (host-checked tensors
     only, see :func:`_needs_host_checks`); NaN policy."""
     if _needs_host_checks(offsets):
-        check_offsets(offsets, x.shape[0], "fisher_accumulate")
+        check_offsets(offsets, x.shape[0], op)
     if nan_policy == "raise":
         for name, t in zip(_FLOAT_NAMES, (x, z, weight, bias, inv_var)):
             if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"fisher_accumulate: {name} contains NaN or Inf (nan_policy='raise')")
+                raise ValueError(f"{op}: {name} contains NaN or Inf (nan_policy='raise')")
 
 
 def _needs_host_checks(t: torch.Tensor) -> bool:
