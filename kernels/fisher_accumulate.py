@@ -88,7 +88,7 @@ _ROUND_BF16_BITS = tl.constexpr(_INTERPRET)
 
 # Integer arguments that change with the batch are not specialised: Triton would otherwise compile a
 # variant for a value of 1 and for multiples of 16, so a new batch shape could recompile.
-_batch_jit = triton.jit(do_not_specialize=("S", "LEN_KEY", "N_ENTRIES", "PER_GROUP"))
+_batch_jit = triton.jit(do_not_specialize=("S", "LEN_KEY", "N_ENTRIES"))
 
 _FP32_PRECISIONS = ("tf32x3", "ieee", "tf32")  # all exist in Triton 3.6 and 3.8
 FP32_PRECISION = os.environ.get("FVVAE_TRITON_FP32_PRECISION", "tf32x3")
@@ -133,6 +133,9 @@ else:
     }
 
 _TUNE_KEY = ["C", "D", "LEN_KEY"]
+# The normalising epilogue holds more registers (the scale tile: ptxas spills 1-3.5 KB more per thread at
+# the large tiles, tests/sm90_compile.py), so fisher_vectors picks its config on its own.
+_FWD_TUNE_KEY = [*_TUNE_KEY, "NORMALIZE"]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -144,8 +147,8 @@ def _prune(configs, named_args, **kwargs):
     ]
 
 
-def _autotune(configs):
-    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+def _autotune(configs, key=_TUNE_KEY):
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _prune})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,12 +222,12 @@ def _rounded_for(val, ptr):
 @triton.jit
 def _signed_sqrt(g, scale_ptr, idx, ok, HAS_SCALE: tl.constexpr):
     """The Fisher vector's entries before the L2 norm (Eq. 13, then the signed square root):
-    y = -scale[idx] * g, returns (sign(y) sqrt|y|, sum of |y| where ok), |y| being the root's square."""
+    y = -scale[idx] * g, returns (sign(y) sqrt|y|, sum of |y|), |y| being the root's square.
+    g is 0 outside ``ok`` (masked loads), so the sum needs no mask; few temporaries: the tile is large."""
     if HAS_SCALE:
         g = g * tl.load(scale_ptr + idx, mask=ok, other=0.0)
-    y = -g
-    root = tl.sqrt(tl.abs(y))
-    return tl.where(y < 0, -root, root), tl.sum(tl.where(ok, tl.abs(y), 0.0))
+    a = tl.abs(g)
+    return tl.where(g > 0, -tl.sqrt(a), tl.sqrt(a)), tl.sum(a)
 
 
 @triton.jit
@@ -234,35 +237,39 @@ def _store_g(dst, cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D: tl.constexpr,
     the first d tile, the bias column dst[c, D] = v_c acc_b[c]; rounded once to dst's dtype (out_dtype).
     NORMALIZE: the signed square roots of -scale * G instead, and the tile's sum of their squares
     stored at ``sq_ptr`` (the L2 norm follows in ``_normalize_rows_kernel``)."""
-    idx = cols[:, None] * (D + 1) + js[None, :]
-    ok = col_ok[:, None] & j_ok[None, :]
-    g = acc * v[:, None]
-    g_b = acc_b * v
     if NORMALIZE:
-        g, sq = _signed_sqrt(g, scale_ptr, idx, ok, HAS_SCALE)
+        idx = cols[:, None] * (D + 1) + js[None, :]
+        ok = col_ok[:, None] & j_ok[None, :]
+        g, sq = _signed_sqrt(acc * v[:, None], scale_ptr, idx, ok, HAS_SCALE)
+        tl.store(dst + idx, _rounded_for(g, dst), mask=ok)
         if pid_j == 0:
-            g_b, sq_b = _signed_sqrt(g_b, scale_ptr, cols * (D + 1) + D, col_ok, HAS_SCALE)
+            g_b, sq_b = _signed_sqrt(acc_b * v, scale_ptr, cols * (D + 1) + D, col_ok, HAS_SCALE)
+            tl.store(dst + cols * (D + 1) + D, _rounded_for(g_b, dst), mask=col_ok)
             sq += sq_b
         tl.store(sq_ptr, sq)
-    tl.store(dst + idx, _rounded_for(g, dst), mask=ok)
-    if pid_j == 0:
-        tl.store(dst + cols * (D + 1) + D, _rounded_for(g_b, dst), mask=col_ok)
+    else:  # (the same store as above, written out: sharing idx and ok made ptxas spill 20x more)
+        tl.store(dst + cols[:, None] * (D + 1) + js[None, :], _rounded_for(acc * v[:, None], dst),
+                 mask=col_ok[:, None] & j_ok[None, :])
+        if pid_j == 0:
+            tl.store(dst + cols * (D + 1) + D, _rounded_for(acc_b * v, dst), mask=col_ok)
 
 
 @triton.jit
-def _decode_t(w_ptr, p_ptr, z_ptr, cols, col_ok, rows, row_ok, D: tl.constexpr,
+def _decode_t(w_ptr, p_ptr, z_ptr, cols, col_ok, rows, row_ok, D: tl.constexpr, LD: tl.constexpr,
               WITH_Q: tl.constexpr, ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     """Transposed decoder GEMM tile over all of d, streaming d in BLOCK_K slices (d > BLOCK_J):
     a^T = W z^T and (WITH_Q) q^T = P_z z^T, each [BLOCK_C, BLOCK_T], bias not added.
-    ``p_ptr`` is P = grad[s] (C, d+1) in G's dtype, rounded to z's dtype tile by tile as it is loaded."""
+    ``p_ptr`` is P = grad[s] (C, d+1) in G's dtype, rounded to z's dtype tile by tile as it is loaded;
+    z and W rows have stride LD >= D, zero past D (see ``_aligned_rows``)."""
     a = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
     q = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in range(0, LD, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
-        zk = _tile(z_ptr, ks, k_ok, 1, rows, row_ok, D)  # [BLOCK_K, BLOCK_T]
-        a = _mm(_tile(w_ptr, cols, col_ok, D, ks, k_ok, 1), zk, a, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_K] @
+        kz_ok = ks < LD
+        zk = _tile(z_ptr, ks, kz_ok, 1, rows, row_ok, LD)  # [BLOCK_K, BLOCK_T]
+        a = _mm(_tile(w_ptr, cols, col_ok, LD, ks, kz_ok, 1), zk, a, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_K] @
         if WITH_Q:
             q = _mm(_rounded_for(_tile(p_ptr, cols, col_ok, D + 1, ks, k_ok, 1), z_ptr), zk, q, USE_DOT, PRECISION)
     return a, q
@@ -281,7 +288,7 @@ def _fwd_kernel(
     chunk_set_ptr, chunk_ptr_ptr, slot_ptr_ptr,  # chunk table (see _chunk_table)
     out_ptr, part_ptr,  # (S, C, D+1) output, (slots, C, D+1) fp32 partials of split sets
     scale_ptr, sq_ptr,  # NORMALIZE: (C*(D+1),) whitening (HAS_SCALE), (S, N_SQ) sums of squares per tile
-    S, C, D: tl.constexpr, N_ENTRIES, LEN_KEY, N_SQ,
+    S, C, D: tl.constexpr, LD: tl.constexpr, N_ENTRIES, LEN_KEY, N_SQ,
     ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -295,10 +302,11 @@ def _fwd_kernel(
     js = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     col_ok = cols < C
     j_ok = js < D
+    jz_ok = js < LD  # z and W: rows of stride LD, zero past D: masks uniform over 16-byte vectors
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]
     v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(ACC)  # [BLOCK_C]; r_t = v * diff_t
     if D <= BLOCK_J:
-        w_res = _tile(w_ptr, cols, col_ok, D, js, j_ok, 1)  # [BLOCK_C, BLOCK_J] resident
+        w_res = _tile(w_ptr, cols, col_ok, LD, js, jz_ok, 1)  # [BLOCK_C, BLOCK_J] resident
     zero_ct = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
     for e in range(tl.program_id(1), N_ENTRIES, tl.num_programs(1)):
         s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
@@ -308,11 +316,11 @@ def _fwd_kernel(
             for t0 in range(lo, hi, BLOCK_T):
                 rows = t0 + tl.arange(0, BLOCK_T)
                 row_ok = rows < hi
-                zt = _tile(z_ptr, rows, row_ok, D, js, j_ok, 1)  # [BLOCK_T, BLOCK_J]
+                zt = _tile(z_ptr, rows, row_ok, LD, js, jz_ok, 1)  # [BLOCK_T, BLOCK_J]
                 if D <= BLOCK_J:
                     a = _mm(w_res, tl.trans(zt), zero_ct, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_T]
                 else:
-                    a, _ = _decode_t(w_ptr, w_ptr, z_ptr, cols, col_ok, rows, row_ok, D, False,
+                    a, _ = _decode_t(w_ptr, w_ptr, z_ptr, cols, col_ok, rows, row_ok, D, LD, False,
                                      ACC, USE_DOT, PRECISION, BLOCK_T, BLOCK_C, BLOCK_K)  # [BLOCK_C, BLOCK_T]
                 xt = _tile(x_ptr, cols, col_ok, 1, rows, row_ok, C)  # [BLOCK_C, BLOCK_T]
                 _, diff = _relu_diff(a + b[:, None], xt, ACC)  # [BLOCK_C, BLOCK_T]
@@ -363,7 +371,7 @@ def _normalize_rows_kernel(out_ptr, sq_ptr, E, N_SQ, eps, ACC: tl.constexpr, BLO
     tl.store(out_ptr + s * E + idx, _rounded_for(row * inv, out_ptr), mask=ok)
 
 
-_fwd = {kind: _autotune(configs)(_fwd_kernel) for kind, configs in _FWD_CONFIGS.items()}
+_fwd = {kind: _autotune(configs, _FWD_TUNE_KEY)(_fwd_kernel) for kind, configs in _FWD_CONFIGS.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,7 +382,7 @@ def _bwd_rows_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, p_ptr, off_ptr,
     chunk_set_ptr, chunk_ptr_ptr,
     dx_ptr, dz_ptr,
-    S, C, D: tl.constexpr, LEN_KEY,
+    S, C, D: tl.constexpr, LD: tl.constexpr, LEN_KEY,
     ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -389,6 +397,7 @@ def _bwd_rows_kernel(
     pid_j = tl.program_id(1)
     js = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     j_ok = js < D
+    jz_ok = js < LD  # z and W: rows of stride LD, zero past D: masks uniform over 16-byte vectors
     s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
     if s < S:
         p_set = p_ptr + s * C * (D + 1)
@@ -397,18 +406,18 @@ def _bwd_rows_kernel(
             rows = t0 + tl.arange(0, BLOCK_T)
             row_ok = rows < hi
             if D <= BLOCK_J:
-                zt = _tile(z_ptr, rows, row_ok, D, js, j_ok, 1)  # [BLOCK_T, BLOCK_J] resident over C
+                zt = _tile(z_ptr, rows, row_ok, LD, js, jz_ok, 1)  # [BLOCK_T, BLOCK_J] resident over C
             dz = tl.zeros((BLOCK_T, BLOCK_J), ACC)  # [BLOCK_T, BLOCK_J]
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + tl.arange(0, BLOCK_C)
                 col_ok = cols < C
-                w_cj = _tile(w_ptr, cols, col_ok, D, js, j_ok, 1)  # [BLOCK_C, BLOCK_J]
+                w_cj = _tile(w_ptr, cols, col_ok, LD, js, jz_ok, 1)  # [BLOCK_C, BLOCK_J]
                 p_cj = _rounded_for(_tile(p_set, cols, col_ok, D + 1, js, j_ok, 1), z_ptr)  # [BLOCK_C, BLOCK_J]
                 if D <= BLOCK_J:
                     a = _mm(zt, tl.trans(w_cj), zero_tc, USE_DOT, PRECISION)  # [BLOCK_T, BLOCK_C]
                     q = _mm(zt, tl.trans(p_cj), zero_tc, USE_DOT, PRECISION)  # [BLOCK_T, BLOCK_C]
                 else:
-                    a_t, q_t = _decode_t(w_ptr, p_set, z_ptr, cols, col_ok, rows, row_ok, D, True,
+                    a_t, q_t = _decode_t(w_ptr, p_set, z_ptr, cols, col_ok, rows, row_ok, D, LD, True,
                                          ACC, USE_DOT, PRECISION, BLOCK_T, BLOCK_C, BLOCK_K)  # [BLOCK_C, BLOCK_T]
                     a = tl.trans(a_t)
                     q = tl.trans(q_t)
@@ -432,7 +441,7 @@ def _bwd_params_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, p_ptr, off_ptr,
     chunk_set_ptr, chunk_ptr_ptr,
     pw_ptr, pv_ptr,  # fp32 partials: (groups, C, D+1) of [dW | db], (groups, C) of dv
-    S, C, D: tl.constexpr, N_ENTRIES, PER_GROUP, LEN_KEY,
+    S, C, D: tl.constexpr, LD: tl.constexpr, LEN_KEY,
     ACC: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -447,15 +456,20 @@ def _bwd_params_kernel(
     js = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     col_ok = cols < C
     j_ok = js < D
+    jz_ok = js < LD  # z and W: rows of stride LD, zero past D: masks uniform over 16-byte vectors
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[:, None]  # [BLOCK_C, 1]
     if D <= BLOCK_J:
-        w_res = _tile(w_ptr, cols, col_ok, D, js, j_ok, 1)  # [BLOCK_C, BLOCK_J] resident
+        w_res = _tile(w_ptr, cols, col_ok, LD, js, jz_ok, 1)  # [BLOCK_C, BLOCK_J] resident
     acc = tl.zeros((BLOCK_C, BLOCK_J), ACC)  # [BLOCK_C, BLOCK_J]  sum_t (m q)_t z_t^T
     acc_b = tl.zeros((BLOCK_C,), ACC)  # [BLOCK_C]  sum_t (m q)_t
     acc_v = tl.zeros((BLOCK_C,), ACC)  # [BLOCK_C]  sum_t diff_t q_t
     zero_ct = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
-    e_end = tl.minimum((g + 1) * PER_GROUP, N_ENTRIES)
-    for e in range(g * PER_GROUP, e_end):
+    # the chunks in use (the table's length is an upper bound) split evenly over the groups, so that no
+    # group is left with only unused entries
+    n_used = tl.load(chunk_ptr_ptr + S)
+    per_group = tl.cdiv(n_used, tl.num_programs(0))
+    e_end = tl.minimum((g + 1) * per_group, n_used)
+    for e in range(g * per_group, e_end):
         s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
         if s < S:
             p_set = p_ptr + s * C * (D + 1)
@@ -465,12 +479,12 @@ def _bwd_params_kernel(
             for t0 in range(lo, hi, BLOCK_T):
                 rows = t0 + tl.arange(0, BLOCK_T)
                 row_ok = rows < hi
-                zt = _tile(z_ptr, rows, row_ok, D, js, j_ok, 1)  # [BLOCK_T, BLOCK_J]
+                zt = _tile(z_ptr, rows, row_ok, LD, js, jz_ok, 1)  # [BLOCK_T, BLOCK_J]
                 if D <= BLOCK_J:
                     a = _mm(w_res, tl.trans(zt), zero_ct, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_T]
                     q = _mm(p_res, tl.trans(zt), zero_ct, USE_DOT, PRECISION)  # [BLOCK_C, BLOCK_T]
                 else:
-                    a, q = _decode_t(w_ptr, p_set, z_ptr, cols, col_ok, rows, row_ok, D, True,
+                    a, q = _decode_t(w_ptr, p_set, z_ptr, cols, col_ok, rows, row_ok, D, LD, True,
                                      ACC, USE_DOT, PRECISION, BLOCK_T, BLOCK_C, BLOCK_K)  # [BLOCK_C, BLOCK_T]
                 q = q + p_b
                 m, diff = _relu_diff(a + b, _tile(x_ptr, cols, col_ok, 1, rows, row_ok, C), ACC)  # [BLOCK_C, BLOCK_T]
@@ -569,6 +583,24 @@ def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -
     return view.fill_(float("nan")) if _INTERPRET else view
 
 
+ROW_ALIGN = 16  # elements: z and W rows of any dtype start on 32-byte boundaries
+
+
+def _aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (R, d) with its rows padded with zeros to a stride of a multiple of ``ROW_ALIGN`` (t itself when
+    d is one). At d = 255 the unpadded rows start at odd 2-byte offsets: the kernels' z and W tiles then
+    load element by element and cannot use cp.async; with the padded stride (and masks at the stride,
+    which are uniform over 16-byte vectors) they load 16 bytes at a time. The zero columns add nothing."""
+    r, d = t.shape
+    ld = triton.cdiv(d, ROW_ALIGN) * ROW_ALIGN
+    if ld == d:
+        return t
+    out = torch.empty((r, ld), dtype=t.dtype, device=t.device)
+    out[:, d:].zero_()
+    out[:, :d].copy_(t)
+    return out
+
+
 def _modes(dtype: torch.dtype):
     """(accumulator dtype, tl accumulator, use tl.dot, dot input precision, config kind) for an input dtype."""
     if dtype == torch.float64:
@@ -664,6 +696,7 @@ def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
     chunk = chunk_rows or _default_chunk(n, triton.cdiv(c, 128) * triton.cdiv(d, 256), x.device)
     chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split = _chunk_table(offsets, chunk, n)
     part = _scratch((max(n_slots, 1), c, d + 1), acc_dtype, x.device)
+    z, weight = _aligned_rows(z), _aligned_rows(weight)
     modes = dict(NORMALIZE=normalize, HAS_SCALE=scale is not None)
     scale = sq if scale is None else scale
 
@@ -674,7 +707,7 @@ def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
 
     _fwd[kind][grid](
         x, z, weight, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, out, part, scale, sq,
-        s, c, d, n_entries, _len_key(n, s), n_sq, ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision, **modes,
+        s, c, d, z.shape[1], n_entries, _len_key(n, s), n_sq, ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision, **modes,
     )
     if n_split:
         _combine_kernel[(n_split, triton.cdiv(e, _COMBINE_BLOCK))](
@@ -731,21 +764,20 @@ def fisher_accumulate_bwd(
     len_key = _len_key(n, s)
     meta_args = dict(ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision)
     rows_kernel, params_kernel = _bwd_rows[kind], _bwd_params[kind]
+    z_rows, w_rows = _aligned_rows(z), _aligned_rows(weight)
 
     rows_kernel[lambda meta: (n_entries, triton.cdiv(d, meta["BLOCK_J"]))](
-        x, z, weight, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, dx, dz,
-        s, c, d, len_key, **meta_args,
+        x, z_rows, w_rows, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, dx, dz,
+        s, c, d, z_rows.shape[1], len_key, **meta_args,
     )
 
     tiles = triton.cdiv(c, 64) * triton.cdiv(d, 256)  # (C, d) tiles of the param kernel, about
     n_groups = groups or max(1, min(n_entries, triton.cdiv(_target_programs(x.device), tiles)))
-    per_group = triton.cdiv(n_entries, n_groups)
-    n_groups = triton.cdiv(n_entries, per_group)
     pw = _scratch((n_groups, c, d + 1), acc_dtype, x.device)
     pv = _scratch((n_groups, c), acc_dtype, x.device)
     params_kernel[lambda meta: (n_groups, triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(d, meta["BLOCK_J"]))](
-        x, z, weight, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv,
-        s, c, d, n_entries, per_group, len_key, **meta_args,
+        x, z_rows, w_rows, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv,
+        s, c, d, z_rows.shape[1], len_key, **meta_args,
     )
     gw = pw.sum(0)  # (C, d+1) fixed-order reduction over groups: deterministic
     dw.copy_(gw[:, :d])

@@ -20,6 +20,15 @@ from fvvae_fast.ops.validate import result_dtype
 from .cases import CASE_IDS, CASES, SEED, Case, check_backward, check_forward, make_inputs, tolerance
 from .conftest import DEVICE
 
+
+def triton_backends():
+    """Triton's CUDA backend module, or None."""
+    try:
+        from triton.backends import nvidia
+    except ImportError:
+        return None
+    return nvidia
+
 _reason = dispatch.available("triton", DEVICE)
 pytestmark = pytest.mark.skipif(_reason is not None, reason=str(_reason))
 K = dispatch.import_kernels("fisher_accumulate") if _reason is None else None
@@ -142,6 +151,49 @@ def test_long_set_split_many_ways():
         out = _poisoned((4, 9, 6), torch.float32)
         check_forward(K.fisher_accumulate_fwd(*inputs, out=out, chunk_rows=chunk), inputs, torch.float32,
                       f"chunk_rows={chunk}")
+
+
+@pytest.mark.parametrize("groups", [1, 2, 7, 64])
+def test_backward_param_groups_any_count(groups):
+    """The param kernel's groups share the chunks in use evenly, whether there are fewer groups than
+    chunks, about as many, or more (then some get none and store zero partials)."""
+    case = Case("many-sets", 11, 6, (0, 3, 1, 0, 5, 2, 9, 1, 0, 4))
+    _check_backward(case, torch.float32, chunk_rows=_block("BLOCK_T", min), groups=groups)
+
+
+@pytest.mark.parametrize("d", [1, 15, 16, 17, 255])
+def test_aligned_rows_pad_with_zeros_to_the_stride(d):
+    t = torch.randn(5, d, dtype=torch.bfloat16, device=DEVICE)
+    out = K._aligned_rows(t)
+    assert out.shape[1] % K.ROW_ALIGN == 0 and d <= out.shape[1] < d + K.ROW_ALIGN
+    assert torch.equal(out[:, :d], t) and bool((out[:, d:] == 0).all())
+    assert (out is t) == (d % K.ROW_ALIGN == 0)
+
+
+@pytest.mark.skipif(triton_backends() is None, reason="Triton has no CUDA backend to compile with")
+def test_every_kernel_variant_compiles_for_sm90():
+    """Ahead of time, no GPU needed (tests/sm90_compile.py): every kernel, autotune config and dtype kind
+    compiles for sm_90 at d = 255. The bf16 forward loads its z and W tiles through cp.async in
+    16-byte vectors, which needs the padded row stride: unpadded, d = 255 rows start at odd 2-byte
+    offsets (about 200 scalar 2-byte loads per kernel and no cp.async)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, str(root / "tests" / "sm90_compile.py")], capture_output=True, text=True,
+                         env=env, cwd=root, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) >= 40, run.stdout[-2000:]
+    failed = [r for r in rows if "error" in r]
+    assert not failed, failed
+    forward = [r for r in rows if r["kernel"] == "fwd" and r["kind"] == "half" and r["BLOCK_J"] >= 128]
+    assert forward and all(r["cp_async"] > 0 and r["scalar_b16_loads"] < 64 for r in forward), forward
 
 
 def test_deterministic():
