@@ -46,7 +46,8 @@ tile stays on chip while it loops over C tiles; each W and P_z tile feeds both t
 (a, q) and the dz GEMM; dx is stored per C tile, dz once. Param kernel: program (group of chunks,
 tile of C, tile of d), orientation [C, rows] as in the forward (W tile on chip, P_z tile on chip
 per set); each group stores one fp32 partial of [dW | db] and dv and the launcher sums them with
-one ``torch.sum`` over groups (Liger-style: deterministic, no atomics). a and q are recomputed in
+one ``torch.sum`` over groups (Liger-style: deterministic, no atomics); the groups split the chunks in use
+(``chunk_ptr[S]``, read on the device) evenly. a and q are recomputed in
 both kernels instead of being stored (2 x 4 N C d extra flops, no (N, C) round trip).
 
 Normalised vectors (``fisher_vectors_fwd``): the same forward, whose epilogue writes the signed square
