@@ -38,7 +38,7 @@ from .io import atomic_torch_save
 from .model import FVVAE
 from .pipelines.backbones import Backbone, _read_state_dict
 from .pipelines.datasets import Dataset, Item
-from .pipelines.sources import FrameSource, VideoSource
+from .pipelines.sources import DEVICE_DECODERS, FrameSource, VideoSource
 from .train import (
     CHECKPOINT_SECONDS,
     CHECKPOINT_VERSION,
@@ -351,6 +351,9 @@ def finetune(
         raise TypeError(f"finetune: backbone must be a Backbone (build_backbone), got {type(backbone).__name__}")
     if not isinstance(source, FrameSource):
         raise TypeError(f"finetune: source must be a VideoSource or ImageSource, got {type(source).__name__}")
+    if getattr(source, "decoder", None) in DEVICE_DECODERS:
+        raise ValueError(f"finetune: decoder={source.decoder!r} decodes on the GPU; fine-tuning prepares its frames "
+                         "on the CPU in the loader workers: use decoder='pyav' or 'torchcodec'")
     items = dataset.items
     if not items:
         raise ValueError(f"finetune: dataset {dataset.name!r} has no item to train on")

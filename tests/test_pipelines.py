@@ -22,6 +22,7 @@ from fvvae_fast.pipelines import (  # noqa: E402
     BackboneError,
     Dataset,
     DatasetError,
+    FlowSource,
     ImageSource,
     Item,
     PrecomputedSource,
@@ -278,6 +279,78 @@ def test_torchcodec_missing_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match="torchcodec") as err:
         decode_video(path, 3, decoder="torchcodec")
     assert is_user_error(err.value)  # the command line's one error line, no traceback
+
+
+def _gpu_decoder_on_the_cpu(monkeypatch) -> list:
+    """Stand in for a CUDA machine: torchcodec-cuda passes its device to torchcodec, which decodes on
+    the CPU here. Returns the devices the decoder was asked for."""
+    asked = []
+    real = sources._torchcodec_decoder()
+
+    def decoder(path, *, device=None, **kwargs):
+        asked.append(device)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(sources, "_torchcodec_decoder", lambda: decoder)
+    return asked
+
+
+@pytest.mark.skipif(_torchcodec_missing() is not None, reason="torchcodec or FFmpeg's libraries are not installed")
+def test_gpu_decoder_asks_torchcodec_for_the_current_cuda_device(tmp_path, monkeypatch):
+    path = make_video(tmp_path / "v.mp4", frames=10)
+    cpu = decode_video(path, 4, decoder="torchcodec")
+    asked = _gpu_decoder_on_the_cpu(monkeypatch)
+    assert torch.equal(decode_video(path, 4, decoder="torchcodec-cuda"), cpu)
+    assert asked == [torch.device("cuda", 0)]
+
+
+@pytest.mark.skipif(_torchcodec_missing() is not None, reason="torchcodec or FFmpeg's libraries are not installed")
+def test_gpu_decoder_runs_the_stage_in_the_main_process(tmp_path, monkeypatch, tiny_backbone):
+    """With a GPU decoder the stage decodes in the main process (workers=0 by default; a worker count is
+    refused) and writes the descriptors the CPU decoder gives."""
+    ds = video_dataset(tmp_path / "videos", n=3)
+    kwargs = {"shard_items": 3, "batch_frames": 3, "progress": False}
+    extract_descriptors(VideoSource(frames=2, size=64, decoder="torchcodec"), ds, tmp_path / "cpu", tiny_backbone,
+                        workers=0, **kwargs)
+    asked = _gpu_decoder_on_the_cpu(monkeypatch)
+    source = VideoSource(frames=2, size=64, decoder="torchcodec-cuda")
+    with pytest.raises(ValueError, match="need workers=0, got 2"):
+        extract_descriptors(source, ds, tmp_path / "refused", tiny_backbone, workers=2, **kwargs)
+    extract_descriptors(source, ds, tmp_path / "gpu", tiny_backbone, **kwargs)
+    assert len(asked) == 4  # every file that exists: the three videos and the corrupt one, which then fails
+    for shard in sorted((tmp_path / "cpu/shards").glob("*.npy")):
+        assert shard.read_bytes() == (tmp_path / "gpu/shards" / shard.name).read_bytes()
+
+
+def test_gpu_decoder_needs_cuda_and_is_refused_where_frames_stay_on_the_cpu(tmp_path, monkeypatch, tiny_backbone):
+    from fvvae_fast.finetune import finetune
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ImportError, match="needs CUDA") as err:
+            VideoSource(decoder="torchcodec-cuda")
+        assert is_user_error(err.value)
+    if _torchcodec_missing() is None:
+        _gpu_decoder_on_the_cpu(monkeypatch)
+        with pytest.raises(ValueError, match="flow stream's images are computed on the CPU"):
+            FlowSource(decoder="torchcodec-cuda")
+        with pytest.raises(ValueError, match="fine-tuning prepares its frames on the CPU"):
+            finetune(tiny_backbone, VideoSource(decoder="torchcodec-cuda"), video_dataset(tmp_path, n=2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or _torchcodec_missing() is not None,
+                    reason="needs CUDA and torchcodec")
+@pytest.mark.parametrize("clip", list(CLIPS))
+def test_nvdec_frames_match_the_cpu_decode(tmp_path, clip):
+    """On a GPU: NVDEC's frames are the CPU decode's frames, on the device, up to its colour conversion."""
+    name, codec, frames, options = CLIPS[clip]
+    path = make_clip(tmp_path / name, codec, frames, **options)
+    cpu = decode_video(path, 25, decoder="torchcodec")
+    gpu = decode_video(path, 25, decoder="torchcodec-cuda")
+    assert gpu.shape == cpu.shape and gpu.dtype == torch.uint8
+    diff = (gpu.cpu().float() - cpu.float()).abs()
+    assert float(diff.mean()) <= 3.0, f"mean |difference| {float(diff.mean()):.2f} grey levels"
 
 
 def test_decoder_and_frame_count_are_checked(tmp_path):

@@ -1,6 +1,7 @@
 """The descriptor stage: items -> decode -> preprocess -> backbone -> pooling -> a resumable store.
 
-Decoding runs in DataLoader worker processes, which hand uint8 frames to the main process;
+Decoding runs in DataLoader worker processes, which hand uint8 frames to the main process (a GPU
+decoder, ``torchcodec-cuda``, runs in the main process and its frames are on the device already);
 there each item's frames go to the backbone's device (through reusable pinned host buffers
 on CUDA), are resized, cropped and normalised there (:meth:`FrameSource.prepare`), and the
 frames of several items are batched together through the backbone (``batch_frames`` frames
@@ -32,7 +33,7 @@ from ..store import ShardResult, Store, item_records
 from .backbones import Backbone
 from .datasets import Dataset, Item, crop_parent
 from .sharded import ShardedStage, StageReport
-from .sources import FrameSource, PrecomputedSource
+from .sources import DEVICE_DECODERS, FrameSource, PrecomputedSource
 
 log = logging.getLogger("fvvae_fast")
 
@@ -100,7 +101,7 @@ class _Staging:
         self.turn = 0
 
     def __call__(self, frames: Tensor) -> Tensor:
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or frames.device.type == "cuda":  # (decoded on the GPU already)
             return frames.to(self.device)
         k, self.turn = self.turn, 1 - self.turn
         if self.copied[k] is not None:
@@ -322,7 +323,11 @@ def extract_descriptors(
         backbone = backbone.to(device).eval()
         dim = backbone.output_shape(*source.input_size)[0]
         unit = source.kind
-    workers = default_workers() if workers is None else workers
+    on_device = getattr(source, "decoder", None) in DEVICE_DECODERS
+    if on_device and workers:
+        raise ValueError(f"extract_descriptors: decoder={source.decoder!r} decodes on the GPU in the main process "
+                         f"(CUDA cannot run in worker processes): need workers=0, got {workers}")
+    workers = 0 if on_device else default_workers() if workers is None else workers
     if batch_frames < 1 or workers < 0:
         raise ValueError(f"extract_descriptors: need batch_frames >= 1 and workers >= 0, got {batch_frames}, {workers}")
     config = {"stage": "descriptors", "dataset": dataset.name, "source": source.config(),

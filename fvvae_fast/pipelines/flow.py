@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..io import atomic_open
 from .datasets import Item
-from .sources import SourceError, VideoSource, decode_frames, sample_indices
+from .sources import DEVICE_DECODERS, SourceError, VideoSource, decode_frames, sample_indices
 
 FLOW_BOUND = 20.0
 FLOW_METHODS = ("auto", "tvl1", "farneback", "raft_small", "raft_large")
@@ -253,6 +253,9 @@ class FlowSource(VideoSource):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.decoder in DEVICE_DECODERS:
+            raise ValueError(f"decoder={self.decoder!r} decodes on the GPU; the flow stream's images are computed on "
+                             "the CPU in the decoding workers: use decoder='pyav' or 'torchcodec'")
         resolve_method(self.flow_method)
         if not self.flow_bound > 0:
             raise ValueError(f"flow_bound must be > 0, got {self.flow_bound}")

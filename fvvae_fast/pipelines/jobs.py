@@ -147,7 +147,8 @@ class MediaJob(Job):
                                      group="sampling and pooling")
     box: bool = option(False, "images: crop to the bounding box first (CUB '+box')", group="sampling and pooling")
     decoder: str = option("pyav", "video decoder: pyav (seeks to the sampled frames), torchcodec (optional package "
-                          "with FFmpeg's libraries; 1.6-1.8x faster on the CPU)", choices=DECODERS,
+                          "with FFmpeg's libraries; 1.6-1.8x faster on the CPU), torchcodec-cuda (torchcodec on the "
+                          "GPU's NVDEC, in the main process: needs --workers 0 or none)", choices=DECODERS,
                           group="source and backbone")
     precision: str = option("fp32", "backbone arithmetic: fp32, bf16 (autocast), fp16 (autocast, CUDA only)",
                             choices=PRECISIONS, group="source and backbone")

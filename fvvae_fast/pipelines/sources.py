@@ -32,7 +32,9 @@ from .datasets import Item
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS = ("torchvision", "release")
-DECODERS = ("pyav", "torchcodec")
+DECODERS = ("pyav", "torchcodec", "torchcodec-cuda")
+# decoders that return frames on the GPU: they run in the main process (CUDA is not for worker processes)
+DEVICE_DECODERS = ("torchcodec-cuda",)
 
 
 class SourceError(UserError, ValueError):
@@ -56,8 +58,11 @@ def check_decoder(decoder: str) -> None:
     its library is missing."""
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
-    if decoder == "torchcodec":
+    if decoder.startswith("torchcodec"):
         _torchcodec_decoder()
+    if decoder in DEVICE_DECODERS and not torch.cuda.is_available():
+        raise DecoderUnavailable(f"decoder={decoder!r} decodes on the GPU (NVDEC) and needs CUDA, which this "
+                                 "machine lacks; use decoder='torchcodec' or 'pyav'")
 
 
 def _torchcodec_decoder():
@@ -171,17 +176,18 @@ def _decode_pyav(path: Path, pick: Callable[[int], list[int]]) -> Tensor:
     return _rgb(_decode_in_order(path, count, idx))
 
 
-def _decode_torchcodec(path: Path, pick: Callable[[int], list[int]]) -> Tensor:
+def _decode_torchcodec(path: Path, pick: Callable[[int], list[int]], device: torch.device | None = None) -> Tensor:
     """torchcodec's frames when they are the packet index's (PyAV's) frames, else PyAV's decode.
 
     torchcodec trusts the container's keyframe flags: an MPEG-4 AVI with B-frames that flags P-frames
     as keys gets frames 2-3 positions late from its exact seek, or an error on the last one. The
     presentation times it returns show this, so they are checked against the packets (demuxed, not
-    decoded) and such a file is decoded by PyAV instead."""
+    decoded) and such a file is decoded by PyAV instead. ``device``: a CUDA device decodes there (NVDEC)
+    and the frames stay on it (PyAV's, when it takes over, are on the CPU)."""
     import av
 
     try:
-        decoder = _torchcodec_decoder()(os.fspath(path), seek_mode="exact", dimension_order="NCHW")
+        decoder = _torchcodec_decoder()(os.fspath(path), seek_mode="exact", dimension_order="NCHW", device=device)
         idx = pick(len(decoder))
         batch = decoder.get_frames_at(indices=idx)
     except RuntimeError:
@@ -202,7 +208,10 @@ def decode_frames(path: str | os.PathLike, pick: Callable[[int], list[int]], *, 
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"file not found: {path}")
-    return (_decode_torchcodec if decoder == "torchcodec" else _decode_pyav)(path, pick)
+    if decoder == "pyav":
+        return _decode_pyav(path, pick)
+    device = torch.device("cuda", torch.cuda.current_device()) if decoder in DEVICE_DECODERS else None
+    return _decode_torchcodec(path, pick, device)
 
 
 def decode_video(path: str | os.PathLike, num_frames: int, *, decoder: str = "pyav") -> Tensor:
@@ -219,7 +228,10 @@ def decode_video(path: str | os.PathLike, num_frames: int, *, decoder: str = "py
     decoded frames do not match them, is decoded once in order instead. ``"torchcodec"``
     (optional package, with FFmpeg's shared libraries) does the same with torchcodec's exact seek
     mode, its presentation times checked against the packets (PyAV decodes a file where they
-    differ). Exact and deterministic. Raises :class:`SourceError` or the decoder's errors for an unreadable file.
+    differ). Exact and deterministic. ``"torchcodec-cuda"``: torchcodec on the current CUDA device's
+    video decoder (NVDEC), the frames returned on that device (the GPU's colour conversion may differ
+    from FFmpeg's by a few grey levels). Raises :class:`SourceError` or the decoder's errors for an
+    unreadable file.
     """
     if num_frames < 1:
         raise ValueError(f"decode_video: num_frames must be >= 1, got {num_frames}")
@@ -294,7 +306,8 @@ class VideoSource(FrameSource):
 
     torchvision preprocessing: shorter side to ``resize`` (256), centre crop ``size`` (224).
     Release preprocessing: resize to exactly 240 x 320, centre crop 224 (``size``/``resize`` unused).
-    ``decoder``: ``"pyav"`` or ``"torchcodec"`` (optional package), see :func:`decode_video`.
+    ``decoder``: ``"pyav"``, ``"torchcodec"`` or ``"torchcodec-cuda"`` (optional package; the last decodes on
+    the GPU, in the main process), see :func:`decode_video`.
     """
 
     frames: int = 25
