@@ -127,10 +127,11 @@ def fisher_encode(
         torch.Size([2, 32])
     """
     x, offsets = as_sets(x, offsets)
-    scale = _diagonal_scale(fim, model, x)
-    if normalize and (fim is None or scale is not None) and not _needs_grad(model, x):
-        # the whitening, sign and normalisation in the kernel's epilogue: G is never written
-        return fisher_vectors(*_op_inputs(model, x), offsets, scale=scale, backend=backend)
+    if normalize and not _needs_grad(model, x):
+        scale = _diagonal_scale(fim, model, x)
+        if fim is None or scale is not None:
+            # the whitening, sign and normalisation in the kernel's epilogue: G is never written
+            return fisher_vectors(*_op_inputs(model, x), offsets, scale=scale, backend=backend)
     G = fisher_gradients(model, x, offsets, backend=backend)
     vec = G.reshape(G.shape[0], -1) if fim is None else fim.whiten(G)
     return power_l2_normalize(vec, negate=True) if normalize else -vec

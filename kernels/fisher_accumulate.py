@@ -693,7 +693,8 @@ def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
     n_sq = max(triton.cdiv(c, min(cf.kwargs["BLOCK_C"] for cf in _FWD_CONFIGS[kind]))
                * triton.cdiv(d, min(cf.kwargs["BLOCK_J"] for cf in _FWD_CONFIGS[kind])),
                triton.cdiv(e, _COMBINE_BLOCK)) if normalize else 1
-    sq = torch.zeros((s, n_sq) if normalize else (1,), dtype=acc_dtype, device=x.device)
+    # (G alone: out stands in for the unused scale and sum pointers, no allocation or launch)
+    sq = torch.zeros((s, n_sq), dtype=acc_dtype, device=x.device) if normalize else out
     chunk = chunk_rows or _default_chunk(n, triton.cdiv(c, 128) * triton.cdiv(d, 256), x.device)
     chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split = _chunk_table(offsets, chunk, n)
     part = _scratch((max(n_slots, 1), c, d + 1), acc_dtype, x.device)

@@ -92,6 +92,7 @@ constexpr int64_t kWholeSetBytes = 1024 * 1024;        // a set's [C, d+1] block
 // Outputs this large are always their own mmap under glibc (its largest mmap threshold), so
 // advising transparent huge pages on them affects nothing else in the process.
 constexpr int64_t kHugePageMinBytes = int64_t(32) << 20;
+constexpr size_t kHugePage = size_t(2) << 20;  // a transparent huge page (x86-64)
 
 std::atomic<int> g_gemm{static_cast<int>(Gemm::kAuto)};
 std::atomic<bool> g_poison{false};
@@ -428,9 +429,8 @@ void for_each_unit(int64_t units, int64_t threads, const MakeState& make_state, 
 void advise_huge_pages(void* ptr, int64_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (!g_huge_pages.load(std::memory_order_relaxed) || bytes < kHugePageMinBytes) return;
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(ptr) + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
   if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // best effort
 #else
   (void)ptr;
@@ -444,7 +444,6 @@ namespace {
 
 constexpr size_t kCacheBlocks = 2;
 constexpr size_t kCacheMaxBytes = size_t(1) << 30;
-constexpr size_t kHugePage = size_t(2) << 20;
 std::atomic<bool> g_output_cache{true};
 
 // Freed output buffers kept for the next output of the same size (a loop over batches of frames
