@@ -21,7 +21,7 @@ import pytest
 import torch
 from common import default_device, record, run_benchmark
 
-from fvvae_fast.encode import fisher_gradients
+from fvvae_fast.encode import fisher_encode, fisher_gradients, power_l2_normalize
 from fvvae_fast.fim import FisherInformation
 from fvvae_fast.model import FVVAE
 
@@ -77,6 +77,24 @@ def test_encode_baseline(benchmark, length):
     n = SETS * length
     flops = 2 * n * (C * C + C * LATENT) + 2 * n * C * LATENT + 2 * n * C * (LATENT + 1)
     _record(benchmark, f"encode-T{length}", SETS, flops, 4 * (n * C + SETS * DIM))
+
+
+@pytest.mark.parametrize("path", ["fused", "composed"])
+def test_encode_normalized(benchmark, path):
+    """What the encode stage computes, ``fisher_encode(..., fim=diagonal)`` of SETS frames: the fused path
+    (whitening, sign, signed sqrt and L2 in the kernel's epilogue; outside autograd) against the same
+    steps composed (G, ``whiten``, ``power_l2_normalize``)."""
+    model, (x, offsets) = _model(), _sets(SETS)
+    fim = _estimated("k0-diagonal", model, SETS)
+    if path == "fused":
+        fn = torch.inference_mode()(lambda: fisher_encode(model, x, offsets, fim=fim))
+    else:
+        fn = torch.inference_mode()(lambda: power_l2_normalize(fisher_encode(model, x, offsets, fim=fim,
+                                                                              normalize=False)))
+    run_benchmark(benchmark, fn, DEVICE, rounds=10, warmup=2)
+    n = SETS * T
+    flops = 2 * n * (C * C + C * LATENT) + 2 * n * C * LATENT + 2 * n * C * (LATENT + 1)
+    _record(benchmark, f"encode-normalized-{path}", SETS, flops, 4 * (n * C + SETS * DIM))
 
 
 @pytest.mark.parametrize("name", list(MODES))
