@@ -31,7 +31,17 @@ import torch
 
 from fvvae_fast.ops import dispatch, reference
 
-from .cases import CASE_IDS, CASES, SEED, Case, check_backward, check_forward, generator, make_inputs
+from .cases import (
+    CASE_IDS,
+    CASES,
+    SEED,
+    Case,
+    check_backward,
+    check_forward,
+    generator,
+    make_inputs,
+    poisoned_cpu_kernels,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +61,8 @@ GEMMS = ["auto", "torch", "naive"]
 @pytest.fixture(autouse=True)
 def _poisoned_kernel():
     """Outputs and scratch start as NaN: an unwritten element cannot pass for a value."""
-    _C._set_poison(True)
-    yield
-    _C._set_poison(False)
+    with poisoned_cpu_kernels():
+        yield
     _C._set_gemm("auto")
 
 

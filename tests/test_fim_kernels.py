@@ -10,7 +10,7 @@ import torch
 
 from fvvae_fast.ops import dispatch, reference, sum_of_squares
 
-from .cases import generator
+from .cases import generator, poisoned_cpu_kernels
 from .conftest import DEVICE
 
 _TRITON = dispatch.available("triton", DEVICE)
@@ -31,15 +31,7 @@ def test_sum_of_squares_matches_float64(backend, shape, dtype):
     name, device = backend
     g = _draw(shape, dtype)
     want = (g.double() ** 2).sum(0)
-    if name == "cpu":  # poison the outputs: an element the kernel forgets stays NaN
-        from fvvae_fast import _C
-
-        _C._set_poison(True)
-        try:
-            out = sum_of_squares(g.to(device), backend=name)
-        finally:
-            _C._set_poison(False)
-    else:
+    with poisoned_cpu_kernels():  # an element the C++ kernel forgets stays NaN
         out = sum_of_squares(g.to(device), backend=name)
     assert out.dtype == torch.float64 and out.shape == (shape[1],) and out.device.type == torch.device(device).type
     torch.testing.assert_close(out.cpu(), want, rtol=1e-14, atol=0)

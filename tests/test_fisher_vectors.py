@@ -10,7 +10,7 @@ import torch
 import fvvae_fast as fv
 from fvvae_fast.ops import dispatch, reference
 
-from .cases import CASE_IDS, CASES, Case, generator, make_inputs, mask_may_flip, tolerance
+from .cases import CASE_IDS, CASES, Case, generator, make_inputs, mask_may_flip, poisoned_cpu_kernels, tolerance
 
 # (input dtype, out_dtype)
 DTYPES = [(torch.float64, None), (torch.float32, None), (torch.float32, torch.bfloat16), (torch.bfloat16, None)]
@@ -20,16 +20,9 @@ _CPU_REASON = dispatch.available("cpu", torch.device("cpu"))
 
 
 @pytest.fixture(autouse=True)
-def _poisoned_cpu_kernel():
-    """The C++ kernel's outputs start as NaN: an element it forgot to write cannot pass for a value."""
-    if _CPU_REASON is not None:
+def _poisoned():
+    with poisoned_cpu_kernels():
         yield
-        return
-    from fvvae_fast import _C
-
-    _C._set_poison(True)
-    yield
-    _C._set_poison(False)
 
 
 def _scale(case: Case, device) -> torch.Tensor:

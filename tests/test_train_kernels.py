@@ -12,7 +12,7 @@ import torch
 import fvvae_fast as fv
 from fvvae_fast.ops import dispatch, training
 
-from .cases import generator
+from .cases import generator, poisoned_cpu_kernels
 
 pytestmark = pytest.mark.skipif(dispatch.available("cpu", torch.device("cpu")) is not None,
                                 reason="the C++ extension is not built")
@@ -24,11 +24,8 @@ SHAPES = [(0, 5, 3), (1, 7, 2), (33, 13, 5), (70, 1, 1), (2048, 384, 31)]
 
 @pytest.fixture(autouse=True)
 def _poisoned():
-    from fvvae_fast import _C
-
-    _C._set_poison(True)
-    yield
-    _C._set_poison(False)
+    with poisoned_cpu_kernels():
+        yield
 
 
 @contextlib.contextmanager
