@@ -668,9 +668,10 @@ def fisher_vectors_fwd(
     y = -scale * vec(G[s]) (``scale`` (C*(d+1),) or None for 1), sign(y) sqrt|y| in the forward's
     epilogue, then divided by max(its L2 norm, eps). Inputs as :func:`fisher_accumulate_fwd`."""
     c, d, s = x.shape[1], z.shape[1], offsets.shape[0] - 1
-    out = torch.empty((s, c * (d + 1)), dtype=out_dtype or _modes(x.dtype)[0], device=x.device)
+    acc_dtype = _modes(x.dtype)[0]
+    out = torch.empty((s, c * (d + 1)), dtype=out_dtype or acc_dtype, device=x.device)
     if scale is not None:
-        scale = scale.to(_modes(x.dtype)[0]).contiguous()
+        scale = scale.to(acc_dtype).contiguous()
     return _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows)
 
 
