@@ -221,12 +221,18 @@ def _rounded_for(val, ptr):
 
 
 @triton.jit
-def _signed_sqrt(g, scale_ptr, idx, ok, HAS_SCALE: tl.constexpr):
-    """The Fisher vector's entries before the L2 norm (Eq. 13, then the signed square root):
-    y = -scale[idx] * g, returns (sign(y) sqrt|y|, sum of |y|), |y| being the root's square.
-    g is 0 outside ``ok`` (masked loads), so the sum needs no mask; few temporaries: the tile is large."""
+def _whitened(g, scale_ptrs, ok, HAS_SCALE: tl.constexpr):
+    """g times the diagonal whitening diag(F)^-1/2 of Eq. 13, one factor per entry at ``scale_ptrs`` (0 off ``ok``)."""
     if HAS_SCALE:
-        g = g * tl.load(scale_ptr + idx, mask=ok, other=0.0)
+        g = g * tl.load(scale_ptrs, mask=ok, other=0.0)
+    return g
+
+
+@triton.jit
+def _signed_sqrt(g):
+    """The Fisher vector's entries before the L2 norm, of a whitened G (Eq. 13's minus sign, then the signed
+    square root): y = -g, returns (sign(y) sqrt|y|, sum of |y|), |y| being the root's square. g is 0 where
+    nothing was accumulated, so the sum needs no mask."""
     a = tl.abs(g)
     return tl.where(g > 0, -tl.sqrt(a), tl.sqrt(a)), tl.sum(a)
 
@@ -238,17 +244,20 @@ def _store_g(dst, cols, col_ok, js, j_ok, acc, acc_b, v, pid_j, D: tl.constexpr,
     the first d tile, the bias column dst[c, D] = v_c acc_b[c]; rounded once to dst's dtype (out_dtype).
     NORMALIZE: the signed square roots of -scale * G instead, and the tile's sum of their squares
     stored at ``sq_ptr`` (the L2 norm follows in ``_normalize_rows_kernel``)."""
+    # Pointers and masks are written out in each load and store: computed once and shared, they stay live as
+    # [BLOCK_C, BLOCK_J] tensors, and at the [128, 256] bf16 tile ptxas spilled 3.6 KB per thread instead of 1 KB
+    # (NORMALIZE) and 20x more (G) at sm_90 (tests/sm90_compile.py).
     if NORMALIZE:
-        idx = cols[:, None] * (D + 1) + js[None, :]
-        ok = col_ok[:, None] & j_ok[None, :]
-        g, sq = _signed_sqrt(acc * v[:, None], scale_ptr, idx, ok, HAS_SCALE)
-        tl.store(dst + idx, _rounded_for(g, dst), mask=ok)
+        root, sq = _signed_sqrt(_whitened(acc * v[:, None], scale_ptr + cols[:, None] * (D + 1) + js[None, :],
+                                          col_ok[:, None] & j_ok[None, :], HAS_SCALE))
+        tl.store(dst + cols[:, None] * (D + 1) + js[None, :], _rounded_for(root, dst),
+                 mask=col_ok[:, None] & j_ok[None, :])
         if pid_j == 0:
-            g_b, sq_b = _signed_sqrt(acc_b * v, scale_ptr, cols * (D + 1) + D, col_ok, HAS_SCALE)
-            tl.store(dst + cols * (D + 1) + D, _rounded_for(g_b, dst), mask=col_ok)
+            root_b, sq_b = _signed_sqrt(_whitened(acc_b * v, scale_ptr + cols * (D + 1) + D, col_ok, HAS_SCALE))
+            tl.store(dst + cols * (D + 1) + D, _rounded_for(root_b, dst), mask=col_ok)
             sq += sq_b
         tl.store(sq_ptr, sq)
-    else:  # (the same store as above, written out: sharing idx and ok made ptxas spill 20x more)
+    else:
         tl.store(dst + cols[:, None] * (D + 1) + js[None, :], _rounded_for(acc * v[:, None], dst),
                  mask=col_ok[:, None] & j_ok[None, :])
         if pid_j == 0:
@@ -352,7 +361,7 @@ def _combine_kernel(part_ptr, out_ptr, split_set_ptr, chunk_ptr_ptr, slot_ptr_pt
         for k in range(0, n_chunks):
             acc += tl.load(part_ptr + (slot0 + k) * E + idx, mask=ok, other=0.0)
         if NORMALIZE:
-            acc, sq = _signed_sqrt(acc, scale_ptr, idx, ok, HAS_SCALE)
+            acc, sq = _signed_sqrt(_whitened(acc, scale_ptr + idx, ok, HAS_SCALE))
             tl.store(sq_ptr + s * N_SQ + tl.program_id(1), sq)
         tl.store(out_ptr + s * E + idx, _rounded_for(acc, out_ptr), mask=ok)
 

@@ -1,6 +1,7 @@
 """Compile every Triton kernel variant of ``kernels/fisher_accumulate.py`` for sm_90 ahead of time, no GPU
 needed: each kernel, autotune config and dtype kind at the paper's d = 255, and print one JSON row each
-(registers and spill bytes from ptxas, cp.async and scalar 2-byte global loads counted in the PTX).
+(registers and spill bytes from ptxas, cp.async and scalar 2-byte global loads counted in the PTX), with the
+argument specialisation Triton applies at run time at C = 512.
 
     python tests/sm90_compile.py            (TRITON_INTERPRET must be unset: it replaces the kernels)
 
@@ -71,7 +72,11 @@ def _ptxas(ptx: str) -> tuple[int | None, int | None]:
 
 def compile_variant(fn, elem: str, constants: dict, warps: int, stages: int) -> dict:
     sig = _signature(fn, elem)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
+    # As at run time: Triton assumes 16-byte aligned pointers and, for an integer it specialises (all but
+    # do_not_specialize), divisibility by 16, which C = 512, E = C (d+1) and N_SQ have at the paper's shapes.
+    # Without it the x tile (stride C) would compile to 2-byte loads that the GPU never runs.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if sig[n].startswith("*") or (sig[n] == "i32" and n not in fn.do_not_specialize)}
     ptx = triton.compile(ASTSource(fn, sig, constants, attrs), target=TARGET,
                          options={"num_warps": warps, "num_stages": stages}).asm["ptx"]
     regs, spill = _ptxas(ptx)
