@@ -190,6 +190,26 @@ def test_torch_compile_has_no_graph_break():
         torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(*inputs), f(*inputs))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_op_does_not_sync_and_is_captured_by_a_cuda_graph():
+    """As fisher_accumulate: no host sync after the first call (autotuning), and a CUDA graph replays it."""
+    inputs = make_inputs(CASES[4], torch.float32, "cuda")
+    scale = _scale(CASES[4], "cuda").float()
+    with torch.no_grad():
+        expected = fv.fisher_vectors(*inputs, scale=scale)  # warm-up: autotuning syncs
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fv.fisher_vectors(*inputs, scale=scale)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fv.fisher_vectors(*inputs, scale=scale)
+        graph.replay()
+    assert torch.equal(captured, expected)
+
+
 @pytest.mark.skipif(_CPU_REASON is not None, reason=str(_CPU_REASON))
 def test_cpu_outputs_reuse_freed_buffers():
     """An output of >= 32 MiB reuses the pages of one freed before (no page faults on a steady batch

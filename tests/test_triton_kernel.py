@@ -252,9 +252,10 @@ def test_rejects_bad_out():
 
 
 def test_launchers_read_no_tensor_values_on_the_host(monkeypatch):
-    """No host sync (CUDA graphs can capture the op): forward and backward launchers never turn a
-    tensor into a Python value."""
+    """No host sync (CUDA graphs can capture the op): the forward, normalised-vector and backward
+    launchers never turn a tensor into a Python value."""
     inputs = _inputs(_awkward_case(), torch.float32)
+    scale = torch.rand(inputs[0].shape[1] * (inputs[1].shape[1] + 1), device=DEVICE)
 
     def host_sync(*args):
         raise AssertionError("a launcher read a tensor value on the host")
@@ -263,6 +264,7 @@ def test_launchers_read_no_tensor_values_on_the_host(monkeypatch):
         for method in ("item", "tolist", "__bool__", "__int__", "__float__"):
             mp.setattr(torch.Tensor, method, host_sync)
         out = K.fisher_accumulate_fwd(*inputs, chunk_rows=_block("BLOCK_T", min))
+        K.fisher_vectors_fwd(*inputs, scale, 1e-12, chunk_rows=_block("BLOCK_T", min))
         K.fisher_accumulate_bwd(torch.ones_like(out), *inputs, groups=3)
 
 
