@@ -52,8 +52,9 @@ both kernels instead of being stored (2 x 4 N C d extra flops, no (N, C) round t
 
 Normalised vectors (``fisher_vectors_fwd``): the same forward, whose epilogue writes the signed square
 roots of y = -scale * G (the diagonal whitening of Eq. 13 and its minus sign) and each tile's sum of
-|y| = root^2; ``_normalize_rows_kernel`` then divides every row by max(its L2 norm, eps). The vector
-is written once in the caller's dtype, never G.
+|y| = root^2; ``_normalize_rows_kernel`` then divides every row by max(its L2 norm, eps). The roots wait
+for the norm in the output itself (fp32, fp64) or, for a 16-bit output, in an accumulation-dtype scratch,
+so the vector is rounded once to the caller's dtype (and fp16's range never holds a root); G is never written.
 
 Dtypes. Accumulation is fp32 (fp64 for float64); G is rounded once to ``out_dtype`` (default: the
 accumulation dtype; bf16 halves the bytes written) in the store epilogue (``_store_g``, and the
@@ -367,17 +368,17 @@ def _combine_kernel(part_ptr, out_ptr, split_set_ptr, chunk_ptr_ptr, slot_ptr_pt
 
 
 @_batch_jit
-def _normalize_rows_kernel(out_ptr, sq_ptr, E, N_SQ, eps, ACC: tl.constexpr, BLOCK_SQ: tl.constexpr,
+def _normalize_rows_kernel(src_ptr, out_ptr, sq_ptr, E, N_SQ, eps, ACC: tl.constexpr, BLOCK_SQ: tl.constexpr,
                            BLOCK: tl.constexpr):
-    """The L2 normalisation: out[s] /= max(sqrt(sum of sq[s]), eps), in out's dtype; the partial sums
-    are added in one fixed order (deterministic)."""
+    """The L2 normalisation: out[s] = src[s] / max(sqrt(sum of sq[s]), eps), rounded to out's dtype (src may
+    be out); the partial sums are added in one fixed order (deterministic)."""
     s = tl.program_id(0)
     i = tl.arange(0, BLOCK_SQ)
     norm = tl.sqrt(tl.sum(tl.load(sq_ptr + s * N_SQ + i, mask=i < N_SQ, other=0.0)))
     inv = 1.0 / tl.maximum(norm, eps)
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < E
-    row = tl.load(out_ptr + s * E + idx, mask=ok, other=0.0).to(ACC)
+    row = tl.load(src_ptr + s * E + idx, mask=ok, other=0.0).to(ACC)
     tl.store(out_ptr + s * E + idx, _rounded_for(row * inv, out_ptr), mask=ok)
 
 
@@ -711,6 +712,9 @@ def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
     z, weight = _aligned_rows(z), _aligned_rows(weight)
     modes = dict(NORMALIZE=normalize, HAS_SCALE=scale is not None)
     scale = sq if scale is None else scale
+    # The signed roots wait for the norm in the accumulation dtype when out is 16-bit: in fp16 they overflow
+    # above 65504 (|y| > 4.3e9) and lose their digits below 6e-5, and either would be rounded twice.
+    roots = _scratch(out.shape, acc_dtype, x.device) if normalize and out.element_size() < 4 else out
 
     def grid(meta):
         tiles = triton.cdiv(c, meta["BLOCK_C"]) * triton.cdiv(d, meta["BLOCK_J"])
@@ -718,18 +722,18 @@ def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
         return (triton.cdiv(c, meta["BLOCK_C"]), per_tile, triton.cdiv(d, meta["BLOCK_J"]))
 
     _fwd[kind][grid](
-        x, z, weight, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, out, part, scale, sq,
+        x, z, weight, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, roots, part, scale, sq,
         s, c, d, z.shape[1], n_entries, _len_key(n, s), n_sq, ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision, **modes,
     )
     if n_split:
         _combine_kernel[(n_split, triton.cdiv(e, _COMBINE_BLOCK))](
-            part, out, split_set, chunk_ptr, slot_ptr, scale, sq, s, e, n_sq, ACC=acc_tl, BLOCK=_COMBINE_BLOCK,
+            part, roots, split_set, chunk_ptr, slot_ptr, scale, sq, s, e, n_sq, ACC=acc_tl, BLOCK=_COMBINE_BLOCK,
             **modes,
         )
     if normalize:
         block = 1024
         _normalize_rows_kernel[(s, triton.cdiv(e, block))](
-            out, sq, e, n_sq, eps, ACC=acc_tl, BLOCK_SQ=triton.next_power_of_2(n_sq), BLOCK=block
+            roots, out, sq, e, n_sq, eps, ACC=acc_tl, BLOCK_SQ=triton.next_power_of_2(n_sq), BLOCK=block
         )
     return out
 

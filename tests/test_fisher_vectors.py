@@ -99,6 +99,44 @@ def test_cpu_whole_set_and_split_set_paths(c, d, lengths, threads):
     check_vectors(out, inputs, torch.float32, scale, None, "cpu vectors")
 
 
+def _check_rounded_once(backend: str, case: Case, magnitude: float, out_dtype: torch.dtype) -> None:
+    """float64 inputs (x, W and b scaled by ``magnitude``) into a 16-bit output: each entry is the float64
+    result rounded once, within half a unit in the last place (|ref| eps / 2, or half the subnormal step)."""
+    x, z, w, b, v, off = make_inputs(case, torch.float64)
+    inputs = (x * magnitude, z, w * magnitude, b * magnitude, v, off)
+    out = fv.fisher_vectors(*inputs, backend=backend, out_dtype=out_dtype)
+    ref = reference.vectors(*(t.cpu() for t in inputs), None, EPS)
+    got = out.double().cpu()
+    assert bool(got.isfinite().all()), f"{backend}: {int((~got.isfinite()).sum())} entries not finite"
+    info = torch.finfo(out_dtype)
+    allowed = ref.abs() * info.eps / 2 * (1 + 2**-12) + info.tiny * info.eps
+    assert bool(((got - ref).abs() <= allowed).all()), (
+        f"{backend}: {int(((got - ref).abs() > allowed).sum())} entries off by more than half an ulp, worst "
+        f"{float(((got - ref).abs() / allowed).max()):.3g} x the allowance")
+
+
+_HALF_OUT = pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=["out-f16", "out-bf16"])
+# |y| up to 1e13 (its root overflows fp16), about 1, and down to 1e-13 (its root is an fp16 subnormal)
+_MAGNITUDES = pytest.mark.parametrize("magnitude", [1e10, 1.0, 1e-12], ids=["huge", "unit", "tiny"])
+
+
+@_HALF_OUT
+@_MAGNITUDES
+def test_16bit_output_is_rounded_once(backend, magnitude, out_dtype):
+    """The signed roots wait for the norm in the accumulation dtype, not in a 16-bit output: there fp16
+    overflowed to inf (then NaN) above 65504, lost its digits below 6e-5, and every entry was rounded twice
+    (up to a whole ulp off)."""
+    _check_rounded_once(backend[0], Case("rounded-once", 64, 31, (40, 0, 17, 1)), magnitude, out_dtype)
+
+
+@pytest.mark.skipif(_CPU_REASON is not None, reason=str(_CPU_REASON))
+@_HALF_OUT
+@_MAGNITUDES
+def test_cpu_16bit_output_of_split_sets_is_rounded_once(magnitude, out_dtype):
+    """The same where the C++ kernel's set spans several tiles of C and a last pass divides by the norm."""
+    _check_rounded_once("cpu", Case("rounded-once-c-tiles", 40, 7000, (9, 0, 3)), magnitude, out_dtype)
+
+
 def _model_and_fim(mode: str):
     from fvvae_fast.model import FVVAE
 

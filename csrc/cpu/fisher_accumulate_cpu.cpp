@@ -54,6 +54,7 @@
 #include <cstdint>
 #include <exception>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <type_traits>
@@ -557,6 +558,11 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
   // Normalisation: a set's vector is whole in one unit when ctiles == 1; else each unit leaves its
   // block's sum |y| here and a last pass scales every set.
   std::vector<double> sum_sq(normalize != nullptr && ctiles > 1 ? static_cast<size_t>(p.s * ctiles) : 0, 0.0);
+  // ... its signed roots waiting for that pass in T when O is 16-bit: in fp16 they overflow above 65504
+  // (|y| > 4.3e9) and lose their digits below 6e-5, and either way they would be rounded twice.
+  const bool staged = !sum_sq.empty() && sizeof(O) < sizeof(float);
+  std::unique_ptr<T[]> roots(staged ? new T[static_cast<size_t>(p.s * C * D1)] : nullptr);
+  if (staged) poison(roots.get(), p.s * C * D1);
 
   for_each_unit(
       static_cast<int64_t>(order.size()), threads,
@@ -571,8 +577,14 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
         T* acc = colsum + nc;     // [ncu, d+1]: the accumulators of G[s, c0:c0+ncu] (unless in place)
         // G[s, c0:c0+ncu, :]: an [ncu, d+1] block, leading dim d+1
         auto block = [&](int64_t s) { return out + (s * C + c0) * D1; };
+        auto staged_block = [&](int64_t s) { return roots.get() + (s * C + c0) * D1; };
         for (int64_t s = s_begin; s < s_end; ++s) {
-          if (offsets[s] == offsets[s + 1]) std::fill(block(s), block(s) + ncu * D1, O(0));
+          if (offsets[s] != offsets[s + 1]) continue;
+          if (staged) {
+            std::fill(staged_block(s), staged_block(s) + ncu * D1, T(0));
+          } else {
+            std::fill(block(s), block(s) + ncu * D1, O(0));
+          }
         }
         // the set's block is complete in gs: G, or (normalize) its part of the Fisher vector, in O
         auto finish = [&](int64_t s, T* gs) {
@@ -585,7 +597,11 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
             scale_into(gs, ncu * D1, inverse_norm(sq, normalize->eps), block(s));
           } else {
             sum_sq[static_cast<size_t>(s * ctiles + c0 / nc)] = sq;
-            if constexpr (!kInPlace) convert(gs, ncu * D1, block(s));
+            if (staged) {
+              std::copy(gs, gs + ncu * D1, staged_block(s));
+            } else if constexpr (!kInPlace) {
+              convert(gs, ncu * D1, block(s));
+            }
           }
         };
         int64_t s = s_begin;
@@ -624,7 +640,11 @@ void forward(const Problem& p, const T* x, const T* z, const T* weight, const T*
       double sq = 0;
       for (int64_t k = 0; k < ctiles; ++k) sq += sum_sq[static_cast<size_t>(s * ctiles + k)];
       O* row = out + s * C * D1;
-      scale_into(row, C * D1, static_cast<O>(inverse_norm(sq, normalize->eps)), row);
+      if (staged) {
+        scale_into(roots.get() + s * C * D1, C * D1, inverse_norm(sq, normalize->eps), row);
+      } else {
+        scale_into(row, C * D1, static_cast<O>(inverse_norm(sq, normalize->eps)), row);
+      }
     }
   });
 }

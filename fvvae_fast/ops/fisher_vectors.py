@@ -3,7 +3,7 @@
 The normalised Fisher vector straight from the descriptors, for callers who want only that (encoding
 and extraction): the forward of :mod:`fvvae_fast.ops.fisher_accumulate` whose epilogue applies the
 diagonal whitening, the minus sign of Eq. 13, the signed square root and the L2 normalisation, so the
-vector is written once, in the caller's dtype, and G never is. Inference only: under autograd,
+vector is rounded once to the caller's dtype, and G is never written. Inference only: under autograd,
 :func:`fvvae_fast.fisher_encode` composes the differentiable ops instead.
 """
 
@@ -87,7 +87,8 @@ def fisher_vectors(
         scale: None (F = I) or (C*(d+1),) floating, the diagonal whitening (e.g. ``1 / sqrt(diag F)``).
         eps: the floor of the L2 norm (a real >= 0); all-zero sets stay zero.
         backend, nan_policy: as :func:`fvvae_fast.fisher_accumulate`.
-        out_dtype: None (float32; float64 for float64 inputs) or float64, float32, float16, bfloat16.
+        out_dtype: None (float32; float64 for float64 inputs) or float64, float32, float16, bfloat16. Each
+            entry is rounded once to it: the signed roots wait for the norm in the accumulation dtype.
 
     Returns:
         (S, C*(d+1)) in ``out_dtype``; accumulated in float32 (float64 for float64 inputs).
