@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .model import FVVAE
 from .ops import fisher_accumulate, fisher_vectors
-from .ops.validate import opmath_dtype
+from .ops.validate import check_eps, opmath_dtype
 
 
 class Whitener(Protocol):
@@ -82,6 +82,11 @@ def power_l2_normalize(v: Tensor, eps: float = 1e-12, *, negate: bool = False) -
     ``negate`` normalises -v instead, without forming it. Differentiable (finite gradients
     everywhere, also at zero coordinates and zero rows) when v requires grad.
     """
+    if not isinstance(v, Tensor) or not v.is_floating_point():
+        raise TypeError(f"power_l2_normalize: v must be a floating tensor, got {getattr(v, 'dtype', type(v).__name__)}")
+    if v.dim() != 2:
+        raise ValueError(f"power_l2_normalize: v must be (S, D), got shape {tuple(v.shape)}")
+    check_eps(eps, "power_l2_normalize")
     if torch.is_grad_enabled() and v.requires_grad:
         v = signed_sqrt(-v if negate else v)
         return v / v.norm(dim=1, keepdim=True).clamp_min(eps)

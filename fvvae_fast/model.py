@@ -133,6 +133,12 @@ class FVVAE(nn.Module):
             raise TypeError(f"FVVAE: x must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
         if x.dim() != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"FVVAE: x must be (N, C={self.in_dim}), got shape {tuple(x.shape)}")
+        param = self.log_sigma_x
+        if x.device != param.device:
+            raise ValueError(f"FVVAE: x is on {x.device} but the model is on {param.device}; move one to the other")
+        if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"FVVAE: x is {x.dtype} but the model's parameters are {param.dtype}; convert one "
+                            f"(x.to({param.dtype}) or model.to({x.dtype}))")
 
     def preprocess(self, x: Tensor) -> Tensor:
         """x: (N, C) raw descriptors -> (N, C) as the model sees them (DESIGN section 1)."""

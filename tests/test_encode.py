@@ -65,6 +65,18 @@ def test_fim_whiten_is_applied_before_the_sign():
                                -(2.0 * G.reshape(3, -1) + 1.0))
 
 
+@pytest.mark.parametrize("v,kwargs,error,match", [
+    (torch.ones(3), {}, ValueError, r"power_l2_normalize: v must be \(S, D\), got shape \(3,\)"),
+    (torch.ones(2, 3, dtype=torch.int64), {}, TypeError, "power_l2_normalize: v must be a floating tensor"),
+    ([[1.0, 2.0]], {}, TypeError, "power_l2_normalize: v must be a floating tensor, got list"),
+    (torch.ones(2, 3), {"eps": -1.0}, ValueError, "power_l2_normalize: eps must be a finite real >= 0"),
+], ids=["1d", "int", "list", "eps"])
+def test_power_l2_normalize_refuses_bad_input(v, kwargs, error, match):
+    """One clear error (was an IndexError or torch's cast error)."""
+    with pytest.raises(error, match=match):
+        fv.power_l2_normalize(v, **kwargs)
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (3, 1), (7, 70_000), (2, 300_000)], ids=str)
 def test_power_l2_normalize_chunked_path_matches_autograd_path(shape):
     from fvvae_fast.encode import power_l2_normalize

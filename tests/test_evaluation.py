@@ -35,6 +35,8 @@ def test_protocol_rejects_bad_input():
     x, y = np.ones((4, 3)), np.array([0, 1, 0, 1])
     with pytest.raises(ValueError, match="one D"):
         evaluate_vectors(x, y, np.ones((2, 5)), y[:2])
+    with pytest.raises(ValueError, match=r"evaluate_vectors: .* got \(4,\) and \(4, 3\)"):
+        evaluate_vectors(np.ones(4), y, x, y)  # named before the normalisation sees it
     with pytest.raises(ValueError, match="need >= 2"):
         evaluate_vectors(x, np.zeros(4), x, y)
 

@@ -188,6 +188,8 @@ def _good():
     ({"backend": "gpu"}, ValueError, "fisher_vectors: backend must be one of"),
     ({"out_dtype": torch.int32}, ValueError, "fisher_vectors: out_dtype must be one of"),
     ({"nan_policy": "ignore"}, ValueError, "fisher_vectors: nan_policy must be one of"),
+    ({"scale": torch.full((35,), float("nan")), "nan_policy": "raise"}, ValueError,
+     r"fisher_vectors: scale contains NaN or Inf \(nan_policy='raise'\)"),
 ])
 def test_bad_input_is_refused(kwargs, error, match):
     with pytest.raises(error, match=match):

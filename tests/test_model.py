@@ -97,5 +97,11 @@ def test_bad_arguments():
         model.encode(torch.rand(4, 9))
     with pytest.raises(TypeError, match="floating"):
         model.encode(torch.ones(4, 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"x is torch.float64 but the model's parameters are torch.float32"):
+        model.encode(torch.rand(4, 8, dtype=torch.float64))  # was torch's "mat1 and mat2 must have the same dtype"
+    with pytest.raises(ValueError, match="x is on meta but the model is on cpu"):
+        model.encode(torch.rand(4, 8, device="meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes are autocast's to handle
+        assert model.encode(torch.rand(4, 8, dtype=torch.bfloat16)).shape == (4, 2)
     with pytest.raises(ValueError, match="labels"):
         model.loss(torch.rand(4, 8))

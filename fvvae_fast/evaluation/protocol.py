@@ -91,13 +91,13 @@ def svm_decisions(
     from sklearn.svm import LinearSVC
 
     xs = [torch.as_tensor(_array(v)) for v in (train_x, test_x)]
+    if xs[0].dim() != 2 or xs[1].dim() != 2 or xs[0].shape[1] != xs[1].shape[1]:
+        raise ValueError(f"evaluate_vectors: train and test vectors must be (n, D) with one D, got "
+                         f"{tuple(xs[0].shape)} and {tuple(xs[1].shape)}")
     if normalize:
         xs = [power_l2_normalize(v) for v in xs]
     train_x, test_x = (v.numpy() for v in xs)
     train_y = np.asarray(_array(train_y), dtype=np.int64)
-    if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"evaluate_vectors: train and test vectors must be (n, D) with one D, got "
-                         f"{train_x.shape} and {test_x.shape}")
     if len(train_y) != len(train_x):
         raise ValueError("evaluate_vectors: one label per vector is needed")
     classes = np.unique(train_y)

@@ -9,13 +9,11 @@ vector is rounded once to the caller's dtype, and G is never written. Inference 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from . import dispatch
-from .validate import check_inputs, check_values, result_dtype
+from .validate import check_eps, check_inputs, check_values, result_dtype
 
 # Schema of the C++ CPU kernel: defined here, implemented by csrc/fisher_accumulate.cpp
 # through TORCH_LIBRARY_IMPL(fvvae_fast, CPU, m) when the extension is built.
@@ -34,6 +32,8 @@ def _fisher_vectors_op(
     eps: float, backend: str, nan_policy: str, out_dtype: torch.dtype | None,
 ) -> Tensor:
     check_values(x, z, weight, bias, inv_var, offsets, nan_policy, _OP)
+    if nan_policy == "raise" and scale is not None and not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"{_OP}: scale contains NaN or Inf (nan_policy='raise')")
     s, (c, d) = offsets.shape[0] - 1, weight.shape
     if s == 0 or x.shape[0] == 0:
         return torch.zeros((s, c * (d + 1)), dtype=result_dtype(x.dtype, out_dtype), device=x.device)
@@ -103,8 +103,7 @@ def fisher_vectors(
     check_inputs(x, z, weight, bias, inv_var, offsets, nan_policy, out_dtype, _OP)
     dispatch.check_name(backend, _OP)
     _check_scale(scale, weight.shape[0] * (weight.shape[1] + 1), x.device)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{_OP}: eps must be a finite real >= 0, got {eps!r}")
+    check_eps(eps, _OP)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, z, weight, bias, inv_var)):
         raise ValueError(f"{_OP}: not differentiable; use fvvae_fast.fisher_encode under autograd, or call it "
                          "inside torch.no_grad() / torch.inference_mode()")

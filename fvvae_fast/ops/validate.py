@@ -14,6 +14,7 @@ kernels stay in bounds whatever the offsets; invalid offsets give an unspecified
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -117,6 +118,12 @@ def check_values(
         for name, t in zip(_FLOAT_NAMES, (x, z, weight, bias, inv_var)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{op}: {name} contains NaN or Inf (nan_policy='raise')")
+
+
+def check_eps(eps: float, where: str) -> None:
+    """eps (the L2 norm's floor) is a finite real >= 0; ValueError naming ``where`` otherwise."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{where}: eps must be a finite real >= 0, got {eps!r}")
 
 
 def _needs_host_checks(t: torch.Tensor) -> bool:
