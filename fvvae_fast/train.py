@@ -171,6 +171,34 @@ def _check_labels(model: FVVAE, data: DescriptorSets, config: TrainConfig) -> bo
     return use
 
 
+FINITE_CHECK_ROWS = 65536  # descriptors per block of the up-front NaN/Inf check
+
+
+def _check_finite_data(data: DescriptorSets) -> None:
+    """ValueError naming the first row of NaN or Inf in descriptors held in memory, checked in blocks (data read
+    from disk, a memory map or a store's shards, is left to the check of the weights as training logs)."""
+    if not isinstance(data.x, torch.Tensor) and type(data.x) is not np.ndarray:
+        return
+    for lo in range(0, data.x.shape[0], FINITE_CHECK_ROWS):
+        block = torch.as_tensor(data.x[lo : lo + FINITE_CHECK_ROWS])
+        bad = ~torch.isfinite(block).all(dim=1)
+        if bool(bad.any()):
+            row = lo + int(bad.nonzero()[0])
+            item = int(torch.searchsorted(data.offsets, torch.tensor(row), right=True)) - 1
+            raise ValueError(f"train: the descriptors hold NaN or Inf (first in row {row}, of set {item}); "
+                             "training on them would turn every weight into NaN")
+
+
+def _diverged(model: FVVAE, iteration: int, saved: int | None) -> ValueError | None:
+    """A ValueError when a weight is NaN or Inf after ``iteration`` (checked before every log and save, so that
+    no checkpoint holds such a model), else None."""
+    if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return None
+    kept = f"the checkpoint keeps iteration {saved}" if saved is not None else "nothing was saved"
+    return ValueError(f"train: iteration {iteration}: the model's weights became NaN or Inf (NaN or Inf in the "
+                      f"descriptors, or a loss that diverged: try a smaller lr); {kept}")
+
+
 def train(
     model: FVVAE,
     data: DescriptorSets,
@@ -200,7 +228,9 @@ def train(
     (progress bar, TensorBoard, the checkpoint's history) holds the loss terms and the decoder's
     health (:meth:`FVVAE.liveness` on the current batch); a :class:`CollapseWarning` is raised once
     when fewer than ``LIVENESS_WARN`` of the pre-activations have been active for ``LIVENESS_PATIENCE``
-    iterations.
+    iterations. Descriptors held in memory are checked for NaN and Inf up front (a ValueError names the first
+    such row); the weights are checked before every log and checkpoint, and weights that became NaN or Inf
+    stop training with a ValueError before they are saved (the last checkpoint stays as it was).
 
     Inside a torch.distributed process group (``torchrun``; :mod:`fvvae_fast.distributed`) it is
     DistributedDataParallel over sets: every rank draws the same global batch and its noise, and
@@ -214,6 +244,7 @@ def train(
         raise ValueError(f"train: descriptors have C={data.dim} but the model expects in_dim={model.in_dim}")
     if len(data) == 0:
         raise ValueError("train: data has no sets")
+    _check_finite_data(data)
     use_labels = _check_labels(model, data, config)
     device = torch.device(config.device)
     model.to(device).train()
@@ -252,11 +283,15 @@ def train(
                       and loss_backward_fused(model, data.x))
 
     last_save = time.monotonic()
+    saved = start if checkpoint is not None and start else None
 
     def save(iteration: int) -> None:
-        nonlocal last_save
+        nonlocal last_save, saved
+        if (err := _diverged(model, iteration, saved)) is not None:
+            raise err
         if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, model, optimizer, iteration, (generator, noise), config, history, extended)
+            saved = iteration
         last_save = time.monotonic()
 
     warned, low_since = False, None
@@ -281,6 +316,8 @@ def train(
                 losses[0].backward()
             optimizer.step()
             if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+                if (err := _diverged(model, it + 1, saved)) is not None:
+                    raise err
                 live = model.liveness(data.rows(rows[:LIVENESS_ROWS]).to(device))
                 row = {"iteration": it + 1, **_summed(*losses), **live}
                 history.append(row)

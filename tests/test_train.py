@@ -104,6 +104,42 @@ def test_training_errors(tmp_path):
         fv.train(fv.FVVAE(16, 6), data, _config(iterations=4), checkpoint=tmp_path / "c.pt", progress=False)
 
 
+@pytest.mark.parametrize("kind", ["tensor", "ndarray"])
+def test_descriptors_with_nan_are_refused_up_front(kind):
+    """One NaN descriptor turned every weight into NaN and training went on without a word."""
+    data = _problem()
+    x = data.x.clone()
+    x[57, 4] = float("nan")  # set 5 (10 rows a set)
+    bad = fv.DescriptorSets(x if kind == "tensor" else x.numpy(), data.offsets, data.labels)
+    with pytest.raises(ValueError, match=r"train: the descriptors hold NaN or Inf \(first in row 57, of set 5\)"):
+        fv.train(fv.FVVAE(16, 5, num_classes=3), bad, _config(), progress=False)
+
+
+def test_a_diverged_model_is_never_saved(tmp_path):
+    """Weights that became NaN stop training with one error before any log or checkpoint: the last
+    good checkpoint survives."""
+    import numpy as np
+
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(ValueError, match=r"train: iteration 2: the model's weights became NaN or Inf .*"
+                                         r"the checkpoint keeps iteration 1"):
+        fv.train(fv.FVVAE(16, 5, num_classes=3), _problem(), _config(lr=1e30, log_every=1, checkpoint_every=1),
+                 checkpoint=ckpt, progress=False)
+    state = torch.load(ckpt, weights_only=False)
+    assert state["iteration"] == 1
+    assert all(bool(torch.isfinite(t).all()) for t in state["model_state"].values())
+    # data on disk is not scanned up front; the check of the weights stops it on the first log
+    data = _problem()
+    x = data.x.numpy().copy()
+    x[::10, 0] = np.nan  # one row of every set
+    mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape)
+    mm[:] = x
+    with pytest.raises(ValueError, match="train: iteration 1: .* nothing was saved"):
+        fv.train(fv.FVVAE(16, 5, num_classes=3), fv.DescriptorSets(mm, data.offsets, data.labels),
+                 _config(log_every=1), checkpoint=tmp_path / "m.pt", progress=False)
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_resume_refuses_another_run(tmp_path):
     data = _problem()
     fv.train(fv.FVVAE(16, 5, num_classes=3, seed=0), data, _config(iterations=10), checkpoint=tmp_path / "a.pt",
