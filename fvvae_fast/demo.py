@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .attention import descriptor_attention
 from .evaluation.compare import CompareConfig, Comparison, EvalData, format_table, run_comparison, spread_notes
-from .io import atomic_open, atomic_torch_save
+from .io import atomic_open, atomic_torch_save, load_torch_file
 
 
 @dataclass
@@ -52,8 +52,11 @@ def _builtin(cfg: DemoConfig, out: Path, progress: bool, seed: int):
            "size": cfg.image_size, "layer": cfg.layer, "seed": seed}
     cache = out / f"builtin_descriptors-seed{seed}.pt"
     if cache.is_file():
-        saved = torch.load(cache, weights_only=False)
-        if saved.get("key") == key:
+        try:
+            saved = load_torch_file(cache, "descriptor cache", weights_only=False)
+        except ValueError:  # damaged: computed again
+            saved = None
+        if isinstance(saved, dict) and saved.get("key") == key:
             return saved["data"]
     data = builtin_data(cfg.train_per_class, cfg.test_per_class, size=cfg.image_size, layer=cfg.layer,
                         seed=seed, dataset=cfg.dataset, progress=progress)

@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""Atomic file writes (a crash leaves either the old file or the new one, never half of one) and checked reads."""
 
 from __future__ import annotations
 
@@ -34,6 +34,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def load_torch_file(path: str | os.PathLike, what: str, *, weights_only: bool = True,
+                    error: type[Exception] = ValueError) -> Any:
+    """``torch.load`` of ``path`` onto the CPU. A missing file raises FileNotFoundError, and a file torch cannot
+    read (damaged, or not a torch file) one ``error`` naming the path and ``what`` it should hold."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file; expected a {what}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:  # torch raises many types for a bad file (UnpicklingError, RuntimeError, EOFError)
+        raise error(f"{path}: not a readable {what} ({type(err).__name__}: {err})") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

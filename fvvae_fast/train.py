@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .io import atomic_torch_save
+from .io import atomic_torch_save, load_torch_file
 from .model import FVVAE
 from .ops.training import Adadelta, loss_backward, loss_backward_fused
 from .sets import DescriptorSets
@@ -109,7 +109,7 @@ def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer: torch.opti
 
 
 def _read_checkpoint(path: str | os.PathLike) -> dict:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_torch_file(path, "fvvae_fast checkpoint", weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: not an fvvae_fast checkpoint of version {CHECKPOINT_VERSION}")
     return ckpt

@@ -100,6 +100,9 @@ def test_user_mistakes_are_one_line_errors(tmp_path, videos, capsys):
                    "not a store")
     one_line_error(capsys, run_cli("encode", "--model", tmp_path / "m.pt", "--descriptors", tmp_path / "none",
                                    "--out", tmp_path / "f"), "model file not found")
+    (tmp_path / "damaged.pt").write_bytes(b"not a checkpoint")  # was a traceback (UnpicklingError)
+    one_line_error(capsys, run_cli("encode", "--model", tmp_path / "damaged.pt", "--descriptors", tmp_path / "none",
+                                   "--out", tmp_path / "f"), "damaged.pt: not a readable fvvae_fast checkpoint")
     one_line_error(capsys, run_cli("descriptors", "--dataset", "arrays", "--out", tmp_path / "s"), "--arrays")
     cfg = tmp_path / "bad.toml"
     cfg.write_text('out = "o"\n[descriptors]\ndataset = "folder"\nlatent_dim = 3\n')

@@ -67,3 +67,17 @@ def test_demo_takes_either_builtin_data_set():
     for name in DATASETS:
         assert build_parser().parse_args(["demo", "--dataset", name]).dataset == name
     assert build_parser().parse_args(["descriptors", "--dataset", "folder", "--out", "x"]).dataset == "folder"
+
+
+def test_a_damaged_descriptor_cache_is_computed_again(tmp_path, monkeypatch):
+    """The demo's cached descriptors are read back checked: a damaged file is recomputed, not a traceback."""
+    from fvvae_fast import demo
+    from fvvae_fast.evaluation import builtin
+
+    calls = []
+    monkeypatch.setattr(builtin, "builtin_data", lambda *a, **k: calls.append(1) or {"stand-in": len(calls)})
+    cfg = demo.DemoConfig()
+    (tmp_path / "builtin_descriptors-seed0.pt").write_bytes(b"damaged")
+    assert demo._builtin(cfg, tmp_path, False, 0) == {"stand-in": 1}
+    assert demo._builtin(cfg, tmp_path, False, 0) == {"stand-in": 1}  # the rewritten cache is read back
+    assert calls == [1]

@@ -408,6 +408,9 @@ def test_load_refuses_another_d_mode_or_version(tmp_path):
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a fvvae_fast.FisherInformation file"):
         FisherInformation.load(tmp_path / "other.pt")
+    (tmp_path / "damaged.pt").write_bytes(path.read_bytes()[:-64])  # was torch's RuntimeError
+    with pytest.raises(ValueError, match="damaged.pt: not a readable fvvae_fast.FisherInformation file"):
+        FisherInformation.load(tmp_path / "damaged.pt")
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

@@ -140,6 +140,20 @@ def test_a_diverged_model_is_never_saved(tmp_path):
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
+    """torch's UnpicklingError (or OSError, for a truncated zip) becomes one ValueError naming the file."""
+    damaged = tmp_path / "c.pt"
+    damaged.write_bytes(b"\x80\x02 not a checkpoint")
+    with pytest.raises(ValueError, match=r"c\.pt: not a readable fvvae_fast checkpoint \(UnpicklingError"):
+        fv.load_model(damaged)
+    with pytest.raises(ValueError, match="not a readable fvvae_fast checkpoint"):
+        fv.train(fv.FVVAE(16, 5), _problem(), _config(iterations=2), checkpoint=damaged, progress=False)
+    fv.train(fv.FVVAE(16, 5), _problem(), _config(iterations=2), checkpoint=tmp_path / "good.pt", progress=False)
+    damaged.write_bytes((tmp_path / "good.pt").read_bytes()[:-100])  # a truncated zip
+    with pytest.raises(ValueError, match=r"not a readable fvvae_fast checkpoint \("):
+        fv.load_model(damaged)
+
+
 def test_resume_refuses_another_run(tmp_path):
     data = _problem()
     fv.train(fv.FVVAE(16, 5, num_classes=3, seed=0), data, _config(iterations=10), checkpoint=tmp_path / "a.pt",

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from ..io import load_torch_file
 from ..ops.validate import check_offsets, opmath_dtype
 from .diagonal import DiagonalStatistics
 from .kronecker import KroneckerStatistics
@@ -497,7 +498,7 @@ class FisherInformation:
         Either way a file made for another mode, rank or D (or with an unknown format or a
         newer version) raises ValueError. The file's statistics and damping are restored.
         """
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, f"{FORMAT} file")
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"FisherInformation.load: {os.fspath(path)!r} is not a {FORMAT} file")
         if self is None:

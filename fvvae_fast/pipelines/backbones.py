@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..io import file_sha256
+from ..io import file_sha256, load_torch_file
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -72,12 +72,7 @@ def resolve_weights(arch: str, weights: str | os.PathLike) -> Path:
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: weights file not found (a state_dict saved with torch.save)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a bad file
-        raise BackboneError(f"{path}: not a readable state_dict file ({type(err).__name__}: {err})") from None
+    state = load_torch_file(path, "state_dict file (saved with torch.save)", error=BackboneError)
     if isinstance(state, dict):
         for key in ("state_dict", "model", "model_state"):
             if isinstance(state.get(key), dict):

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..io import atomic_open
+from ..io import atomic_open, load_torch_file
 from .datasets import Item
 from .sources import DEVICE_DECODERS, SourceError, VideoSource, decode_frames, sample_indices
 
@@ -130,7 +130,7 @@ def _raft_model(method: str, weights: str, _size: int, _mtime_ns: int) -> torch.
     from torchvision.models import optical_flow
 
     model = getattr(optical_flow, method)()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_torch_file(weights, f"{method} state_dict file"))
     return model.eval()
 
 
