@@ -189,13 +189,13 @@ def _check_finite_data(data: DescriptorSets) -> None:
                              "training on them would turn every weight into NaN")
 
 
-def _diverged(model: FVVAE, iteration: int, saved: int | None) -> ValueError | None:
-    """A ValueError when a weight is NaN or Inf after ``iteration`` (checked before every log and save, so that
-    no checkpoint holds such a model), else None."""
+def _check_weights(model: FVVAE, iteration: int, saved: int | None) -> None:
+    """ValueError when a weight is NaN or Inf after ``iteration`` (checked before every log and save, so that
+    no checkpoint holds such a model)."""
     if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-        return None
+        return
     kept = f"the checkpoint keeps iteration {saved}" if saved is not None else "nothing was saved"
-    return ValueError(f"train: iteration {iteration}: the model's weights became NaN or Inf (NaN or Inf in the "
+    raise ValueError(f"train: iteration {iteration}: the model's weights became NaN or Inf (NaN or Inf in the "
                       f"descriptors, or a loss that diverged: try a smaller lr); {kept}")
 
 
@@ -287,8 +287,7 @@ def train(
 
     def save(iteration: int) -> None:
         nonlocal last_save, saved
-        if (err := _diverged(model, iteration, saved)) is not None:
-            raise err
+        _check_weights(model, iteration, saved)
         if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, model, optimizer, iteration, (generator, noise), config, history, extended)
             saved = iteration
@@ -316,8 +315,7 @@ def train(
                 losses[0].backward()
             optimizer.step()
             if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
-                if (err := _diverged(model, it + 1, saved)) is not None:
-                    raise err
+                _check_weights(model, it + 1, saved)
                 live = model.liveness(data.rows(rows[:LIVENESS_ROWS]).to(device))
                 row = {"iteration": it + 1, **_summed(*losses), **live}
                 history.append(row)
