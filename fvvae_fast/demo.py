@@ -53,15 +53,33 @@ def _builtin(cfg: DemoConfig, out: Path, progress: bool, seed: int):
     cache = out / f"builtin_descriptors-seed{seed}.pt"
     if cache.is_file():
         try:
-            saved = load_torch_file(cache, "descriptor cache", weights_only=False)
-        except ValueError:  # damaged: computed again
-            saved = None
-        if isinstance(saved, dict) and saved.get("key") == key:
-            return saved["data"]
+            saved = load_torch_file(cache, "descriptor cache")
+            if saved.get("key") == key:
+                return _unpack_builtin(saved["data"])
+        except (ValueError, KeyError, TypeError, AttributeError):  # damaged or of an older layout: computed again
+            pass
     data = builtin_data(cfg.train_per_class, cfg.test_per_class, size=cfg.image_size, layer=cfg.layer,
                         seed=seed, dataset=cfg.dataset, progress=progress)
-    atomic_torch_save({"key": key, "data": data}, cache)
+    atomic_torch_save({"key": key, "data": _pack_builtin(data)}, cache)
     return data
+
+
+def _pack_builtin(data) -> dict:
+    """``BuiltinData`` as tensors, strings and numbers: what a weights-only torch file holds."""
+    sets = {split: {"x": getattr(data, split).x, "offsets": getattr(data, split).offsets,
+                    "labels": getattr(data, split).labels} for split in ("train", "test")}
+    return {**sets, "train_global": data.train_global, "test_global": data.test_global,
+            "test_images": torch.from_numpy(data.test_images), "map_hw": list(data.map_hw),
+            "classes": list(data.classes), "name": data.name}
+
+
+def _unpack_builtin(saved: dict):
+    from .evaluation.builtin import BuiltinData
+    from .sets import DescriptorSets
+
+    return BuiltinData(DescriptorSets(**saved["train"]), DescriptorSets(**saved["test"]), saved["train_global"],
+                       saved["test_global"], saved["test_images"].numpy(), tuple(saved["map_hw"]),
+                       tuple(saved["classes"]), saved["name"])
 
 
 def _store_data(path: str, train_split: str, test_split: str) -> EvalData:

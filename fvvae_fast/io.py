@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,16 +37,40 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         raise
 
 
-def load_torch_file(path: str | os.PathLike, what: str, *, weights_only: bool = True,
-                    error: type[Exception] = ValueError) -> Any:
-    """``torch.load`` of ``path`` onto the CPU. A missing file raises FileNotFoundError, and a file torch cannot
-    read (damaged, or not a torch file) one ``error`` naming the path and ``what`` it should hold."""
+def load_torch_file(path: str | os.PathLike, what: str, *, error: type[Exception] = ValueError) -> Any:
+    """``torch.load(weights_only=True)`` of ``path`` onto the CPU: the only way the package reads a torch file.
+
+    Every file it writes holds tensors, plain containers, strings and numbers, so no file is ever unpickled with
+    arbitrary globals: a crafted file (a model someone shares) cannot run code when read. A missing file raises
+    FileNotFoundError; a file torch cannot read (damaged, not a torch file, or one that needs other globals) one
+    ``error`` naming the path and ``what`` it should hold."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file; expected a {what}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file (UnpicklingError, RuntimeError, EOFError)
         raise error(f"{path}: not a readable {what} ({type(err).__name__}: {err})") from None
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Rebuilds NumPy arrays and nothing else: any other global in the pickle is refused before it is looked up."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only NumPy arrays are read")
+        return super().find_class(module, name)
+
+
+def load_array_pickle(f: IO[bytes], what: str) -> Any:
+    """A pickled NumPy array read from the binary file ``f`` without running code: only the globals that rebuild
+    an array are resolved; anything else is one ValueError naming ``what``."""
+    try:
+        return _ArrayUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        raise ValueError(f"{what}: not a pickled NumPy array ({err})") from None
 
 
 def file_sha256(path: str | os.PathLike) -> str:

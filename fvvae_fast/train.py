@@ -109,7 +109,7 @@ def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer: torch.opti
 
 
 def _read_checkpoint(path: str | os.PathLike) -> dict:
-    ckpt = load_torch_file(path, "fvvae_fast checkpoint", weights_only=False)
+    ckpt = load_torch_file(path, "fvvae_fast checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: not an fvvae_fast checkpoint of version {CHECKPOINT_VERSION}")
     return ckpt

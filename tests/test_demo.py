@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 from fvvae_fast.ops import dispatch
@@ -69,15 +70,52 @@ def test_demo_takes_either_builtin_data_set():
     assert build_parser().parse_args(["descriptors", "--dataset", "folder", "--out", "x"]).dataset == "folder"
 
 
+def small_builtin_data():
+    """A stand-in for the built-in data: two sets of three 4-d descriptors."""
+    from fvvae_fast import DescriptorSets
+    from fvvae_fast.evaluation.builtin import BuiltinData
+
+    sets = DescriptorSets(torch.rand(6, 4), torch.tensor([0, 3, 6]), torch.tensor([0, 1]))
+    return BuiltinData(sets, sets, torch.rand(2, 5), torch.rand(2, 5), np.zeros((2, 28, 28), np.uint8), (1, 3))
+
+
 def test_a_damaged_descriptor_cache_is_computed_again(tmp_path, monkeypatch):
     """The demo's cached descriptors are read back checked: a damaged file is recomputed, not a traceback."""
     from fvvae_fast import demo
     from fvvae_fast.evaluation import builtin
 
     calls = []
-    monkeypatch.setattr(builtin, "builtin_data", lambda *a, **k: calls.append(1) or {"stand-in": len(calls)})
+    made = small_builtin_data()
+    monkeypatch.setattr(builtin, "builtin_data", lambda *a, **k: calls.append(1) or made)
     cfg = demo.DemoConfig()
     (tmp_path / "builtin_descriptors-seed0.pt").write_bytes(b"damaged")
-    assert demo._builtin(cfg, tmp_path, False, 0) == {"stand-in": 1}
-    assert demo._builtin(cfg, tmp_path, False, 0) == {"stand-in": 1}  # the rewritten cache is read back
+    assert demo._builtin(cfg, tmp_path, False, 0) is made
+    assert torch.equal(demo._builtin(cfg, tmp_path, False, 0).train.x, made.train.x)  # the rewritten cache, read
     assert calls == [1]
+
+
+def test_the_descriptor_cache_is_a_weights_only_file(tmp_path, monkeypatch):
+    """The cache holds only tensors, strings and numbers (it used to pickle BuiltinData, read with
+    weights_only=False): it reads back equal, and a crafted cache is computed again without running its code."""
+    from fvvae_fast import demo
+    from fvvae_fast.evaluation import builtin
+
+    from .test_untrusted_files import Payload
+
+    made = small_builtin_data()
+    monkeypatch.setattr(builtin, "builtin_data", lambda *a, **k: made)
+    demo._builtin(demo.DemoConfig(), tmp_path, False, 0)
+    monkeypatch.setattr(builtin, "builtin_data", lambda *a, **k: pytest.fail("the cache was not read"))
+    back = demo._builtin(demo.DemoConfig(), tmp_path, False, 0)
+    for split in ("train", "test"):
+        for name in ("x", "offsets", "labels"):
+            assert torch.equal(getattr(getattr(back, split), name), getattr(getattr(made, split), name))
+    assert torch.equal(back.train_global, made.train_global) and torch.equal(back.test_global, made.test_global)
+    assert (back.test_images == made.test_images).all() and back.map_hw == made.map_hw
+    assert back.classes == made.classes and back.name == made.name
+
+    marker = tmp_path / "payload-ran"
+    torch.save({"key": None, "data": Payload(marker)}, tmp_path / "builtin_descriptors-seed0.pt")
+    monkeypatch.setattr(builtin, "builtin_data", lambda *a, **k: made)
+    assert demo._builtin(demo.DemoConfig(), tmp_path, False, 0) is made
+    assert not marker.exists()

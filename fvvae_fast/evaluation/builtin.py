@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.metadata
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..io import load_array_pickle, load_torch_file
 from ..sets import DescriptorSets
 from ..spp import dense_descriptors
 
@@ -70,9 +70,9 @@ def load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
     """Animal-MNIST: images (10000, 28, 28) uint8 and labels (10000,) int64 in 0..9."""
     data, labels = (package_file("animal-mnist", f) for f in ANIMAL_FILES)
     with gzip.open(data, "rb") as f:
-        images = np.asarray(pickle.load(f), dtype=np.uint8)
+        images = np.asarray(load_array_pickle(f, str(data)), dtype=np.uint8)
     with gzip.open(labels, "rb") as f:
-        y = np.asarray(pickle.load(f), dtype=np.int64)
+        y = np.asarray(load_array_pickle(f, str(labels)), dtype=np.int64)
     if images.shape != (len(y), 28, 28):
         raise ValueError(f"{data}: expected ({len(y)}, 28, 28) images, got {images.shape}")
     return images, y
@@ -107,7 +107,7 @@ def mobilenet_v2() -> nn.Module:
     if not digest.startswith(path.stem.rsplit("-", 1)[1]):
         raise ValueError(f"{path}: SHA-256 {digest[:8]}... does not match its name; the file is corrupt")
     model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_torch_file(path, "MobileNetV2 state_dict"))
     return model.eval()
 
 
