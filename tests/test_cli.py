@@ -142,10 +142,10 @@ def test_each_stage(tmp_path, videos, capsys):
     # no stage writes over its own inputs: refused with one line, the inputs untouched
     before = {p: p.read_bytes() for p in (model, fim, desc / "manifest.sqlite")}
     one_line_error(capsys, run_cli("encode", "--model", model, "--descriptors", desc, "--out", desc, "--overwrite"),
-                   "would overwrite the input --descriptors")
+                   "is the input --descriptors")
     one_line_error(capsys, run_cli("fim", "--model", model, "--descriptors", desc, "--out", model),
-                   "would overwrite the input --model")
-    one_line_error(capsys, run_cli("train", "--descriptors", desc, "--out", desc), "would overwrite the input")
+                   "is the input --model")
+    one_line_error(capsys, run_cli("train", "--descriptors", desc, "--out", desc), "is the input")
     assert all(p.read_bytes() == b for p, b in before.items())
     # rerunning a finished stage does nothing new
     assert run_cli("encode", "--model", model, "--fim", fim, "--descriptors", desc, "--out", fisher, "--quiet") == 0

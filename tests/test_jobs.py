@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fvvae_fast.cli import build_parser
 from fvvae_fast.errors import UserError, is_user_error
@@ -56,7 +59,7 @@ def test_a_job_refuses_to_write_over_its_inputs(tmp_path):
     (tmp_path / "desc" / "keep").write_text("x")
     job = EncodeJob(model=str(tmp_path / "m.pt"), descriptors=str(tmp_path / "desc"), out=str(tmp_path / "desc"),
                     overwrite=True)
-    with pytest.raises(JobError, match="would overwrite the input --descriptors"):
+    with pytest.raises(JobError, match="--out .* is the input --descriptors"):
         job.run(progress=False)
     assert (tmp_path / "desc" / "keep").read_text() == "x"
 
@@ -155,6 +158,151 @@ def test_run_config_refuses_unknown_keys_and_run_set_paths(tmp_path):
     with pytest.raises(JobError, match="'out' is set by `fvvae run`"):
         run_config(cfg, progress=False, say=lambda _: None)
     cfg.write_text(text.replace("latent_dim = 3", "latent_dim = \"three\""))
-    with pytest.raises(JobError, match=r"\[train\]: latent_dim \(--latent-dim\): expected an integer"):
+    with pytest.raises(JobError, match=r"\[train\]: latent_dim \(--latent-dim\): expected a number, got the string"):
         run_config(cfg, progress=False, say=lambda _: None)
     assert not (tmp_path / "work").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A whole run over generated arrays: work/{descriptors/, model.pt, fim.pt, fisher/} and the arrays."""
+    root = tmp_path_factory.mktemp("run")
+    run_config(_arrays(root), progress=False, say=lambda _: None)
+    return root
+
+
+def _input_bytes(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix != ".toml"}
+
+
+def _bytes_of(paths: list[Path]) -> dict[Path, bytes]:
+    """Every byte of the files and folders ``paths`` (the inputs of a stage)."""
+    return {p: p.read_bytes() for top in paths for p in ([top] if top.is_file() else sorted(top.rglob("*")))
+            if p.is_file()}
+
+
+def _one_line_exit_2(argv, capsys) -> str:
+    from fvvae_fast.cli import main
+
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fvvae {argv[0]}: error:"), err
+    return err[0]
+
+
+def test_no_stage_writes_inside_an_input_store(finished_run, capsys):
+    """The three ways of issue 26 to destroy a store with exit 0: a FIM file over a store's manifest or one of its
+    shards, an evaluation report over a Fisher store's manifest. Each is one line, exit 2; every input byte stays."""
+    work = finished_run / "work"
+    desc, fisher = work / "descriptors", work / "fisher"
+    before = _input_bytes(finished_run)
+    shard = sorted((desc / "shards").glob("*.npy"))[0]
+    for out in (desc / "manifest.sqlite", shard):
+        line = _one_line_exit_2(["fim", "--model", work / "model.pt", "--descriptors", desc, "--out", out], capsys)
+        assert f"--out {out} lies inside the input --descriptors {desc}" in line
+    line = _one_line_exit_2(["evaluate", "--fisher", fisher, "--json", fisher / "manifest.sqlite"], capsys)
+    assert f"--json {fisher / 'manifest.sqlite'} lies inside the input --fisher {fisher}" in line
+    link = finished_run / "link-to-desc"
+    link.symlink_to(desc)  # the same through a symbolic link
+    _one_line_exit_2(["encode", "--model", work / "model.pt", "--descriptors", desc, "--out", link / "fv"], capsys)
+    _one_line_exit_2(["train", "--descriptors", desc, "--out", work / "m2.pt", "--log-dir", desc / "tb"], capsys)
+    link.unlink()
+    assert _input_bytes(finished_run) == before
+
+
+def test_a_store_inside_the_dataset_root_is_refused(tmp_path, capsys):
+    """`descriptors --dataset folder` of .npy files with --out inside --root: the second run found its own store
+    among the inputs. Now refused up front with one line naming both, and the root is unchanged."""
+    for cls in ("a", "b"):
+        (tmp_path / "root" / "train" / cls).mkdir(parents=True)
+        np.save(tmp_path / "root" / "train" / cls / "i.npy", np.ones((3, 4), np.float32))
+    before = _input_bytes(tmp_path)
+    line = _one_line_exit_2(["descriptors", "--dataset", "folder", "--root", tmp_path / "root", "--source",
+                             "precomputed", "--out", tmp_path / "root" / "store", "--quiet"], capsys)
+    assert "lies inside the input --root" in line
+    _one_line_exit_2(["descriptors", "--dataset", "folder", "--root", tmp_path / "root", "--source", "precomputed",
+                      "--out", tmp_path, "--quiet"], capsys)  # a store folder that holds the root
+    assert _input_bytes(tmp_path) == before and not (tmp_path / "root" / "store").exists()
+
+
+def test_the_run_folder_may_not_overlap_the_configs_inputs(tmp_path):
+    """The runner checks its folder against the inputs of every stage before it writes its first file."""
+    cfg = _arrays(tmp_path)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "x.npy").rename(tmp_path / "work" / "x.npy")
+    cfg.write_text(cfg.read_text().replace('arrays = "x.npy"', 'arrays = "work/x.npy"'))
+    with pytest.raises(JobError, match=r"the run's folder \(out\) .* holds the input \[descriptors\] arrays"):
+        run_config(cfg, progress=False, say=lambda _: None)
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["x.npy"]
+
+
+@pytest.mark.parametrize("section, old, new, expected", [
+    ("fim", 'mode = "diagonal"', 'mode = "diagonal"\nenabled = "no"', "'enabled': expected true or false"),
+    ("train", "iterations = 4", 'iterations = "4"', r"iterations \(--iterations\): expected a number"),
+    ("evaluate", "C = 10", 'C = "10"', r"C \(--C\): expected a number"),
+    ("encode", "batch_sets = 5", 'batch_sets = 5\nnormalize = "false"', "expected true or false"),
+], ids=["enabled", "iterations", "C", "normalize"])
+def test_config_values_of_the_wrong_type_are_refused(tmp_path, section, old, new, expected):
+    """A string where a boolean or a number belongs (`enabled = "no"` ran the stage: any non-empty string was
+    true) is refused with the section, the key and the expected type, before anything is written."""
+    cfg = _arrays(tmp_path)
+    cfg.write_text(cfg.read_text().replace(old, new))
+    with pytest.raises(JobError, match=rf"\[{section}\]: .*{expected}"):
+        run_config(cfg, progress=False, say=lambda _: None)
+    assert not (tmp_path / "work").exists()
+
+
+def _stage_argv(stage: str, root: Path, out: Path) -> list:
+    work = root / "work"
+    desc, model = work / "descriptors", work / "model.pt"
+    return {
+        "descriptors": ["descriptors", "--dataset", "arrays", "--arrays", root / "x.npy", "--offsets",
+                        root / "offsets.npy", "--labels", root / "labels.npy", "--splits", root / "splits.txt",
+                        "--source", "precomputed", "--out", out],
+        "train": ["train", "--descriptors", desc, "--out", out, "--iterations", "2", "--batch-sets", "4",
+                  "--latent-dim", "3", "--hidden-dim", "none", "--lambda3", "0"],
+        "fim": ["fim", "--model", model, "--descriptors", desc, "--out", out],
+        "encode": ["encode", "--model", model, "--fim", work / "fim.pt", "--descriptors", desc, "--out", out],
+        "evaluate": ["evaluate", "--fisher", work / "fisher", "--json", out],
+    }[stage] + (["--quiet"] if stage != "evaluate" else [])
+
+
+INPUTS = ("x.npy", "work/descriptors", "work/descriptors/shards", "work/descriptors/manifest.sqlite",
+          "work/model.pt", "work/fim.pt", "work/fisher")
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stage=st.sampled_from(["descriptors", "train", "fim", "encode", "evaluate"]),
+       target=st.sampled_from(INPUTS), relation=st.sampled_from(["is", "inside", "deeper", "holds", "link", "apart"]),
+       name=st.sampled_from(["out", "manifest.sqlite", "shard-00000.npy", "model.pt"]))
+def test_no_stage_changes_an_input_byte_whatever_the_output_path(finished_run, capsys, tmp_path_factory, stage,
+                                                                 target, relation, name):
+    """Property: for random output paths around the input stores and files (the input itself, inside it, two
+    levels down, a folder above it, inside it through a symbolic link, or apart), a stage either runs (apart)
+    or refuses with one line and exit 2, and no input byte changes."""
+    from fvvae_fast.cli import main
+
+    root = tmp_path_factory.mktemp("layout")
+    shutil.copytree(finished_run, root, dirs_exist_ok=True)  # each example writes into a fresh copy
+    base = root / target
+    apart = tmp_path_factory.mktemp("apart")
+    inputs = [Path(p) for p in map(str, _stage_argv(stage, root, apart / "o")) if Path(p).exists()]
+    before = _bytes_of(inputs)
+    link = root / "link"
+    if relation == "link":
+        link.symlink_to(base)
+    out = {"is": base, "inside": base / name, "deeper": base / "sub" / name, "holds": base.parent,
+           "link": link / name, "apart": apart / name}[relation]
+    try:
+        code = main([str(a) for a in _stage_argv(stage, root, out)])
+    finally:
+        if relation == "link":
+            link.unlink()
+    err = capsys.readouterr().err
+    real = out.resolve()
+    overlaps = any(p == real or p in real.parents or real in p.parents for p in (i.resolve() for i in inputs))
+    if overlaps:
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+    elif relation == "apart":
+        assert code == 0, err
+    assert _bytes_of(inputs) == before

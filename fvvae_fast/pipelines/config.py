@@ -25,7 +25,7 @@ from pathlib import Path
 from .. import distributed
 from ..io import atomic_open
 from .jobs import JOBS, Job
-from .options import JobError
+from .options import JobError, refuse_overlap
 
 # the stages of the chain and the files between them, in the run's folder
 RUN_PATHS = {
@@ -85,6 +85,8 @@ def plan(path: str | Path, out: str | Path | None = None) -> tuple[Path, list[Jo
     if "descriptors" not in cfg:
         raise JobError(f"{path}: needs a [descriptors] section (the dataset and the backbone)")
     use_fim = isinstance(cfg.get("fim"), dict) and cfg["fim"].get("enabled", True)
+    if not isinstance(use_fim, bool):
+        raise JobError(f"{path} [fim]: 'enabled': expected true or false, got {use_fim!r}")
     jobs = []
     for stage in STAGES:
         if stage == "fim" and not use_fim:
@@ -129,6 +131,9 @@ def run_config(path: str | Path, *, out: str | Path | None = None, overwrite: bo
     redo every stage from scratch."""
     t0 = time.perf_counter()
     folder, jobs = plan(path, out)
+    for job in jobs:  # the files between stages are the runner's own, inside the folder
+        refuse_overlap(folder, "the run's folder (out)",
+                       [(f"[{job.stage}] {k}", v) for k, v in job.inputs() if k not in RUN_PATHS[job.stage]])
     folder.mkdir(parents=True, exist_ok=True)
     stamps = {} if overwrite else _read_json(folder / "stamps.json")
     results = _read_json(folder / "results.json")

@@ -163,7 +163,7 @@ class MediaJob(Job):
     raft_weights: str | None = option(help="--modality flow: local weights file of torchvision's RAFT", input=True,
                                       group="source and backbone")
     flow_cache: str | None = option(help="--modality flow: keep the flow images in this folder and reuse them",
-                                    path=True, group="source and backbone")
+                                    output=True, group="source and backbone")
     workers: int | None = option(help="decoding worker processes (default: the available cores - 1; 0: decode in "
                                  "the main process)", parse=integer(0))
     device: str = _device_option()
@@ -224,7 +224,7 @@ class DescriptorsJob(MediaJob):
     sharded store. Rerun to resume after a crash; unreadable items are skipped, logged and counted."""
 
     stage: ClassVar[str] = "descriptors"
-    out: str = option(help="store folder (created, or resumed when it exists)", required=True, group="output")
+    out: str = option(help="store folder (created, or resumed when it exists)", required=True, output=True, group="output")
     subset: tuple[str, ...] | None = option(help="only the items of these splits (e.g. train test)", many=True,
                                             group="dataset")
     arrays: str | None = option(help="--dataset arrays: (N, C) .npy of descriptors", input=True, group="dataset")
@@ -278,7 +278,7 @@ class DescriptorsJob(MediaJob):
         """Write the store; returns the :class:`StageReport`. ``say`` gets the opening line."""
         from . import PrecomputedSource, extract_descriptors
 
-        self.refuse_own_inputs(self.out)
+        self.refuse_outputs_in_inputs()
         kind = self.source or DEFAULT_SOURCE[self.dataset]
         if self.dataset == "arrays" and kind != "precomputed":
             raise JobError("--dataset arrays holds precomputed descriptors: use --source precomputed")
@@ -340,13 +340,13 @@ class TrainJob(Job):
 
     stage: ClassVar[str] = "train"
     descriptors: str = option(help="descriptor store (from `fvvae descriptors`)", required=True, input=True)
-    out: str = option(help="checkpoint file (resumed when it exists)", required=True)
+    out: str = option(help="checkpoint file (resumed when it exists)", required=True, output=True)
     split: str | None = option(help="train on this split (default: 'train' when the store has it, else all; 'all')")
     overwrite: bool = option(False, "start again instead of resuming from --out")
     extend: bool = option(False, "train the run in --out on to a larger --iterations (recorded in the checkpoint); "
                           "without it, resuming with any changed setting is refused")
     log_dir: str | None = option(help="write TensorBoard scalars (losses, decoder liveness, sigma_x) to this folder",
-                                 path=True)
+                                 output=True)
     latent_dim: int = option(_MODEL["latent_dim"].default, "d: the FV has C x (d+1) dimensions", parse=_positive)
     hidden_dim: int | list[int] | None = option(_MODEL["hidden_dim"].default, "encoder hidden layers: default (one "
                                                 "of C), none, or sizes such as 512,512", parse=hidden_layers)
@@ -372,7 +372,7 @@ class TrainJob(Job):
         from ..store import Store
         from ..train import train
 
-        self.refuse_own_inputs(self.out)
+        self.refuse_outputs_in_inputs()
         store = Store.open(self.descriptors, kind="descriptors")
         split = _store_split(store, self.split)
         data = store.sets(split)
@@ -419,7 +419,7 @@ class FimJob(Job):
     stage: ClassVar[str] = "fim"
     model: str = option(help="checkpoint from `fvvae train`, or a released .mat file", required=True, input=True)
     descriptors: str = option(help="descriptor store", required=True, input=True)
-    out: str = option(help="FIM file to write", required=True)
+    out: str = option(help="FIM file to write", required=True, output=True)
     split: str | None = option(help="estimate on this split (default: 'train' when present, else all; 'all')")
     mode: str = option("diagonal", "estimate of F", choices=FIM_MODES)
     rank: int | None = option(help="--mode lowrank: rank k", parse=_positive)
@@ -439,7 +439,7 @@ class FimJob(Job):
         from ..store import Store
         from .stages import estimate_fim
 
-        self.refuse_own_inputs(self.out)
+        self.refuse_outputs_in_inputs()
         model = load_any_model(self.model)
         store = Store.open(self.descriptors, kind="descriptors")
         split = _store_split(store, self.split)
@@ -462,7 +462,7 @@ class EncodeJob(Job):
     stage: ClassVar[str] = "encode"
     model: str = option(help="checkpoint from `fvvae train`, or a released .mat file", required=True, input=True)
     descriptors: str = option(help="descriptor store", required=True, input=True)
-    out: str = option(help="Fisher-vector store folder (resumed when it exists)", required=True)
+    out: str = option(help="Fisher-vector store folder (resumed when it exists)", required=True, output=True)
     fim: str | None = option(help="FIM file from `fvvae fim` (default: none, F = I)", input=True)
     overwrite: bool = option(False, "delete an existing store at --out first")
     normalize: bool = option(True, "signed square root and L2 normalisation")
@@ -474,7 +474,7 @@ class EncodeJob(Job):
         from ..store import Store
         from .stages import encode_store
 
-        self.refuse_own_inputs(self.out)
+        self.refuse_outputs_in_inputs()
         model, fim = load_model_and_fim(self.model, self.fim)
         src = Store.open(self.descriptors, kind="descriptors")
         return encode_store(model, src, self.out, fim=fim, normalize=self.normalize, batch_sets=self.batch_sets,
@@ -498,7 +498,7 @@ class EvaluateJob(Job):
     test_split: str | None = option(help="split the accuracy is measured on (default: test, or ActivityNet's "
                                     "validation when training on training)")
     C: float = option(100.0, "SVM regularisation constant", parse=number)
-    json: str | None = option(help="also write the results to this JSON file", path=True)
+    json: str | None = option(help="also write the results to this JSON file", output=True)
 
     def run(self, progress: bool = True, say=print) -> JobReport:
         import json
@@ -506,8 +506,7 @@ class EvaluateJob(Job):
         from ..store import Store
         from .stages import evaluate_stores
 
-        if self.json is not None:
-            self.refuse_own_inputs(self.json)
+        self.refuse_outputs_in_inputs()
         if self.fusion_weights is not None and len(self.fusion_weights) != len(self.fisher):
             raise JobError(f"--fusion-weights: one weight per --fisher store ({len(self.fisher)}), got "
                            f"{len(self.fusion_weights)}")
@@ -540,7 +539,7 @@ class FinetuneJob(MediaJob):
 
     stage: ClassVar[str] = "finetune"
     out: str = option(help="backbone weights file to write (a torchvision state_dict for --weights)", required=True,
-                      group="output")
+                      output=True, group="output")
     mode: str = option(FinetuneConfig.mode, "classifier: softmax on the global pooled map (Table 3 'fine-tuned'); "
                        "fvvae: end to end with the Eq. 8 losses; head: linear classifier on the Fisher vector",
                        choices=FINETUNE_MODES, group="fine-tuning")
@@ -550,15 +549,15 @@ class FinetuneJob(MediaJob):
     train_split: str | None = option(help="the split trained on (default: train, or ActivityNet's training)",
                                      group="dataset")
     model_out: str | None = option(help="modes fvvae, head: write the FV-VAE checkpoint here (for fim, encode)",
-                                   path=True, group="output")
+                                   output=True, group="output")
     init_model: str | None = option(help="modes fvvae, head: start from this FV-VAE checkpoint (`fvvae train` on this "
                                     "backbone's descriptors; default: a new one)", input=True, group="fine-tuning")
-    checkpoint: str | None = option(help="training checkpoint, resumed when it exists (default: OUT.ckpt)", path=True,
-                                    group="output")
+    checkpoint: str | None = option(help="training checkpoint, resumed when it exists (default: OUT.ckpt)",
+                                    output=True, group="output")
     overwrite: bool = option(False, "start again instead of resuming from the checkpoint", group="output")
     extend: bool = option(False, "train the run of the checkpoint on to a larger --iterations", group="output")
-    log_dir: str | None = option(help="write TensorBoard scalars (the losses) to this folder", path=True,
-                                 group="output")
+    log_dir: str | None = option(help="write TensorBoard scalars (the losses) to this folder",
+                                 output=True, group="output")
     checkpoint_every: int = option(FinetuneConfig.checkpoint_every, "steps between checkpoints", parse=_positive,
                                    group="output")
     iterations: int = option(FinetuneConfig.iterations, "SGD steps", parse=_positive, group="fine-tuning")
@@ -587,10 +586,7 @@ class FinetuneJob(MediaJob):
     def run(self, progress: bool = True, say=print) -> JobReport:
         from ..finetune import finetune
 
-        self.refuse_own_inputs(self.out)
-        for path in (self.model_out, self.checkpoint):
-            if path is not None:
-                self.refuse_own_inputs(path)
+        self.refuse_outputs_in_inputs()
         kind = self.source or DEFAULT_SOURCE[self.dataset]
         if kind == "precomputed" or self.dataset == "arrays":
             raise JobError("finetune trains a backbone on videos or images: --source video or image, not "

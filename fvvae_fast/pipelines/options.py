@@ -18,21 +18,25 @@ from typing import Any, ClassVar
 from ..errors import UserError
 
 
+# the annotations of the fields that hold one number: a config file gives them as numbers, never as strings
+NUMERIC_TYPES = ("int", "float", "int | None", "float | None")
+
+
 class JobError(UserError, ValueError):
     """A job setting that is missing, of the wrong type or out of range."""
 
 
 def option(default: Any = None, help: str = "", *, required: bool = False, parse: Callable[[Any], Any] | None = None,
-           choices: Sequence[str] | None = None, many: bool = False, input: bool = False, path: bool = False,
-           group: str | None = None) -> Any:
+           choices: Sequence[str] | None = None, many: bool = False, input: bool = False, output: bool = False,
+           path: bool = False, group: str | None = None) -> Any:
     """A job field. ``parse`` turns a string (command line) or a config value into the field's value
     and raises ValueError with the reason; ``many``: a list of strings (``nargs='+'``); ``input``: a
-    file the job reads (implies ``path``); ``group``: the heading it is listed under in ``--help``.
-    Fields without a parser hold strings."""
+    file or folder the job reads, ``output``: one it writes (each implies ``path``); ``group``: the heading
+    it is listed under in ``--help``. Fields without a parser hold strings."""
     if choices is not None:
         parse = one_of(choices)
     meta = {"help": help, "required": required, "parse": parse, "choices": choices, "many": many, "input": input,
-            "path": path or input, "group": group}
+            "output": output, "path": path or input or output, "group": group}
     return field(default=default, metadata=meta)
 
 
@@ -170,6 +174,8 @@ class Job:
             if name not in fields:
                 known = ", ".join(sorted(n for n in fields if n not in fixed))
                 raise JobError(f"{where}: unknown key {key!r} (known: {known})")
+            if isinstance(value, str) and fields[name].type in NUMERIC_TYPES:  # "5" is for the command line
+                raise JobError(f"{where}: {name} ({flag_name(name)}): expected a number, got the string {value!r}")
             if base is not None and fields[name].metadata.get("path") and isinstance(value, str) \
                     and not _a_name(value, base):
                 value = str(base / value)
@@ -185,18 +191,36 @@ class Job:
 
     def inputs(self) -> list[tuple[str, str]]:
         """(field, path) of each file or folder the job reads (each path of a many-valued field)."""
+        return self._paths("input")
+
+    def outputs(self) -> list[tuple[str, str]]:
+        """(field, path) of each file or folder the job writes."""
+        return self._paths("output")
+
+    def _paths(self, role: str) -> list[tuple[str, str]]:
         out = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.metadata.get("input") and value is not None:
+            if f.metadata.get(role) and value is not None:
                 out += [(f.name, path) for path in (value if f.metadata.get("many") else [value])]
         return out
 
-    def refuse_own_inputs(self, out: str | os.PathLike) -> None:
-        """No job writes over what it reads: ``out`` may not be, or hold, one of its inputs."""
-        target = Path(out).resolve()
-        for name, value in self.inputs():
-            path = Path(value).resolve()
-            if target == path or target in path.parents:
-                raise JobError(f"{flag_name('out')} {out} would overwrite the input {flag_name(name)} {value}: "
-                               f"write to another path")
+    def refuse_outputs_in_inputs(self) -> None:
+        """No job writes into what it reads: every output is checked against every input (before anything is
+        written)."""
+        for name, out in self.outputs():
+            refuse_overlap(out, flag_name(name), [(flag_name(k), v) for k, v in self.inputs()])
+
+
+def refuse_overlap(out: str | os.PathLike, out_name: str, inputs: Sequence[tuple[str, str | os.PathLike]]) -> None:
+    """JobError naming both unless the output path ``out`` (after resolving symbolic links) is apart from each
+    input path: not the same, not a folder that holds an input, not inside an input (a store is a folder: a file
+    written into it destroys the store). ``inputs``: (name, path) pairs."""
+    target = Path(out).resolve()
+    for name, value in inputs:
+        path = Path(value).resolve()
+        relation = ("is" if target == path else "lies inside" if path in target.parents else
+                    "holds" if target in path.parents else None)
+        if relation is not None:
+            raise JobError(f"{out_name} {out} {relation} the input {name} {value}: write to a path outside the "
+                           f"inputs")
