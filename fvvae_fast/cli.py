@@ -140,9 +140,12 @@ def _run_command(args: argparse.Namespace) -> int:
 def _demo_command(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
     from .evaluation.compare import CompareConfig
+    from .pipelines.options import refuse_overlap
 
     if args.descriptors is not None and not Path(args.descriptors).is_dir():
         raise FileNotFoundError(f"{args.descriptors}: descriptor store not found (make one with `fvvae descriptors`)")
+    if args.descriptors is not None:
+        refuse_overlap(args.out, "--out", [("--descriptors", args.descriptors)])
     compare = dataclasses.replace(CompareConfig(), iterations=args.iterations, sweep_iterations=args.sweep_iterations,
                                   lambda3=args.lambda3, latent_dim=args.latent_dim, seeds=args.seeds)
     config = DemoConfig(dataset=args.dataset, train_per_class=args.train_per_class, test_per_class=args.test_per_class,

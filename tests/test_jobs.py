@@ -306,3 +306,10 @@ def test_no_stage_changes_an_input_byte_whatever_the_output_path(finished_run, c
     elif relation == "apart":
         assert code == 0, err
     assert _bytes_of(inputs) == before
+
+
+def test_the_demo_writes_apart_from_a_given_store(finished_run, capsys):
+    desc = finished_run / "work" / "descriptors"
+    before = _bytes_of([desc])
+    line = _one_line_exit_2(["demo", "--descriptors", desc, "--out", desc / "demo"], capsys)
+    assert "lies inside the input --descriptors" in line and _bytes_of([desc]) == before
