@@ -1,6 +1,6 @@
 """fvvae_fast: fast Fisher vectors with a variational auto-encoder (FV-VAE, Qiu et al., CVPR 2017).
 
-Public API (DESIGN section 3)::
+Public API (docs/api.rst)::
 
     G = fisher_accumulate(x, z, weight, bias, inv_var, offsets)   # (S, C, d+1) raw gradient sums
     model = FVVAE(in_dim=512, latent_dim=255, num_classes=101)
@@ -78,3 +78,43 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+
+
+def _ops_namespace(torch: types.ModuleType) -> None:
+    """Makes ``torch.ops.fvvae_fast`` a namespace whose first lookup imports the ops, which register themselves."""
+    from torch._ops import _OpNamespace
+
+    class _Namespace(_OpNamespace):
+        def __getattr__(self, name: str):
+            if not name.startswith("_"):
+                importlib.import_module(f"{__name__}.ops.training")  # with fvvae_fast.ops: every op
+            return super().__getattr__(name)
+
+    if "fvvae_fast" not in vars(torch.ops):
+        torch.ops.fvvae_fast = _Namespace("fvvae_fast")
+
+
+class _AfterTorchImport:
+    """A one-off import hook: ``import torch`` runs as usual, then :func:`_ops_namespace` (so that `import
+    fvvae_fast` still imports no torch, and ``torch.ops.fvvae_fast.*`` exist whichever is imported first)."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            run = spec.loader.exec_module
+
+            def exec_module(module: types.ModuleType) -> None:
+                run(module)
+                _ops_namespace(module)
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+if getattr(sys.modules.get("torch"), "ops", None) is not None:
+    _ops_namespace(sys.modules["torch"])
+elif "torch" not in sys.modules and not any(type(f).__name__ == "_AfterTorchImport" for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterTorchImport())

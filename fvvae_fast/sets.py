@@ -40,6 +40,10 @@ class DescriptorSets:
     def __len__(self) -> int:
         return self.offsets.numel() - 1
 
+    def __repr__(self) -> str:
+        return (f"DescriptorSets(sets={len(self)}, rows={self.x.shape[0]}, dim={self.dim}, dtype={self.x.dtype}, "
+                f"labels={'no' if self.labels is None else 'yes'})")
+
     @property
     def dim(self) -> int:
         return int(self.x.shape[1])

@@ -85,6 +85,11 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
 
+    def __repr__(self) -> str:
+        m = self.model
+        return (f"TrainResult(model={type(m).__name__}(in_dim={m.in_dim}, latent_dim={m.latent_dim}), "
+                f"history={len(self.history)} logged iterations, resumed_from={self.resumed_from})")
+
 
 def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer: torch.optim.Optimizer | None = None,
                     iteration: int = 0, generators: tuple[torch.Generator, ...] = (),
@@ -226,13 +231,13 @@ def train(
     unfinished run on to a larger ``iterations`` (recorded in the checkpoint's ``extended``).
     ``log_dir`` writes TensorBoard scalars (needs the ``tensorboard`` package). Every logged row
     (progress bar, TensorBoard, the checkpoint's history) holds the loss terms and the decoder's
-    health (:meth:`FVVAE.liveness` on the current batch); a :class:`CollapseWarning` is raised once
+    health (:meth:`FVVAE.liveness` on the current batch); a :class:`~fvvae_fast.train.CollapseWarning` is raised once
     when fewer than ``LIVENESS_WARN`` of the pre-activations have been active for ``LIVENESS_PATIENCE``
     iterations. Descriptors held in memory are checked for NaN and Inf up front (a ValueError names the first
     such row); the weights are checked before every log and checkpoint, and weights that became NaN or Inf
     stop training with a ValueError before they are saved (the last checkpoint stays as it was).
 
-    Inside a torch.distributed process group (``torchrun``; :mod:`fvvae_fast.distributed`) it is
+    Inside a torch.distributed process group (``torchrun``; ``fvvae_fast.distributed``) it is
     DistributedDataParallel over sets: every rank draws the same global batch and its noise, and
     computes the loss of its contiguous share of the batch's sets, scaled so that the averaged
     gradient is the whole batch's. The steps, the optimizer state and the checkpoint (written by

@@ -48,7 +48,7 @@ def test_setup_lists_every_subpackage():
 
 
 def test_public_api_of_the_design():
-    """DESIGN section 3: the names outside tests call, at the top level of the package."""
+    """docs/api.rst: the names outside tests call, at the top level of the package."""
     import inspect
 
     import fvvae_fast as fv
@@ -113,3 +113,50 @@ def test_the_package_imports_lazily_and_gives_every_name():
             "assert all(getattr(fv, n) is not None for n in fv.__all__)\n"
             "try:\n    fv.no_such_name\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit('no error')")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_custom_ops_exist_after_import_fvvae_fast():
+    """torch.ops.fvvae_fast.* after `import fvvae_fast`, whether torch comes before or after it; the ops'
+    modules are imported only when the namespace is first looked up."""
+    code = textwrap.dedent(
+        """
+        import sys
+        {first}
+        assert "fvvae_fast.ops" not in sys.modules
+        ops = torch.ops.fvvae_fast
+        assert callable(ops.fisher_accumulate) and callable(ops.sum_of_squares) and callable(ops.train_step_cpu)
+        assert "fvvae_fast.model" not in sys.modules
+        print("ok")
+        """
+    )
+    for first in ("import fvvae_fast, torch", "import torch, fvvae_fast"):
+        result = subprocess.run([sys.executable, "-c", code.format(first=first)], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0 and result.stdout.strip() == "ok", (first, result.stderr)
+
+
+def test_ops_do_not_import_the_model():
+    """fvvae_fast.ops sits below the model (model -> ops): no import the other way, not even for type hints."""
+    import ast
+    from pathlib import Path
+
+    for path in (Path(__file__).resolve().parents[1] / "fvvae_fast" / "ops").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = {node.module or ""} | {f"{node.module or ''}.{a.name}".lstrip(".") for a in node.names}
+                assert not any(n == "model" or n.endswith(".model") or n.startswith("model.") for n in names
+                               if node.level >= 2 or n.startswith("fvvae_fast")), f"{path.name} imports the model"
+
+
+def test_short_reprs():
+    import torch
+
+    import fvvae_fast as fv
+    from fvvae_fast.train import TrainResult
+
+    data = fv.DescriptorSets(torch.zeros(1000, 3), torch.tensor([0, 400, 1000]), torch.tensor([0, 1]))
+    assert repr(data) == "DescriptorSets(sets=2, rows=1000, dim=3, dtype=torch.float32, labels=yes)"
+    assert repr(fv.DescriptorSets(torch.zeros(2, 3).numpy(), [0, 2])).endswith("dtype=float32, labels=no)")
+    result = TrainResult(fv.FVVAE(3, 2), history=[{"total": 1.0}] * 500)
+    assert repr(result) == "TrainResult(model=FVVAE(in_dim=3, latent_dim=2), history=500 logged iterations, " \
+                           "resumed_from=0)"

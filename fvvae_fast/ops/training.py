@@ -17,15 +17,10 @@ The plain-torch forms are where the math is checked; the kernels are tested agai
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import dispatch
-
-if TYPE_CHECKING:
-    from ..model import FVVAE
 
 _lib = torch.library.Library("fvvae_fast", "FRAGMENT")
 _lib.define("dropout_keep_cpu(int n, int c, int seed, int threshold) -> Tensor")
@@ -189,14 +184,14 @@ class Adadelta(torch.optim.Adadelta):
         return None
 
 
-def loss_backward_fused(model: FVVAE, x: Tensor) -> bool:
-    """True when :func:`loss_backward` runs the C++ step for ``model`` on descriptors x: CPU, float32/float64
-    parameters of x's dtype, no gradient asked of x, the extension built."""
+def loss_backward_fused(model: nn.Module, x: Tensor) -> bool:
+    """True when :func:`loss_backward` runs the C++ step for ``model`` (an FV-VAE) on descriptors x: CPU,
+    float32/float64 parameters of x's dtype, no gradient asked of x, the extension built."""
     return _kernel(x, *(p.detach() for p in model.parameters())) and all(p.dtype == x.dtype
                                                                          for p in model.parameters())
 
 
-def loss_backward(model: FVVAE, x: Tensor, labels: Tensor | None, noise: tuple[Tensor | None, Tensor],
+def loss_backward(model: nn.Module, x: Tensor, labels: Tensor | None, noise: tuple[Tensor | None, Tensor],
                   lambdas: tuple[float, float, float], *, rows: Tensor | None = None
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``model.loss(x, labels, lambdas, noise=noise)`` and its ``total.backward()`` (gradients added to the
@@ -207,7 +202,7 @@ def loss_backward(model: FVVAE, x: Tensor, labels: Tensor | None, noise: tuple[T
     tile (128 rows at a time through the encoder, the decoder, the classifier and back), so that no
     (N, C) array leaves the cache; the descriptor-free terms (log sigma_x, the KL's sigma_z part, and the
     sampling's path to sigma_z through the kernel's sum_t dL/dz_t eps_t) are differentiated here. Else
-    autograd of :meth:`FVVAE.loss`.
+    autograd of :meth:`fvvae_fast.FVVAE.loss` (the model module imports this one, not the other way round).
     """
     if not (model.training and loss_backward_fused(model, x)):
         if rows is not None:
