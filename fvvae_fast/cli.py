@@ -6,7 +6,7 @@ Stages, each resumable (rerun the same command after a crash) and each ending wi
     fvvae train        descriptor store -> FV-VAE checkpoint         (resumes from the checkpoint)
     fvvae fim          model + descriptor store -> Fisher information estimate
     fvvae encode       model (+ FIM) + descriptor store -> Fisher-vector store
-    fvvae evaluate     Fisher-vector store(s) -> top-1 of a linear SVM (C = 100); several: late fusion
+    fvvae evaluate     Fisher-vector store(s) -> linear SVM (C = 100): top-1, top-3, mAP; several: late fusion
     fvvae run CONFIG   all of the above from one TOML (or YAML) file; a rerun redoes what changed
     fvvae finetune     a backbone fine-tuned on a dataset (classifier, end to end, FV head) -> --weights
     fvvae demo         the paper's comparison (Table 2, Fig. 4-6) on built-in real data
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +43,7 @@ COMMANDS = {
     "train": "train FV-VAE on a descriptor store",
     "fim": "estimate the Fisher information F (Eq. 12)",
     "encode": "descriptor store -> Fisher-vector store",
-    "evaluate": "linear SVM (C=100) top-1 on a Fisher-vector store",
+    "evaluate": "linear SVM (C=100) on a Fisher-vector store: top-1, top-3 and mAP",
     "run": "the whole chain from one TOML/YAML config",
     "demo": "the paper's comparison on built-in real data (or any descriptor store)",
     "finetune": "fine-tune a backbone on a dataset's frames or images (classifier, end to end, FV head)",
@@ -57,9 +58,25 @@ def _say(*lines: str) -> None:
             print(line, flush=True)
 
 
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`<]*?)\s*(?:<[^`>]*>)?`")  # :class:`~.jobs.Job`, :func:`t <x>`
+
+
+def plain_text(text: str) -> str:
+    """reST of the docstrings the help is made of -> plain text: ``x`` and `x` -> 'x', :role:`~a.B` -> B,
+    a closing "::" -> ":"."""
+    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if m.group(0).split("`")[1].startswith("~")
+                     else m.group(1), text)
+    text = re.sub(r"``(.+?)``", r"'\1'", text, flags=re.S)
+    text = re.sub(r"`([^`]+)`", r"'\1'", text)
+    return re.sub(r"::$", ":", text, flags=re.M)
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Wraps one-paragraph descriptions, keeps texts with line breaks as written (examples),
-    appends a default only when there is one to tell."""
+    appends a default only when there is one to tell; plain text (:func:`plain_text`)."""
+
+    def format_help(self) -> str:
+        return plain_text(super().format_help())
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if "\n\n" in text.strip() or text.startswith("example"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -53,14 +54,42 @@ def descriptor_args(videos: Path, out: Path, *extra: str) -> list[str]:
             "--shard-items", "4", "--workers", "0", "--out", out, "--quiet", *extra]
 
 
-@pytest.mark.parametrize("command", ["descriptors", "train", "fim", "encode", "evaluate", "run", "demo"])
-def test_help(command, capsys):
+def help_text(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
+        main([*argv, "--help"])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["descriptors", "train", "fim", "encode", "evaluate", "run", "demo", "finetune"])
+def test_help(command, capsys):
+    text = help_text(capsys, command)
     assert text.startswith("usage: fvvae " + command)
     assert "--quiet" in text
+
+
+@pytest.mark.parametrize("command", [None, "descriptors", "train", "fim", "encode", "evaluate", "run", "demo",
+                                     "finetune"])
+def test_help_is_plain_text(command, capsys):
+    """Help made from docstrings shows no reST: no backquotes (``x``, `x`, :class:`x`), no literal-block "::"."""
+    text = help_text(capsys, *[command] * (command is not None))
+    assert "`" not in text and not re.search(r"::\s*$", text, flags=re.M), text
+
+
+def test_help_says_what_evaluate_reports_and_which_backbones(capsys):
+    assert all(word in help_text(capsys) for word in ("top-1", "top-3", "mAP"))
+    text = " ".join(help_text(capsys, "evaluate").split())
+    assert all(word in text for word in ("top-1", "top-3", "mAP")), text
+    for command in ("descriptors", "finetune"):
+        assert "timm:<name>" in " ".join(help_text(capsys, command).split())
+
+
+def test_plain_text_of_rest():
+    from fvvae_fast.cli import plain_text
+
+    assert plain_text("``out`` of :class:`~.jobs.DescriptorsJob`, :mod:`fvvae_fast.io`, `fvvae train`, "
+                      ":func:`the op <fvvae_fast.spp>`. Example::") == (
+        "'out' of DescriptorsJob, fvvae_fast.io, 'fvvae train', the op. Example:")
 
 
 def test_top_level_help_lists_the_stages(capsys):

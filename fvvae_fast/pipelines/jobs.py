@@ -119,9 +119,10 @@ class MediaJob(Job):
     split: int = option(1, "UCF101 train/test split", parse=integer(1, 3), group="dataset")
     source: str | None = option(help="what an item is (default: video for ucf101/activitynet/folder, image for cub)",
                                 choices=SOURCES, group="source and backbone")
-    backbone: str | None = option(help="preset (vgg19-pool5, vgg19-conv5_4, resnet152-res5c, mobilenet_v2) or any "
-                                  "torchvision model name with --layer (default: vgg19-pool5 for video, vgg19-conv5_4 "
-                                  "for images)", group="source and backbone")
+    backbone: str | None = option(help="preset (vgg19-pool5, vgg19-conv5_4, resnet152-res5c, mobilenet_v2), any "
+                                  "torchvision model name with --layer, or a timm model as timm:<name> with --layer "
+                                  "(needs timm) (default: vgg19-pool5 for video, vgg19-conv5_4 for images)",
+                                  group="source and backbone")
     layer: str | None = option(help="the layer whose output is the conv map (a torchvision feature-extraction node or "
                                "submodule name), overrides the preset's", group="source and backbone")
     weights: str | None = option(help="local state_dict file of the backbone, or a torchvision weight name "
@@ -484,8 +485,8 @@ class EncodeJob(Job):
 
 @dataclass
 class EvaluateJob(Job):
-    """Train a one-vs-all linear SVM on the vectors of one split and report the top-1 accuracy on
-    another (paper section 5.2). Several --fisher stores of the same items (RGB and flow streams):
+    """Train a one-vs-all linear SVM on the vectors of one split and report its top-1 and top-3
+    accuracy and mAP on another (paper section 5.2). Several --fisher stores of the same items (RGB and flow streams):
     each stream's SVM and their late fusion (Table 4); test items stored as ten crops are scored by
     the mean over their crops."""
 
