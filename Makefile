@@ -6,7 +6,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1 torchcodec==0.17.0
 STAMP := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml requirements-data.txt $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*.h csrc/*/*.h)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test docs bench clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,12 @@ $(FFMPEG_LINKS): $(STAMP)
 test: setup $(FFMPEG_LINKS)
 	TRITON_INTERPRET=1 $(WITH_FFMPEG) $(PY) -m pytest -q
 
+# The documentation (docs/), warnings as errors: a broken reference fails. `make test` builds it too (tests/test_docs.py).
+docs: setup
+	$(PY) -m sphinx -b html -W -n -q docs docs/_build/html
+
 bench: setup $(FFMPEG_LINKS)
 	$(WITH_FFMPEG) $(PY) -m pytest bench -q --benchmark-only
 
 clean:
-	rm -rf $(VENV) build *.egg-info fvvae_fast/*.so demo_out
+	rm -rf $(VENV) build *.egg-info fvvae_fast/*.so demo_out docs/_build

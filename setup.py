@@ -61,13 +61,14 @@ setup(
     packages=["fvvae_fast", "fvvae_fast.ops", "fvvae_fast.kernels", "fvvae_fast.fim", "fvvae_fast.pipelines",
               "fvvae_fast.baselines", "fvvae_fast.evaluation"],
     package_dir={"fvvae_fast.kernels": "kernels"},
+    package_data={"fvvae_fast": ["py.typed"]},  # the type hints are part of the API (PEP 561)
     install_requires=["torch>=2.4", "numpy", "scipy", "tqdm", "packaging", 'tomli; python_version < "3.11"'],
     extras_require={
         # Descriptor sources, backbones, evaluation and its figures. torchvision is not a hard requirement: an
         # unpinned torchvision can pull in another torch; install the one matching your torch.
         "pipelines": PIPELINES,
         "yaml": ["pyyaml"],
-        "dev": [*PIPELINES, "pytest", "pytest-benchmark", "hypothesis", "tensorboard", "timm"],
+        "dev": [*PIPELINES, "pytest", "pytest-benchmark", "hypothesis", "tensorboard", "timm", "sphinx"],
     },
     entry_points={"console_scripts": ["fvvae = fvvae_fast.cli:main"]},
     ext_modules=ext_modules,

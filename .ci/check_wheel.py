@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Files of the source tree the sdist must hold (glob patterns relative to ROOT).
 SDIST = ("README.md", "setup.py", "pyproject.toml", "MANIFEST.in", "Makefile", "requirements-data.txt",
-         "csrc/**/*.cpp", "csrc/**/*.h", "kernels/*.py", "fvvae_fast/**/*.py", "tests/*.py")
+         "csrc/**/*.cpp", "csrc/**/*.h", "kernels/*.py", "fvvae_fast/**/*.py", "fvvae_fast/py.typed", "tests/*.py",
+         "docs/*.rst", "docs/conf.py")
 
 
 def python(*args: str) -> None:
@@ -40,7 +41,7 @@ def wheel_missing(wheel: Path) -> list[str]:
         held = set(whl.namelist())
     packages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "fvvae_fast").rglob("__init__.py")}
     want = {f"{package.replace('.', '/')}/__init__.py" for package in packages | {"fvvae_fast.kernels"}}
-    want.add("fvvae_fast/kernels/fisher_accumulate.py")
+    want.update({"fvvae_fast/kernels/fisher_accumulate.py", "fvvae_fast/py.typed"})
     missing = sorted(want - held)
     if not any(name.startswith("fvvae_fast/_C") and name.endswith(tuple(EXTENSION_SUFFIXES)) for name in held):
         missing.append("fvvae_fast/_C (the compiled extension)")

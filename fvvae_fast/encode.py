@@ -1,4 +1,4 @@
-"""Fisher vectors from a trained FV-VAE (paper section 3.4, Eq. 9-13; DESIGN section 2)."""
+"""Fisher vectors from a trained FV-VAE (paper section 3.4, Eq. 9-13; docs/math.rst, "The Fisher vector")."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class _SignedSqrt(torch.autograd.Function):
 
 
 def signed_sqrt(v: Tensor) -> Tensor:
-    """sign(v) sqrt(|v|), elementwise, float tensor of any shape; differentiable with gradient 0 at 0."""
+    """sign(v) sqrt(abs(v)), elementwise, float tensor of any shape; differentiable with gradient 0 at 0."""
     return _SignedSqrt.apply(v)
 
 
@@ -115,7 +115,7 @@ def fisher_encode(
     FV_X = -F^(-1/2) vec(G_X) (Eq. 13) with vec row-major over (C, d+1); ``fim=None`` is
     F = I. With ``normalize=True`` the signed square root and L2 normalisation follow; outside
     autograd, with F = I or a diagonal F, they run in the kernel's epilogue
-    (:func:`fvvae_fast.ops.fisher_vectors`), which never writes G.
+    (:func:`fvvae_fast.fisher_vectors`), which never writes G.
 
     Args:
         model: a (trained) :class:`FVVAE`; it preprocesses the raw descriptors itself.

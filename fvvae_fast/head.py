@@ -1,4 +1,4 @@
-"""The FV-VAE Fisher vector as a trainable layer (DESIGN section 3; paper sections 1 and 4)."""
+"""The FV-VAE Fisher vector as a trainable layer (docs/api.rst; paper sections 1 and 4)."""
 
 from __future__ import annotations
 

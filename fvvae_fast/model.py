@@ -1,4 +1,4 @@
-"""The FV-VAE model (paper section 3-4, Table 7; DESIGN section 1).
+"""The FV-VAE model (paper section 3-4, Table 7; docs/math.rst, "The model").
 
 Encoder MLP C -> hidden... -> d gives mu_z; a shared, learnt sigma_z gives the
 reparametrised sample in training; a one-layer ReLU decoder gives mu_x with a
@@ -141,7 +141,7 @@ class FVVAE(nn.Module):
                             f"(x.to({param.dtype}) or model.to({x.dtype}))")
 
     def preprocess(self, x: Tensor) -> Tensor:
-        """x: (N, C) raw descriptors -> (N, C) as the model sees them (DESIGN section 1)."""
+        """x: (N, C) raw descriptors -> (N, C) as the model sees them (docs/math.rst, "The model")."""
         self._check_x(x)
         return normalize_dropout(x, None, self.dropout, self.norm == "descriptor", self.eps)[0]
 
@@ -210,7 +210,7 @@ class FVVAE(nn.Module):
         """The training noise of n descriptors: dropout keep mask (n, C) bool (None without dropout)
         and eps (n, d) ~ N(0, I), drawn from ``generator`` in this order.
 
-        The keep mask (:func:`fvvae_fast.ops.training.dropout_keep`) compares 16-bit slices of random
+        The keep mask (``fvvae_fast.ops.training.dropout_keep``) compares 16-bit slices of random
         words with the dropout rate (P(keep) = 1 - round(65536 p) / 65536, exactly 0.5 for p = 0.5).
         """
         keep = dropout_keep(n, self.in_dim, self.dropout, generator, device) if self.dropout != 0.0 else None

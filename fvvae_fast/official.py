@@ -1,6 +1,6 @@
 """The released FV-VAE model (fv-vae/fv-vae, MATLAB + Caffe): its weights and its preprocessing.
 
-DESIGN section 1. The release extracts a frame's Fisher vector as
+docs/math.rst, "The released model". The release extracts a frame's Fisher vector as
 
     image  -> RGB to BGR, resize to 240 x 320 (bilinear), centre crop 224, minus the
               Caffe BGR mean [104, 117, 123], 0-255 scale          (:func:`release_preprocess`)
@@ -61,7 +61,7 @@ def load_official(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -
     ``decoder.w`` = (C=512, latent=256), and sigma_x = ``decoder_sigma`` (sigma itself, not
     its log). sigma_z is not in the file (inference only) and stays 1; there is no classifier.
 
-    Its descriptors must come from :func:`release_preprocess` + VGG-19 pool5 +
+    Its descriptors must come from :func:`~fvvae_fast.official.release_preprocess` + VGG-19 pool5 +
     :func:`fvvae_fast.normalize_map` (scale ``model.norm_scale``) + :func:`fvvae_fast.spp`;
     the video source does that with ``preprocess="release", map_scale=model.norm_scale``.
 

@@ -1,4 +1,5 @@
-"""Spatial pyramid max pooling of conv maps into local descriptors (paper section 4; DESIGN section 1).
+"""Spatial pyramid max pooling of conv maps into local descriptors (paper section 4; docs/math.rst, "The released
+model").
 
 The release pools the 7 x 7 VGG-19 pool5 map with four max-pooling windows/strides,
 

@@ -11,7 +11,7 @@ Layout of a store folder::
 
 Items are assigned to shards up front: item i (in the order given when the store was
 created) belongs to shard ``i // shard_items``. A shard is computed as a whole, written to a
-temporary name beside its final one, fsynced and renamed (:func:`fvvae_fast.io.atomic_open`),
+temporary name beside its final one, fsynced and renamed (``fvvae_fast.io.atomic_open``),
 and only then marked done, together with its items, in one SQLite transaction. A run killed
 at any point therefore leaves finished shards (file present and marked done) and unfinished
 ones (no file, or a file not yet marked done, recomputed on restart); the restarted run

@@ -6,7 +6,7 @@ dtypes, all in one floating dtype; ``offsets`` is (S+1,) int64, its values unche
 launchers clamp it into [0, N] on the device, so no kernel leaves x). No host synchronisation:
 every grid is sized from shapes alone, so the launchers are safe under CUDA graphs.
 
-Math (DESIGN section 2; set s = rows offsets[s]:offsets[s+1], inv_var = v):
+Math (docs/math.rst, "The kernels"; set s = rows offsets[s]:offsets[s+1], inv_var = v):
 
     a_t = W z_t + b,   m_t = [a_t > 0],   diff_t = (ReLU(a_t) - x_t) * m_t,   r_t = v * diff_t
     G[s] = sum_t r_t [z_t ; 1]^T = v[:, None] * [ sum_t diff_t z_t^T | sum_t diff_t ]   (C, d+1)

@@ -1,4 +1,5 @@
-"""Triton kernel of ``sum_of_squares``, the diagonal Fisher-information update (paper Eq. 12; DESIGN section 2).
+"""Triton kernel of ``sum_of_squares``, the diagonal Fisher-information update (paper Eq. 12; docs/math.rst,
+"The kernels").
 
     out[j] = sum_s g[s, j]^2        g (S, D) float32/float64 -> out (D,) float64
 

@@ -1,5 +1,5 @@
 """The released model: load_official, the release's preprocessing, and our Fisher vectors against a
-line-by-line NumPy transcription of the release's math (DESIGN section 1)."""
+line-by-line NumPy transcription of the release's math (docs/math.rst, "The released model")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Streaming, mergeable Fisher information estimates (paper Eq. 12-13; DESIGN sections 2-3).
+"""Streaming, mergeable Fisher information estimates (paper Eq. 12-13; docs/math.rst, "The Fisher information").
 
     fim = FisherInformation(mode="diagonal")          # or mode="lowrank", rank=k; mode="kronecker"
     fim.estimate(model, loader)                        # one pass over the training sets

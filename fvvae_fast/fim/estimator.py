@@ -88,7 +88,7 @@ class FisherInformation:
             Memory is a (2l, D) buffer in the dtype of the first update.
         dim: D, optional: checked against every input (otherwise set by the first update).
 
-    The statistics of the mode live in a :class:`.statistics.Statistics` of that mode; this
+    The statistics of the mode live in a ``fvvae_fast.fim.statistics.Statistics`` of that mode; this
     class checks inputs and configuration and holds the damping, D, (C, d+1), the set count,
     the cached whitening factors and the file format.
 
@@ -242,7 +242,7 @@ class FisherInformation:
         """Add the training sets of raw descriptors x (N, C) float with offsets (S+1,) int64.
 
         ``diagonal``/``lowrank``: G = :func:`fvvae_fast.fisher_gradients` then :meth:`update`.
-        ``kronecker``: r_t (Eq. 11, :func:`fvvae_fast.ops.reference.residual`) and
+        ``kronecker``: r_t (Eq. 11, ``fvvae_fast.ops.reference.residual``) and
         z~_t = [mu_z(x_t); 1] give sums of r r^T (C, C) and z~ z~^T (d+1, d+1);
         no per-descriptor gradient is formed. ``model`` follows :class:`fvvae_fast.FVVAE`
         (``preprocess``, ``encode``, ``decoder``, ``inv_var``). Returns self.
@@ -375,7 +375,7 @@ class FisherInformation:
 
     @property
     def sketch_error(self) -> float:
-        """Delta / n: 0 <= F - B^T B / n <= sketch_error * I for the sketch B (lowrank; 0 otherwise)."""
+        """The bound Delta / n with 0 <= F - B^T B / n <= sketch_error * I for the sketch B (lowrank; 0 otherwise)."""
         return self._stats.sketch_error(self.num_sets) if self.num_sets else 0.0
 
     def kronecker_factors(self) -> tuple[Tensor, Tensor, float]:
@@ -413,10 +413,10 @@ class FisherInformation:
         Which A each mode applies (F_hat floored by ``damping`` as in the module docstring):
 
         - ``diagonal``: A = diag(F)^(-1/2), the symmetric F_hat^(-1/2) (the paper's Eq. 13).
-        - ``lowrank``: A = (I + Q ((1 + Sigma)^(-1/2) - 1) Q^T) Delta_d^(-1/2) (:mod:`.lowrank`): the
+        - ``lowrank``: A = (I + Q ((1 + Sigma)^(-1/2) - 1) Q^T) Delta_d^(-1/2) (``fvvae_fast.fim.lowrank``): the
           symmetric whitening of Delta_d^(-1/2) F_hat Delta_d^(-1/2), not F_hat^(-1/2) itself.
-        - ``kronecker``: A = (I + (1/sqrt(1 + |w|^2) - 1) w^ w^T) K^(-1/2) with K^(-1/2) the symmetric
-          (T_bar B (x) A)^(-1/2) and the rank-one shrink of the mean term (:mod:`.kronecker`).
+        - ``kronecker``: A = (I + (1/sqrt(1 + ||w||^2) - 1) w^ w^T) K^(-1/2) with K^(-1/2) the symmetric
+          (T_bar B (x) A)^(-1/2) and the rank-one shrink of the mean term (``fvvae_fast.fim.kronecker``).
 
         Both non-diagonal forms give the exact Fisher kernel G^T F_hat^(-1) G; they differ from the
         symmetric F_hat^(-1/2) by a rotation, which the signed square root that follows does not ignore.

@@ -90,7 +90,7 @@ def fisher_accumulate(
     nan_policy: str = "propagate",
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Per-set raw FV-VAE gradient sums G_X (DESIGN section 2, paper Eq. 11-13 before F).
+    """Per-set raw FV-VAE gradient sums G_X (docs/math.rst, "The Fisher vector"; paper Eq. 11-13 before F).
 
     For set s (rows ``offsets[s]:offsets[s+1]``)::
 
