@@ -45,6 +45,10 @@ def test_setup_lists_every_subpackage():
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "fvvae_fast").rglob("__init__.py")}
     found.add("fvvae_fast.kernels")
     assert found == listed
+    # PEP 561: the type hints ship with the package (.ci/check_wheel.py checks the wheel holds the marker)
+    package_data = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "package_data"))
+    assert (root / "fvvae_fast" / "py.typed").is_file() and "py.typed" in package_data["fvvae_fast"]
+    assert "fvvae_fast/py.typed" in (root / "MANIFEST.in").read_text()
 
 
 def test_public_api_of_the_design():
