@@ -35,7 +35,8 @@ $(FFMPEG_LINKS): $(STAMP)
 test: setup $(FFMPEG_LINKS)
 	TRITON_INTERPRET=1 $(WITH_FFMPEG) $(PY) -m pytest -q
 
-# The documentation (docs/), warnings as errors: a broken reference fails. `make test` builds it too (tests/test_docs.py).
+# The documentation (docs/), warnings as errors: a broken reference fails. `make test` builds it too
+# (tests/test_docs.py).
 docs: setup
 	$(PY) -m sphinx -b html -W -n -q docs docs/_build/html
 

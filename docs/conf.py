@@ -30,7 +30,8 @@ napoleon_numpy_docstring = False
 nitpicky = True
 # Outside this package: nothing to link to without intersphinx (which would fetch inventories).
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|np|numpy|nn|sklearn|scipy|sqlite3|argparse|pathlib|os|collections|typing|types|concurrent)\b.*"),
+    (r"py:.*", r"(torch|np|numpy|nn|sklearn|scipy|sqlite3|argparse|pathlib|os|collections|typing|types"
+               r"|concurrent)\b.*"),
     (r"py:.*", r"(Tensor|Module|Parameter|Generator|Path|PathLike|Sequence|Iterator|Iterable|Callable|Mapping|Any"
                r"|ndarray|ArrayLike|dtype|device)"),
     (r"py:class", r"(list|dict|tuple)\[.*"),  # a nested annotation of a dataclass field, split by autodoc

@@ -95,8 +95,8 @@ def _ops_namespace(torch: types.ModuleType) -> None:
 
 
 class _AfterTorchImport:
-    """A one-off import hook: ``import torch`` runs as usual, then :func:`_ops_namespace` (so that `import
-    fvvae_fast` still imports no torch, and ``torch.ops.fvvae_fast.*`` exist whichever is imported first)."""
+    """A one-off import hook: ``import torch`` runs as usual, then :func:`_ops_namespace` (so that ``import
+    fvvae_fast`` still imports no torch, and ``torch.ops.fvvae_fast.*`` exist whichever is imported first)."""
 
     def find_spec(self, name: str, path=None, target=None):
         if name != "torch":

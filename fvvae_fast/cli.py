@@ -58,14 +58,13 @@ def _say(*lines: str) -> None:
             print(line, flush=True)
 
 
-_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`<]*?)\s*(?:<[^`>]*>)?`")  # :class:`~.jobs.Job`, :func:`t <x>`
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`(~?)([^`<]*?)\s*(?:<[^`>]*>)?`")  # :class:`~.jobs.Job`, :func:`t <x>`
 
 
 def plain_text(text: str) -> str:
     """reST of the docstrings the help is made of -> plain text: ``x`` and `x` -> 'x', :role:`~a.B` -> B,
     a closing "::" -> ":"."""
-    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if m.group(0).split("`")[1].startswith("~")
-                     else m.group(1), text)
+    text = _ROLE.sub(lambda m: m[2].rsplit(".", 1)[-1] if m[1] else m[2], text)
     text = re.sub(r"``(.+?)``", r"'\1'", text, flags=re.S)
     text = re.sub(r"`([^`]+)`", r"'\1'", text)
     return re.sub(r"::$", ":", text, flags=re.M)
