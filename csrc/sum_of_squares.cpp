@@ -1,5 +1,5 @@
 // fvvae_fast::sum_of_squares_cpu: the diagonal Fisher-information update, sum_s g[s]^2 of g (S, D)
-// in float64 (paper Eq. 12, DESIGN section 2), reading g once and writing nothing but the (D,) result.
+// in float64 (paper Eq. 12; docs/math.rst, "The kernels"), reading g once and writing nothing but the (D,) result.
 //
 // The schema is defined in Python (fvvae_fast/ops/sum_of_squares.py). Threads own disjoint column ranges
 // and each adds the rows in order, so the result does not depend on the thread count; float32 input

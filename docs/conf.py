@@ -51,6 +51,8 @@ class CommandHelp(SphinxDirective):
         parser = build_parser(command)
         if command:
             parser = next(a for a in parser._subparsers._group_actions).choices[command]
+        formatter = parser.formatter_class
+        parser.formatter_class = lambda prog: formatter(prog, width=100)  # the same page on any terminal
         text = parser.format_help()
         return [nodes.literal_block(text, text)]
 

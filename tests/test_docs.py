@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SOURCES = [*sorted((ROOT / "fvvae_fast").rglob("*.py")), *sorted((ROOT / "kernels").glob("*.py")),
-           *sorted((ROOT / "tests").glob("*.py"))]
+           *sorted((ROOT / "csrc").rglob("*.[ch]*")), *sorted((ROOT / "tests").glob("*.py"))]
 
 
 def test_docs_build_with_warnings_as_errors(tmp_path):
