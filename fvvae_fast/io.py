@@ -1,8 +1,10 @@
-"""Atomic file writes (a crash leaves either the old file or the new one, never half of one) and checked reads."""
+"""Atomic file writes (a crash or a full disk leaves either the old file or the new one, never half of one),
+locked outputs and checked reads."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import pickle
@@ -14,27 +16,62 @@ from typing import IO, Any
 import torch
 
 
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
+class FileError(OSError):
+    """An OSError whose message is one line naming the file (``str`` gives just that line); ``errno`` as usual."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success fsync it and rename it onto ``path``.
 
     The file gets the permissions of any new file (0666 less the umask), not mkstemp's private 0600:
-    a store or a model is meant to be read by a team.
+    a store or a model is meant to be read by a team. On any failure the temporary file is removed and
+    ``path`` keeps its old contents; a full disk or quota (however the writer reports it: torch.save raises
+    a RuntimeError over the OSError) raises one :class:`FileError` with errno ENOSPC or EDQUOT naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    except BaseException as err:
+        code = _full_disk(err, path.parent)  # before the temporary file's space is freed
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if code is None:
+            raise
+        kept = "the previous file is unchanged" if path.exists() else "nothing was written"
+        raise FileError(code, f"{path}: {os.strerror(code).lower()} ({kept}; free some space and rerun)") from err
+
+
+def _full_disk(err: BaseException, folder: Path) -> int | None:
+    """ENOSPC or EDQUOT when ``err`` or an exception it chains is that OSError, or an OSError without errno (numpy's
+    short write: "N requested and M written") while ``folder``'s file system has no block left; else None."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            if err.errno in FULL_DISK:
+                return err.errno
+            if err.errno is None:
+                with contextlib.suppress(OSError):
+                    if os.statvfs(folder).f_bavail == 0:
+                        return errno.ENOSPC
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def load_torch_file(path: str | os.PathLike, what: str, *, error: type[Exception] = ValueError) -> Any:

@@ -1,13 +1,21 @@
-"""Atomic writes: the file appears whole, with the permissions of any new file (umask), not 0600."""
+"""Atomic writes: the file appears whole, with the permissions of any new file (umask), not 0600; a full disk is
+one error naming the file, the old file kept."""
 
 from __future__ import annotations
 
+import errno
+import io
+import json
 import os
 import stat
+import types
 
+import numpy as np
 import pytest
+import torch
 
-from fvvae_fast.io import atomic_open, atomic_torch_save
+from fvvae_fast import io as fvvae_io
+from fvvae_fast.io import FileError, atomic_open, atomic_torch_save
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
@@ -30,3 +38,88 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
         f.write("new")
         raise RuntimeError("crash")
     assert (tmp_path / "a.txt").read_text() == "old" and len(list(tmp_path.iterdir())) == 1
+
+
+class _NoSpace(io.RawIOBase):
+    """A file descriptor on a disk with ``free`` bytes left: then every write fails with ``code``, as the OS does."""
+
+    def __init__(self, fd: int, free: int, code: int) -> None:
+        self.fd, self.free, self.code = fd, free, code
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data) -> int:
+        if self.free == 0:
+            raise OSError(self.code, os.strerror(self.code))
+        n = os.write(self.fd, bytes(data)[: self.free])
+        self.free -= n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """full_disk(free, code): from now on the package's atomic writes find ``free`` bytes left on the disk."""
+
+    def fill(free: int = 100, code: int = errno.ENOSPC) -> None:
+        def fdopen(fd, mode="r"):
+            buffered = io.BufferedWriter(_NoSpace(fd, free, code), buffer_size=64)
+            return buffered if "b" in mode else io.TextIOWrapper(buffered)
+
+        monkeypatch.setattr(fvvae_io, "os", types.SimpleNamespace(**{**vars(os), "fdopen": fdopen}))
+
+    return fill
+
+
+def _write_json(path):
+    with atomic_open(path, "w") as f:
+        json.dump({"rows": list(range(1000))}, f)
+
+
+def _write_npy(path):
+    with atomic_open(path, "wb") as f:
+        np.lib.format.write_array(types.SimpleNamespace(write=f.write), np.arange(1000.0))  # as a store shard
+
+
+WRITERS = {"torch.save": lambda path: atomic_torch_save({"w": torch.arange(1000.0)}, path), "json": _write_json,
+           "np.save": _write_npy}
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_a_full_disk_is_one_error_naming_the_file_and_keeps_the_old_one(tmp_path, full_disk, writer, code):
+    """torch.save reports a full disk as a RuntimeError (the OSError only in its context): every writer's
+    full disk is one FileError line with the errno, the temporary file removed, the old file kept."""
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"previous good output")
+    full_disk(free=100, code=code)
+    with pytest.raises(FileError) as raised:
+        WRITERS[writer](path)
+    assert raised.value.errno == code and isinstance(raised.value, OSError)
+    assert str(raised.value) == f"{path}: {os.strerror(code).lower()} (the previous file is unchanged; free some " \
+                                "space and rerun)"
+    assert path.read_bytes() == b"previous good output" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_a_short_write_without_errno_is_a_full_disk_only_when_the_disk_is_full(tmp_path, monkeypatch):
+    """numpy's ndarray.tofile reports a full disk as "N requested and M written", with no errno."""
+
+    def short_write(path):
+        with atomic_open(path, "wb"):
+            raise OSError("8000 requested and 4096 written")
+
+    for bavail, error in ((0, FileError), (5, OSError)):
+        statvfs = types.SimpleNamespace(f_bavail=bavail)
+        monkeypatch.setattr(fvvae_io, "os", types.SimpleNamespace(**{**vars(os), "statvfs": lambda _: statvfs}))
+        with pytest.raises(OSError) as raised:
+            short_write(tmp_path / "a.npy")
+        assert type(raised.value) is error and not list(tmp_path.iterdir())
+        assert ("no space left on device (nothing was written" in str(raised.value)) == (error is FileError)

@@ -16,13 +16,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fvvae_fast.cli import build_parser
+from fvvae_fast.cli import build_parser, main
 from fvvae_fast.errors import UserError, is_user_error
 from fvvae_fast.pipelines.config import run_config
 from fvvae_fast.pipelines.jobs import JOBS, EncodeJob, TrainJob
 from fvvae_fast.pipelines.options import JobError
 
 from .cases import generator
+from .test_io import full_disk  # noqa: F401 (a fixture)
 
 REQUIRED = {"descriptors": ["--dataset", "folder", "--out", "o"], "train": ["--descriptors", "d", "--out", "m"],
             "fim": ["--model", "m", "--descriptors", "d", "--out", "f"],
@@ -313,3 +314,23 @@ def test_the_demo_writes_apart_from_a_given_store(finished_run, capsys):
     before = _bytes_of([desc])
     line = _one_line_exit_2(["demo", "--descriptors", desc, "--out", desc / "demo"], capsys)
     assert "lies inside the input --descriptors" in line and _bytes_of([desc]) == before
+
+
+def test_a_full_disk_is_one_line_keeps_the_outputs_and_the_rerun_recovers(tmp_path, full_disk, monkeypatch, capsys):
+    run_config(_arrays(tmp_path), progress=False, say=lambda _: None)
+    work = tmp_path / "work"
+    outputs = {name: (work / name).read_bytes() for name in ("model.pt", "fim.pt", "evaluation.json")}
+    train = ["train", "--descriptors", work / "descriptors", "--out", work / "model.pt", "--latent-dim", "3",
+             "--hidden-dim", "none", "--iterations", "6", "--batch-sets", "6", "--lambda3", "0", "--extend", "--quiet"]
+    fim = ["fim", "--model", work / "model.pt", "--descriptors", work / "descriptors", "--out", work / "fim.pt",
+           "--quiet"]
+    evaluate = ["evaluate", "--fisher", work / "fisher", "--C", "10", "--json", work / "evaluation.json"]
+    full_disk(free=100)
+    for argv, out in ((train, "model.pt"), (fim, "fim.pt"), (evaluate, "evaluation.json")):
+        assert main([str(a) for a in argv]) == 2
+        assert capsys.readouterr().err.strip() == f"fvvae {argv[0]}: error: {work / out}: no space left on device " \
+                                                  "(the previous file is unchanged; free some space and rerun)"
+    assert {name: (work / name).read_bytes() for name in outputs} == outputs and not list(work.glob(".*.tmp"))
+    monkeypatch.undo()  # space freed: the same commands complete
+    assert main([str(a) for a in train]) == 0 and main([str(a) for a in fim]) == 0
+    assert "train: 2 iterations" in capsys.readouterr().out
