@@ -74,6 +74,72 @@ def _full_disk(err: BaseException, folder: Path) -> int | None:
     return None
 
 
+def try_lock(f: IO[Any], exclusive: bool) -> bool:
+    """Take an advisory lock on the open file ``f`` without waiting (POSIX ``lockf``: it belongs to the process
+    and goes when the process dies, even by SIGKILL); False when another process holds it. True where there is no
+    fcntl (Windows): only in-process checks protect the file there."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.lockf(f.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+_OUTPUTS: dict[str, tuple[IO[Any], int]] = {}  # real path of an output -> this process's lock file and its holds
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike | None, option: str = "output path") -> Iterator[None]:
+    """Hold ``path`` (a single-file output) for writing: an exclusive lock on the file ``.NAME.lock`` beside it,
+    which names this process's pid and is removed on release. Another process holding it: a :class:`FileError`
+    (EWOULDBLOCK) naming its pid and ``option``. Re-entrant in one process (a job that holds it may call a
+    function that takes it again); None holds nothing."""
+    if path is None:
+        yield
+        return
+    key = os.path.realpath(path)
+    if key in _OUTPUTS:
+        f, holds = _OUTPUTS[key]
+        _OUTPUTS[key] = f, holds + 1
+    else:
+        _OUTPUTS[key] = _lock_output(Path(path), option), 1
+    try:
+        yield
+    finally:
+        f, holds = _OUTPUTS.pop(key)
+        if holds > 1:
+            _OUTPUTS[key] = f, holds - 1
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f.name)  # while still locked: a process that opened it first finds it gone and retries
+            f.close()
+
+
+def _lock_output(path: Path, option: str) -> IO[Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.parent / f".{path.name}.lock"
+    while True:
+        f = open(name, "a+")
+        if not try_lock(f, exclusive=True):
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            f.close()
+            raise FileError(errno.EWOULDBLOCK, f"{path} is being written by another process (pid {pid}); wait for "
+                                               f"it or choose another {option}")
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        f.close()  # removed by its last holder after this process opened it: lock the new one
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def load_torch_file(path: str | os.PathLike, what: str, *, error: type[Exception] = ValueError) -> Any:
     """``torch.load(weights_only=True)`` of ``path`` onto the CPU: the only way the package reads a torch file.
 

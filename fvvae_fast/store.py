@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .io import atomic_open, file_sha256
+from .io import atomic_open, file_sha256, try_lock
 from .sets import DescriptorSets
 
 FORMAT = "fvvae_fast.store"
@@ -108,15 +108,7 @@ class _LockFile:
 
     def lock(self, exclusive: bool) -> bool:
         """Take the lock without waiting; False when another process holds it."""
-        try:
-            import fcntl
-        except ImportError:  # no fcntl (Windows): only the in-process checks protect the store
-            return True
-        try:
-            fcntl.lockf(self.f.fileno(), (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except OSError:
-            return False
-        return True
+        return try_lock(self.f, exclusive)
 
 
 _LOCKS: dict[str, _LockFile] = {}  # real path of a store -> this process's hold on it

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .io import atomic_torch_save, load_torch_file
+from .io import atomic_torch_save, load_torch_file, output_lock
 from .model import FVVAE
 from .ops.training import Adadelta, loss_backward, loss_backward_fused
 from .sets import DescriptorSets
@@ -228,7 +228,9 @@ def train(
     finishes, the checkpoint is written, then KeyboardInterrupt is raised). ``resume="exact"``
     resumes only the same run: any setting that differs from the checkpoint's (``iterations``
     included) is refused with a ValueError naming it; ``resume="extend"`` also trains a finished or
-    unfinished run on to a larger ``iterations`` (recorded in the checkpoint's ``extended``).
+    unfinished run on to a larger ``iterations`` (recorded in the checkpoint's ``extended``). While training,
+    the checkpoint is locked (``fvvae_fast.io.output_lock``): another process training on the same file is
+    refused with an OSError naming this one.
     ``log_dir`` writes TensorBoard scalars (needs the ``tensorboard`` package). Every logged row
     (progress bar, TensorBoard, the checkpoint's history) holds the loss terms and the decoder's
     health (:meth:`FVVAE.liveness` on the current batch); a :class:`~fvvae_fast.train.CollapseWarning` is raised once
@@ -301,7 +303,7 @@ def train(
     warned, low_since = False, None
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
                disable=not progress or rank != 0, desc="train FV-VAE", unit="it")
-    with _deferred_interrupts() as interrupted:
+    with output_lock(checkpoint if rank == 0 else None, "checkpoint"), _deferred_interrupts() as interrupted:
         for it in bar:
             set_ids = torch.randperm(len(data), generator=generator)[:batch]
             rows, offsets, owner = data.sample(set_ids, config.descriptors_per_set, generator)

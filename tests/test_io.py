@@ -1,21 +1,25 @@
 """Atomic writes: the file appears whole, with the permissions of any new file (umask), not 0600; a full disk is
-one error naming the file, the old file kept."""
+one error naming the file, the old file kept; an output written by one process at a time."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
 import os
 import stat
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fvvae_fast import io as fvvae_io
-from fvvae_fast.io import FileError, atomic_open, atomic_torch_save
+from fvvae_fast.io import FileError, atomic_open, atomic_torch_save, output_lock
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
@@ -123,3 +127,32 @@ def test_a_short_write_without_errno_is_a_full_disk_only_when_the_disk_is_full(t
             short_write(tmp_path / "a.npy")
         assert type(raised.value) is error and not list(tmp_path.iterdir())
         assert ("no space left on device (nothing was written" in str(raised.value)) == (error is FileError)
+
+
+@contextlib.contextmanager
+def held_elsewhere(path: Path):
+    """Another process holding ``path`` for writing (:func:`output_lock`) until the block ends; yields its pid."""
+    code = ("import sys\nfrom fvvae_fast.io import output_lock\nwith output_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+
+
+def test_an_output_is_written_by_one_process_at_a_time(tmp_path):
+    out = tmp_path / "sub" / "model.pt"
+    with held_elsewhere(out) as pid:
+        with pytest.raises(FileError) as raised, output_lock(out, "--out"):
+            pass
+        assert raised.value.errno == errno.EWOULDBLOCK
+        assert str(raised.value) == f"{out} is being written by another process (pid {pid}); wait for it or " \
+                                    "choose another --out"
+    (out.parent / ".model.pt.lock").write_text("999999")  # left by a killed writer: no process holds it
+    with output_lock(out), output_lock(out):  # released by the other process; re-entrant in this one
+        assert (out.parent / ".model.pt.lock").read_text() == str(os.getpid())
+    assert not list(out.parent.iterdir())  # the lock file goes with the last holder

@@ -23,7 +23,7 @@ from fvvae_fast.pipelines.jobs import JOBS, EncodeJob, TrainJob
 from fvvae_fast.pipelines.options import JobError
 
 from .cases import generator
-from .test_io import full_disk  # noqa: F401 (a fixture)
+from .test_io import full_disk, held_elsewhere  # noqa: F401 (full_disk: a fixture)
 
 REQUIRED = {"descriptors": ["--dataset", "folder", "--out", "o"], "train": ["--descriptors", "d", "--out", "m"],
             "fim": ["--model", "m", "--descriptors", "d", "--out", "f"],
@@ -334,3 +334,18 @@ def test_a_full_disk_is_one_line_keeps_the_outputs_and_the_rerun_recovers(tmp_pa
     monkeypatch.undo()  # space freed: the same commands complete
     assert main([str(a) for a in train]) == 0 and main([str(a) for a in fim]) == 0
     assert "train: 2 iterations" in capsys.readouterr().out
+
+
+def test_a_second_writer_of_a_checkpoint_or_a_fim_file_is_refused(tmp_path, capsys):
+    run_config(_arrays(tmp_path), progress=False, say=lambda _: None)
+    work = tmp_path / "work"
+    model, fim = work / "model.pt", work / "fim.pt"
+    before = _bytes_of([model, fim])
+    train = ["train", "--descriptors", work / "descriptors", "--out", model, "--latent-dim", "4", "--iterations", "3",
+             "--overwrite", "--quiet"]
+    for argv, out in ((train, model), (["fim", "--model", model, "--descriptors", work / "descriptors", "--out", fim,
+                                        "--mode", "kronecker", "--quiet"], fim)):
+        with held_elsewhere(out) as pid:
+            assert _one_line_exit_2(argv, capsys) == f"fvvae {argv[0]}: error: {out} is being written by another " \
+                                                     f"process (pid {pid}); wait for it or choose another --out"
+    assert _bytes_of([model, fim]) == before

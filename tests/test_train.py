@@ -8,6 +8,7 @@ import torch
 import fvvae_fast as fv
 
 from .cases import generator
+from .test_io import held_elsewhere
 
 
 def _problem(s: int = 48, t: int = 10, c: int = 16, classes: int = 3) -> fv.DescriptorSets:
@@ -197,3 +198,15 @@ def test_sigint_writes_a_checkpoint_and_the_rerun_is_exact(tmp_path, monkeypatch
     assert resumed.resumed_from == 15
     for key, value in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_checkpoint_another_process_writes_is_refused(tmp_path):
+    ckpt, data = tmp_path / "m.pt", _problem(s=12)
+    with held_elsewhere(ckpt) as pid:
+        with pytest.raises(OSError, match=rf"m.pt is being written by another process \(pid {pid}\); wait for it or "
+                                          "choose another checkpoint"):
+            fv.train(fv.FVVAE(16, 5, num_classes=3, seed=0), data, _config(iterations=3), checkpoint=ckpt,
+                     progress=False)
+        assert not ckpt.exists()
+    fv.train(fv.FVVAE(16, 5, num_classes=3, seed=0), data, _config(iterations=3), checkpoint=ckpt, progress=False)
+    assert ckpt.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]

@@ -21,7 +21,7 @@ from typing import ClassVar
 from .. import distributed
 from ..finetune import MODES as FINETUNE_MODES
 from ..finetune import FinetuneConfig
-from ..io import atomic_open, file_sha256
+from ..io import atomic_open, file_sha256, output_lock
 from ..model import FVVAE
 from ..official import RELEASE_NORM_SCALE
 from ..train import TrainConfig
@@ -393,12 +393,13 @@ class TrainJob(Job):
                              device=device_of(self.device), checkpoint_every=self.checkpoint_every)
         say(f"train: {len(data)} sets ({data.x.shape[0]} descriptors, C={store.dim}) of split "
             f"{split if split is not None else 'all'!r}; model {model.config()}")
-        if self.overwrite and distributed.is_main():
-            Path(self.out).unlink(missing_ok=True)
-        distributed.barrier()
-        t0 = time.perf_counter()
-        result = train(model, data, config, checkpoint=self.out, progress=progress, log_dir=self.log_dir,
-                       resume="extend" if self.extend else "exact")
+        with output_lock(self.out if distributed.is_main() else None, "--out"):  # before --overwrite deletes it
+            if self.overwrite and distributed.is_main():
+                Path(self.out).unlink(missing_ok=True)
+            distributed.barrier()
+            t0 = time.perf_counter()
+            result = train(model, data, config, checkpoint=self.out, progress=progress, log_dir=self.log_dir,
+                           resume="extend" if self.extend else "exact")
         seconds = time.perf_counter() - t0
         done = config.iterations - result.resumed_from
         last = result.history[-1] if result.history else {}
@@ -445,10 +446,11 @@ class FimJob(Job):
         store = Store.open(self.descriptors, kind="descriptors")
         split = _store_split(store, self.split)
         t0 = time.perf_counter()
-        fim = estimate_fim(model, store, mode=self.mode, rank=self.rank, damping=self.damping, split=split,
-                           batch_sets=self.batch_sets, device=device_of(self.device), progress=progress)
-        if distributed.is_main():
-            fim.save(self.out)
+        with output_lock(self.out if distributed.is_main() else None, "--out"):
+            fim = estimate_fim(model, store, mode=self.mode, rank=self.rank, damping=self.damping, split=split,
+                               batch_sets=self.batch_sets, device=device_of(self.device), progress=progress)
+            if distributed.is_main():
+                fim.save(self.out)
         distributed.barrier()
         seconds = time.perf_counter() - t0
         return JobReport([f"fim: {fim!r} from {fim.num_sets} sets of split {split if split is not None else 'all'!r} "
