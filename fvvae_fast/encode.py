@@ -80,7 +80,9 @@ def power_l2_normalize(v: Tensor, eps: float = 1e-12, *, negate: bool = False) -
     """Signed square root then row L2 normalisation of v (S, D) float: (S, D); zero rows stay zero.
 
     ``negate`` normalises -v instead, without forming it. Differentiable (finite gradients
-    everywhere, also at zero coordinates and zero rows) when v requires grad.
+    everywhere, also at zero coordinates and zero rows) when v requires grad. ``eps``: the floor of
+    the norms, >= 1.175e-38 as for :func:`fvvae_fast.fisher_vectors`; the norms are taken in float32
+    for half-precision v (whose 1e-12 is 0).
     """
     if not isinstance(v, Tensor) or not v.is_floating_point():
         raise TypeError(f"power_l2_normalize: v must be a floating tensor, got {getattr(v, 'dtype', type(v).__name__)}")
@@ -89,7 +91,7 @@ def power_l2_normalize(v: Tensor, eps: float = 1e-12, *, negate: bool = False) -
     check_eps(eps, "power_l2_normalize")
     if torch.is_grad_enabled() and v.requires_grad:
         v = signed_sqrt(-v if negate else v)
-        return v / v.norm(dim=1, keepdim=True).clamp_min(eps)
+        return (v / v.norm(dim=1, keepdim=True, dtype=opmath_dtype(v.dtype)).clamp_min(eps)).to(v.dtype)
     out = torch.empty_like(v)
     step = max(1, _NORMALIZE_CHUNK_ELEMS // max(1, v.shape[1]))
     for lo in range(0, v.shape[0], step):
@@ -97,7 +99,7 @@ def power_l2_normalize(v: Tensor, eps: float = 1e-12, *, negate: bool = False) -
         torch.abs(src, out=dst).sqrt_().copysign_(src)
         if negate:
             dst.neg_()
-        dst.div_(dst.norm(dim=1, keepdim=True).clamp_min_(eps))
+        dst.div_(dst.norm(dim=1, keepdim=True, dtype=opmath_dtype(v.dtype)).clamp_min_(eps))
     return out
 
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 
@@ -153,6 +154,26 @@ def load_torch_file(path: str | os.PathLike, what: str, *, error: type[Exception
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file (UnpicklingError, RuntimeError, EOFError)
         raise error(f"{path}: not a readable {what} ({type(err).__name__}: {err})") from None
+
+
+def load_npy(path: str | os.PathLike, what: str, kinds: str, *, mmap: bool = False,
+             error: type[Exception] = ValueError) -> np.ndarray:
+    """A ``.npy`` array of ``path`` (memory-mapped with ``mmap``), never unpickled, of a dtype kind in ``kinds``
+    (NumPy's letters: 'f' float, 'i' int, 'u' unsigned). A missing file raises FileNotFoundError; a file that is
+    no .npy (text, a pickle), holds Python objects, has a damaged header or is shorter than its header says, or an
+    array of another kind, one ``error`` naming the path and ``what`` it should hold."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file; expected {what}")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise error(f"{path}: not a .npy file (saved with numpy.save); expected {what}")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as err:  # numpy raises many types for a bad header (ValueError, EOFError, SyntaxError, ...)
+        raise error(f"{path}: not a readable .npy file of {what} ({type(err).__name__}: {err})") from None
+    if arr.dtype.kind not in kinds:
+        raise error(f"{path}: expected {what}, got an array of dtype {arr.dtype}")
+    return arr
 
 
 class _ArrayUnpickler(pickle.Unpickler):

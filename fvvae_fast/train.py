@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import numbers
 import os
 import signal
 import threading
@@ -36,6 +38,7 @@ RESUME_MODES = ("exact", "extend")
 # Settings whose change makes another run: resuming with a different value is refused.
 RUN_SETTINGS = ("batch_sets", "lr", "rho", "eps", "lambda1", "lambda2", "lambda3", "descriptors_per_set", "data_init",
                 "seed")
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a torch generator's 64-bit seed (train also seeds one with seed + 1)
 
 
 class CollapseWarning(UserWarning):
@@ -73,8 +76,11 @@ class TrainConfig:
         for name in ("iterations", "batch_sets", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig: lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or \
+                not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"TrainConfig: seed must be an integer from -2**63 to 2**63 - 1, got {self.seed!r}")
 
 
 @dataclass
@@ -219,7 +225,8 @@ def train(
     Each iteration samples ``batch_sets`` sets (without replacement within the batch), gives
     every descriptor its set's label (Algorithm 1), and minimises
     lambda1 L_rec + lambda2 L_reg + lambda3 L_cls (Eq. 8) with AdaDelta. Dropout, sampling of
-    z and of sets come from one generator seeded by ``config.seed``.
+    z and of sets come from one generator seeded by ``config.seed``. An iteration that draws only
+    empty sets has nothing to learn from: it makes no step and logs no row.
 
     If ``checkpoint`` names an existing file, training resumes from it (weights, optimizer,
     RNG, iteration, history), so an interrupted run continues exactly as if uninterrupted;
@@ -251,6 +258,8 @@ def train(
         raise ValueError(f"train: descriptors have C={data.dim} but the model expects in_dim={model.in_dim}")
     if len(data) == 0:
         raise ValueError("train: data has no sets")
+    if data.x.shape[0] == 0:
+        raise ValueError(f"train: all {len(data)} sets of data are empty: no descriptor to train on")
     _check_finite_data(data)
     use_labels = _check_labels(model, data, config)
     device = torch.device(config.device)
@@ -310,7 +319,9 @@ def train(
             labels = data.labels[set_ids][owner] if use_labels else None
             keep, eps = model.draw_noise(len(rows), noise, device)
             optimizer.zero_grad(set_to_none=True)
-            if world == 1:  # the whole step in one C++ pass where it runs (ops.training.loss_backward)
+            if len(rows) == 0:  # only empty sets drawn (valid data): nothing to learn from, no step and no log row
+                losses = None
+            elif world == 1:  # the whole step in one C++ pass where it runs (ops.training.loss_backward)
                 x, picked = (data.x, rows) if read_in_kernel else (data.rows(rows).to(device), None)
                 losses = loss_backward(model, x, None if labels is None else labels.to(device), (keep, eps), lambdas,
                                        rows=picked)
@@ -320,8 +331,9 @@ def train(
                 losses = step(data.rows(rows[part]).to(device), None if labels is None else labels[part].to(device),
                               (None if keep is None else keep[part], eps[part]), len(rows))
                 losses[0].backward()
-            optimizer.step()
-            if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            if losses is not None:
+                optimizer.step()
+            if losses is not None and ((it + 1) % config.log_every == 0 or it + 1 == config.iterations):
                 _check_weights(model, it + 1, saved)
                 live = model.liveness(data.rows(rows[:LIVENESS_ROWS]).to(device))
                 row = {"iteration": it + 1, **_summed(*losses), **live}

@@ -69,12 +69,25 @@ def test_fim_whiten_is_applied_before_the_sign():
     (torch.ones(3), {}, ValueError, r"power_l2_normalize: v must be \(S, D\), got shape \(3,\)"),
     (torch.ones(2, 3, dtype=torch.int64), {}, TypeError, "power_l2_normalize: v must be a floating tensor"),
     ([[1.0, 2.0]], {}, TypeError, "power_l2_normalize: v must be a floating tensor, got list"),
-    (torch.ones(2, 3), {"eps": -1.0}, ValueError, "power_l2_normalize: eps must be a finite real >= 0"),
-], ids=["1d", "int", "list", "eps"])
+    (torch.ones(2, 3), {"eps": -1.0}, ValueError, "power_l2_normalize: eps must be a finite real >= 1.175e-38"),
+    (torch.zeros(2, 3), {"eps": 0.0}, ValueError, "power_l2_normalize: eps must be a finite real >= 1.175e-38"),
+], ids=["1d", "int", "list", "eps", "eps-0"])
 def test_power_l2_normalize_refuses_bad_input(v, kwargs, error, match):
     """One clear error (was an IndexError or torch's cast error)."""
     with pytest.raises(error, match=match):
         fv.power_l2_normalize(v, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_power_l2_normalize_keeps_zero_rows_zero_in_every_dtype(dtype, grad):
+    """float16 rounds the default eps 1e-12 to 0: the norms are floored in float32 (a zero row was NaN)."""
+    v = torch.zeros(3, 4, dtype=dtype)
+    v[1] = torch.tensor([3e4, -4e4, 1.0, 0.0])  # a squared norm beyond float16's range
+    out = fv.power_l2_normalize(v.requires_grad_(grad))
+    want = fv.power_l2_normalize(v.detach().double()).to(dtype)
+    assert out.dtype == dtype and torch.equal(out[0], torch.zeros(4, dtype=dtype))
+    torch.testing.assert_close(out.detach(), want)
 
 
 @pytest.mark.parametrize("shape", [(0, 5), (3, 1), (7, 70_000), (2, 300_000)], ids=str)

@@ -9,6 +9,7 @@ import torch
 
 import fvvae_fast as fv
 from fvvae_fast.ops import dispatch, reference
+from fvvae_fast.ops.validate import EPS_MIN
 
 from .cases import CASE_IDS, CASES, Case, generator, make_inputs, mask_may_flip, poisoned_cpu_kernels, tolerance
 
@@ -182,9 +183,11 @@ def _good():
     ({"scale": torch.ones(3)}, ValueError, r"fisher_vectors: scale must be \(C\*\(d\+1\),\) = \(35,\)"),
     ({"scale": torch.ones(35, dtype=torch.int64)}, TypeError, "fisher_vectors: scale must be None or a floating"),
     ({"scale": [1.0] * 35}, TypeError, "fisher_vectors: scale must be None or a floating"),
-    ({"eps": -1.0}, ValueError, "fisher_vectors: eps must be a finite real >= 0"),
-    ({"eps": float("nan")}, ValueError, "fisher_vectors: eps must be a finite real >= 0"),
-    ({"eps": True}, ValueError, "fisher_vectors: eps must be a finite real >= 0"),
+    ({"eps": -1.0}, ValueError, "fisher_vectors: eps must be a finite real >= 1.175e-38"),
+    ({"eps": float("nan")}, ValueError, "fisher_vectors: eps must be a finite real >= 1.175e-38"),
+    ({"eps": True}, ValueError, "fisher_vectors: eps must be a finite real >= 1.175e-38"),
+    ({"eps": 0.0}, ValueError, "fisher_vectors: eps must be a finite real >= 1.175e-38"),
+    ({"eps": 1e-39}, ValueError, "fisher_vectors: eps must be a finite real >= 1.175e-38"),
     ({"backend": "gpu"}, ValueError, "fisher_vectors: backend must be one of"),
     ({"out_dtype": torch.int32}, ValueError, "fisher_vectors: out_dtype must be one of"),
     ({"nan_policy": "ignore"}, ValueError, "fisher_vectors: nan_policy must be one of"),
@@ -194,6 +197,24 @@ def _good():
 def test_bad_input_is_refused(kwargs, error, match):
     with pytest.raises(error, match=match):
         fv.fisher_vectors(*_good(), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+def test_all_zero_and_empty_sets_stay_zero_on_every_backend(backend, dtype):
+    """Sets whose G is zero (no active decoder unit) and empty sets: zero rows from the smallest eps up on every
+    backend; eps = 0 (NaN rows on every backend, 0 or NaN for empty sets by backend) and a subnormal eps (NaN on
+    the CPU kernel, where 1 / eps overflows) are refused."""
+    name, device = backend
+    g = generator(8)
+    x, z, w = (torch.rand(*shape, generator=g).to(device, dtype) for shape in ((6, 4), (6, 3), (4, 3)))
+    b, iv = torch.full((4,), -100.0, device=device, dtype=dtype), torch.ones(4, device=device, dtype=dtype)
+    offsets = torch.tensor([0, 0, 2, 6, 6], device=device)
+    for eps in (EPS_MIN, EPS):
+        out = fv.fisher_vectors(x, z, w, b, iv, offsets, eps=eps, backend=name)
+        assert torch.equal(out, torch.zeros_like(out)), (eps, out)
+    for eps in (0.0, EPS_MIN / 2):
+        with pytest.raises(ValueError, match="eps must be a finite real >= 1.175e-38"):
+            fv.fisher_vectors(x, z, w, b, iv, offsets, eps=eps, backend=name)
 
 
 def test_bad_tensors_are_refused_naming_the_op():

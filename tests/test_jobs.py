@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,8 +19,10 @@ from hypothesis import strategies as st
 
 from fvvae_fast.cli import build_parser, main
 from fvvae_fast.errors import UserError, is_user_error
-from fvvae_fast.pipelines.config import run_config
-from fvvae_fast.pipelines.jobs import JOBS, EncodeJob, TrainJob
+from fvvae_fast.evaluation import evaluate_vectors
+from fvvae_fast.fim import FisherInformation
+from fvvae_fast.pipelines.config import read_config, run_config
+from fvvae_fast.pipelines.jobs import JOBS, EncodeJob, EvaluateJob, TrainJob
 from fvvae_fast.pipelines.options import JobError
 
 from .cases import generator
@@ -349,3 +352,77 @@ def test_a_second_writer_of_a_checkpoint_or_a_fim_file_is_refused(tmp_path, caps
             assert _one_line_exit_2(argv, capsys) == f"fvvae {argv[0]}: error: {out} is being written by another " \
                                                      f"process (pid {pid}); wait for it or choose another --out"
     assert _bytes_of([model, fim]) == before
+
+
+def test_a_config_with_a_byte_order_mark_is_read(tmp_path):
+    """Windows editors start UTF-8 files with a byte-order mark (was refused as "Invalid statement")."""
+    cfg = _arrays(tmp_path)
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf" + cfg.read_bytes())
+    assert read_config(bom) == read_config(cfg) and read_config(bom)["out"] == "work"
+
+
+def _exit_2_line(argv, capsys) -> str:
+    """The one error line of a command that exits with 2, whether the parser or the job refuses it."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"fvvae {argv[0]}: error: "), (code, err)
+    return err[0]
+
+
+def _bad_arrays(root: Path, out: Path) -> dict[str, Path]:
+    """Files in ``out`` that are no descriptor arrays, offsets, labels or split names (made from those in ``root``)."""
+    bad = {name.split(".")[0]: out / name for name in ("text.npy", "objects.npy", "header.npy", "short.npy",
+                                                        "floats.npy", "labels2d.npy", "binary.txt")}
+    bad["text"].write_text("0 5 10\n")
+    np.save(bad["objects"], np.array([{"a": 1}] * 25, dtype=object), allow_pickle=True)
+    good = (root / "offsets.npy").read_bytes()
+    bad["header"].write_bytes(good[:8] + b"\xff\xff" + good[10:])  # a header length beyond the file
+    bad["short"].write_bytes((root / "x.npy").read_bytes()[:-40])  # shorter than its header says
+    np.save(bad["floats"], np.load(root / "offsets.npy").astype(np.float64) + 0.5)
+    np.save(bad["labels2d"], np.zeros((24, 2), dtype=np.int64))
+    bad["binary"].write_bytes(bytes(range(256)))
+    return bad
+
+
+def test_bad_settings_and_files_are_one_line(finished_run, tmp_path, capsys):
+    """Each was a traceback (sklearn's, AdaDelta's, torch's seed overflow, numpy's loaders, a UTF-8 decode, or an
+    empty estimator's RuntimeError)."""
+    work = finished_run / "work"
+    fisher, desc, model = work / "fisher", work / "descriptors", work / "model.pt"
+    train = ["train", "--descriptors", desc, "--out", tmp_path / "m.pt", "--iterations", "2"]
+    for argv, needle in [(["evaluate", "--fisher", fisher, "--C", "0"], "argument --C: must be > 0, got 0"),
+                         (["evaluate", "--fisher", fisher, "--C", "nan"], "argument --C: expected a finite number"),
+                         ([*train, "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+                         ([*train, "--seed", str(2**70)], f"argument --seed: must be <= {2**63 - 1}, got {2**70}")]:
+        assert needle in _exit_2_line(argv, capsys)
+    bad = _bad_arrays(finished_run, tmp_path)
+    arrays = ["descriptors", "--dataset", "arrays", "--source", "precomputed", "--out", tmp_path / "s", "--quiet"]
+    x, offsets = ["--arrays", finished_run / "x.npy"], ["--offsets", finished_run / "offsets.npy"]
+    for argv, needle in [(["--arrays", bad["text"], *offsets], "text.npy: not a .npy file"),
+                         (["--arrays", bad["objects"], *offsets], "objects.npy: not a readable .npy file of (N, C)"),
+                         (["--arrays", bad["short"], *offsets], "short.npy: not a readable .npy file of (N, C)"),
+                         ([*x, "--offsets", bad["text"]], "text.npy: not a .npy file"),
+                         ([*x, "--offsets", bad["objects"]], "objects.npy: not a readable .npy file of (S+1,)"),
+                         ([*x, "--offsets", bad["header"]], "header.npy: not a readable .npy file of (S+1,)"),
+                         ([*x, "--offsets", bad["floats"]], "floats.npy: expected (S+1,) integer offsets, got an "
+                                                            "array of dtype float64"),
+                         ([*x, *offsets, "--labels", bad["objects"]], "objects.npy: not a readable .npy file of (S,)"),
+                         ([*x, *offsets, "--labels", bad["labels2d"]], "labels2d.npy: expected (S,) labels"),
+                         ([*x, *offsets, "--splits", bad["binary"]], "binary.txt: not a text file of split names")]:
+        assert needle in _exit_2_line([*arrays, *argv], capsys), argv
+    assert not (tmp_path / "s").exists()
+    empty = tmp_path / "empty_fim.pt"
+    FisherInformation(mode="diagonal").save(empty)
+    assert "empty_fim.pt: the FIM file holds no estimate (saved before any update)" in _exit_2_line(
+        ["encode", "--model", model, "--descriptors", desc, "--fim", empty, "--out", tmp_path / "f"], capsys)
+    for job, kwargs, needle in [(EvaluateJob, {"fisher": [str(fisher)], "C": 0}, "C (--C): must be > 0"),
+                                (TrainJob, {"lr": "nan"}, "lr (--lr): expected a finite"),
+                                (TrainJob, {"seed": 2**70}, "seed (--seed): must be <=")]:
+        with pytest.raises(JobError, match=re.escape(needle)):
+            job(**({"descriptors": "d", "out": "m"} if job is TrainJob else {}), **kwargs)
+    with pytest.raises(ValueError, match="evaluate_vectors: C must be a finite number > 0, got 0"):
+        evaluate_vectors(np.eye(4), [0, 1, 0, 1], np.eye(4), [0, 1, 0, 1], C=0)

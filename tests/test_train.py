@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -210,3 +213,36 @@ def test_a_checkpoint_another_process_writes_is_refused(tmp_path):
         assert not ckpt.exists()
     fv.train(fv.FVVAE(16, 5, num_classes=3, seed=0), data, _config(iterations=3), checkpoint=ckpt, progress=False)
     assert ckpt.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+@pytest.mark.parametrize("lambda3", [0.0, 1.0])
+@pytest.mark.parametrize("fused", [True, False], ids=["cpp-step", "autograd"])
+def test_a_batch_of_empty_sets_only_makes_no_step(lambda3, fused, monkeypatch):
+    """Empty sets are valid data: a batch that draws only empty sets (one set per batch here) is skipped; the
+    C++ step divided by its zero descriptors (ZeroDivisionError), autograd's made the weights NaN."""
+    from fvvae_fast.ops import training
+
+    if not fused:
+        monkeypatch.setattr(training, "loss_backward_fused", lambda model, x: False)
+    g = generator(21)
+    offsets = torch.tensor([0, 0, 4, 4, 4, 9, 9])  # sets 0, 2, 3 and 5 are empty
+    data = fv.DescriptorSets(torch.rand(9, 6, generator=g), offsets, torch.tensor([0, 1, 0, 1, 0, 1]))
+    model = fv.FVVAE(6, 2, num_classes=2, seed=0)
+    result = fv.train(model, data, _config(iterations=24, batch_sets=1, lambda3=lambda3, log_every=1),
+                      progress=False)
+    assert 0 < len(result.history) < 24  # a row for each iteration that drew a set with descriptors
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(all(map(math.isfinite, row.values())) for row in result.history)
+
+
+def test_settings_out_of_range_are_refused():
+    for kwargs, match in [({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+                          ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+                          ({"seed": 2**70}, "seed must be an integer from -2\\*\\*63 to 2\\*\\*63 - 1, got 1180591"),
+                          ({"seed": 1.5}, "seed must be an integer")]:
+        with pytest.raises(ValueError, match=f"TrainConfig: {match}"):
+            fv.TrainConfig(**kwargs)
+    assert fv.TrainConfig(seed=np.int64(2**63 - 1)).seed == 2**63 - 1
+    empty = fv.DescriptorSets(torch.zeros(0, 4), torch.tensor([0, 0, 0]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="train: all 2 sets of data are empty: no descriptor to train on"):
+        fv.train(fv.FVVAE(4, 2, num_classes=2), empty, _config(iterations=2), progress=False)

@@ -10,6 +10,8 @@ values. A liblinear solve that stops at ``max_iter`` is reported in the scores (
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -53,6 +55,12 @@ def _array(v: Tensor | np.ndarray) -> np.ndarray:
     return v.detach().float().cpu().numpy() if isinstance(v, Tensor) else np.require(v, np.float32, ["W"])
 
 
+def check_C(C: float, where: str) -> None:
+    """The SVM's C is a finite real > 0; ValueError naming ``where`` otherwise."""
+    if isinstance(C, bool) or not isinstance(C, numbers.Real) or not (math.isfinite(C) and C > 0):
+        raise ValueError(f"{where}: C must be a finite number > 0, got {C!r}")
+
+
 def gram_svm(k_train: Tensor, train_y: np.ndarray, k_test: Tensor, C: float) -> np.ndarray:
     """The protocol's one-vs-all linear SVM solved in the dual on the (n, n) float64 Gram matrix of the
     training vectors (exact, and fast when D >> n); decision values on the test vectors whose (m, n)
@@ -90,6 +98,7 @@ def svm_decisions(
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
+    check_C(C, "evaluate_vectors")
     xs = [torch.as_tensor(_array(v)) for v in (train_x, test_x)]
     if xs[0].dim() != 2 or xs[1].dim() != 2 or xs[0].shape[1] != xs[1].shape[1]:
         raise ValueError(f"evaluate_vectors: train and test vectors must be (n, D) with one D, got "

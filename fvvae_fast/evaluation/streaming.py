@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..encode import power_l2_normalize
-from .protocol import GRAM_MAX_SAMPLES, Decisions, Scores, gram, gram_svm, rank_scores
+from .protocol import GRAM_MAX_SAMPLES, Decisions, Scores, check_C, gram, gram_svm, rank_scores
 
 BLOCK_BYTES = 1 << 30  # float32 bytes of one block of rows in memory
 
@@ -107,6 +107,7 @@ def block_decisions(train_x: Any, train_y: np.ndarray, test_x: Any, *, C: float 
                     max_iter: int = 2000, gram_max_samples: int = GRAM_MAX_SAMPLES) -> Decisions:
     """:func:`~.protocol.svm_decisions` on row-sliceable (n, D) and (m, D) float arrays (memory maps, a
     store's ShardedArray) read block by block, with the memory bound of the module's docstring."""
+    check_C(C, "block_decisions")
     train_y = np.asarray(train_y, dtype=np.int64)
     if train_x.shape[1] != test_x.shape[1] or len(train_y) != len(train_x):
         raise ValueError(f"block_decisions: need (n, D) training vectors with one label each and (m, D) test "

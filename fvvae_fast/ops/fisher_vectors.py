@@ -85,7 +85,8 @@ def fisher_vectors(
     Args:
         x, z, weight, bias, inv_var, offsets: as :func:`fvvae_fast.fisher_accumulate`.
         scale: None (F = I) or (C*(d+1),) floating, the diagonal whitening (e.g. ``1 / sqrt(diag F)``).
-        eps: the floor of the L2 norm (a real >= 0); all-zero sets stay zero.
+        eps: the floor of the L2 norm, a real >= 1.175e-38 (float32's smallest normal number; 0 is refused
+            with a ValueError); all-zero and empty sets stay zero on every backend.
         backend, nan_policy: as :func:`fvvae_fast.fisher_accumulate`.
         out_dtype: None (float32; float64 for float64 inputs) or float64, float32, float16, bfloat16. Each
             entry is rounded once to it: the signed roots wait for the norm in the accumulation dtype.

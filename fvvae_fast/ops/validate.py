@@ -120,10 +120,16 @@ def check_values(
                 raise ValueError(f"{op}: {name} contains NaN or Inf (nan_policy='raise')")
 
 
+# The smallest floor of an L2 norm: float32's smallest normal number. A smaller one is 0 or subnormal in the
+# float32 arithmetic of the kernels, where 1 / eps overflows: an all-zero row would become 0 * inf = NaN.
+EPS_MIN = 2.0**-126
+
+
 def check_eps(eps: float, where: str) -> None:
-    """eps (the L2 norm's floor) is a finite real >= 0; ValueError naming ``where`` otherwise."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"{where}: eps must be a finite real >= 0, got {eps!r}")
+    """eps (the L2 norm's floor) is a finite real >= ``EPS_MIN``; ValueError naming ``where`` otherwise."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < EPS_MIN:
+        raise ValueError(f"{where}: eps must be a finite real >= {EPS_MIN:.4g} (float32's smallest normal number; "
+                         f"all-zero rows stay zero), got {eps!r}")
 
 
 def _needs_host_checks(t: torch.Tensor) -> bool:

@@ -61,7 +61,7 @@ def read_config(path: str | Path) -> dict:
         import tomllib
 
         try:
-            data = tomllib.loads(raw.decode("utf-8"))
+            data = tomllib.loads(raw.decode("utf-8-sig"))  # a byte-order mark (Windows editors) is no statement
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise JobError(f"{path}: invalid TOML: {err}") from None
     if not isinstance(data, dict):

@@ -21,15 +21,16 @@ from typing import ClassVar
 from .. import distributed
 from ..finetune import MODES as FINETUNE_MODES
 from ..finetune import FinetuneConfig
-from ..io import atomic_open, file_sha256, output_lock
+from ..io import atomic_open, file_sha256, load_npy, output_lock
 from ..model import FVVAE
 from ..official import RELEASE_NORM_SCALE
-from ..train import TrainConfig
+from ..train import SEED_RANGE, TrainConfig
 from .backbones import PRECISIONS
 from .datasets import ten_crops
 from .extract import Encoding, default_workers
 from .flow import FLOW_BOUND, FLOW_METHODS
-from .options import Job, JobError, hidden_layers, integer, integer_in, integers, number, numbers, option
+from .options import (Job, JobError, hidden_layers, integer, integer_in, integers, number, numbers, option,
+                      positive_number)
 from .sources import DECODERS
 
 DATASETS = ("ucf101", "cub", "activitynet", "folder", "arrays")
@@ -235,7 +236,8 @@ class DescriptorsJob(MediaJob):
                                 group="dataset")
     splits: str | None = option(help="--dataset arrays: text file, one split name per set (optional)", input=True,
                                 group="dataset")
-    seed: int = option(0, "seed of the random backbone weights", parse=integer(), group="source and backbone")
+    seed: int = option(0, "seed of the random backbone weights", parse=integer(*SEED_RANGE),
+                       group="source and backbone")
     overwrite: bool = option(False, "delete an existing store at --out first", group="output")
     shard_items: int = option(32, "items per shard: the unit of resumption; a shard's descriptors stay in memory "
                               "until written", parse=_positive, group="output")
@@ -262,14 +264,23 @@ class DescriptorsJob(MediaJob):
 
         if self.arrays is None or self.offsets is None:
             raise JobError("--dataset arrays needs --arrays X.npy (N, C) and --offsets OFFSETS.npy (S+1,)")
-        x = np.load(self.arrays, mmap_mode="r")
-        offsets = np.load(self.offsets)
+        x = load_npy(self.arrays, "(N, C) descriptors", "fiu", mmap=True, error=JobError)
+        offsets = load_npy(self.offsets, "(S+1,) integer offsets", "iu", error=JobError)
         if x.ndim != 2:
             raise JobError(f"{self.arrays}: expected an (N, C) array, got shape {x.shape}")
-        labels = np.load(self.labels) if self.labels else None
+        labels = load_npy(self.labels, "(S,) integer labels", "iu", error=JobError) if self.labels else None
+        if labels is not None and labels.ndim != 1:
+            raise JobError(f"{self.labels}: expected (S,) labels, got shape {labels.shape}")
         splits = None
         if self.splits:
-            splits = [line.strip() for line in Path(self.splits).read_text().splitlines()]
+            try:
+                text = Path(self.splits).read_text()
+            except UnicodeDecodeError as err:
+                raise JobError(f"{self.splits}: not a text file of split names ({err.reason} at byte "
+                               f"{err.start})") from None
+            if "\0" in text:
+                raise JobError(f"{self.splits}: not a text file of split names (it holds NUL bytes)")
+            splits = [line.strip() for line in text.splitlines()]
             splits = [s for s in splits if s != ""] if len(splits) != len(offsets) - 1 else splits
         items = array_items(x, offsets, labels, splits)
         classes = [str(c) for c in range(int(labels.max()) + 1)] if labels is not None and len(labels) else []
@@ -326,7 +337,10 @@ def load_model_and_fim(model: str, fim: str | None):
 
     if not Path(fim).is_file():
         raise FileNotFoundError(f"{fim}: FIM file not found")
-    return load_any_model(model), FisherInformation.load(fim)
+    estimate = FisherInformation.load(fim)
+    if estimate.num_sets == 0:
+        raise JobError(f"{fim}: the FIM file holds no estimate (saved before any update); make it with `fvvae fim`")
+    return load_any_model(model), estimate
 
 
 def provenance(model: str, fim: str | None) -> dict:
@@ -362,10 +376,10 @@ class TrainJob(Job):
     batch_sets: int = option(TrainConfig.batch_sets, "sets per mini-batch", parse=_positive)
     descriptors_per_set: int | None = option(help="random descriptors per set and iteration (default all; 50 = one "
                                              "video frame)", parse=_positive)
-    lr: float = option(TrainConfig.lr, "AdaDelta learning rate", parse=number)
+    lr: float = option(TrainConfig.lr, "AdaDelta learning rate", parse=positive_number)
     lambda3: float = option(TrainConfig.lambda3, "weight of the classification loss (0 = FV-VAE-)", parse=number)
     seed: int = option(TrainConfig.seed, "seed of everything random: initial weights, the data-dependent start, set "
-                       "sampling, dropout, z noise", parse=integer())
+                       "sampling, dropout, z noise", parse=integer(*SEED_RANGE))
     checkpoint_every: int = option(TrainConfig.checkpoint_every, "iterations between checkpoints", parse=_positive)
     device: str = _device_option()
 
@@ -500,7 +514,7 @@ class EvaluateJob(Job):
     train_split: str | None = option(help="split the SVM is trained on (default: train, or ActivityNet's training)")
     test_split: str | None = option(help="split the accuracy is measured on (default: test, or ActivityNet's "
                                     "validation when training on training)")
-    C: float = option(100.0, "SVM regularisation constant", parse=number)
+    C: float = option(100.0, "SVM regularisation constant", parse=positive_number)
     json: str | None = option(help="also write the results to this JSON file", output=True)
 
     def run(self, progress: bool = True, say=print) -> JobReport:
@@ -584,7 +598,7 @@ class FinetuneJob(MediaJob):
     dropout: float = option(FinetuneConfig.dropout, "mode fvvae: dropout on the FV-VAE encoder input", parse=number,
                             group="fine-tuning")
     seed: int = option(FinetuneConfig.seed, "seed of everything random: new layers, items, frames, noise (and "
-                       "random backbone weights)", parse=integer(0), group="fine-tuning")
+                       "random backbone weights)", parse=integer(0, SEED_RANGE[1]), group="fine-tuning")
 
     def run(self, progress: bool = True, say=print) -> JobReport:
         from ..finetune import finetune

@@ -9,6 +9,7 @@ the field names an input (refused as an output) or a path (made relative to a co
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,12 +73,23 @@ def integer_in(values: Sequence[int]) -> Callable[[Any], int]:
 
 
 def number(value: Any) -> float:
+    """A finite real (NaN or infinity is no setting's value)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"expected a number, got {value!r}")
     try:
-        return float(value)
-    except ValueError:
+        v = float(value)
+    except (ValueError, OverflowError):
         raise ValueError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return v
+
+
+def positive_number(value: Any) -> float:
+    v = number(value)
+    if v <= 0:
+        raise ValueError(f"must be > 0, got {v:g}")
+    return v
 
 
 def numbers(value: Any) -> tuple[float, ...]:
