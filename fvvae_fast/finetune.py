@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .head import FisherVectorHead
-from .io import atomic_torch_save
+from .io import atomic_torch_save, output_lock
 from .model import FVVAE
 from .pipelines.backbones import Backbone, _read_state_dict
 from .pipelines.datasets import Dataset, Item
@@ -339,7 +339,8 @@ def finetune(
 
     ``checkpoint`` is resumed when it exists and rewritten atomically every ``checkpoint_every``
     steps, at least every ``CHECKPOINT_SECONDS``, at the end and on SIGINT/SIGTERM (then
-    KeyboardInterrupt), as :func:`~fvvae_fast.train.train` does; a checkpoint of other settings is
+    KeyboardInterrupt) and locked against other processes while training, as :func:`~fvvae_fast.train.train`
+    does; a checkpoint of other settings is
     refused (``resume="extend"``: a larger ``iterations`` trains on). Under torchrun the steps are
     DistributedDataParallel over each step's items (a resumed run is exact under the same world
     size). ``log_dir``: TensorBoard scalars.
@@ -438,7 +439,7 @@ def finetune(
     skipped: list[str] = []
     bar = tqdm(total=config.iterations, initial=start, disable=not progress or rank != 0,
                desc=f"finetune ({config.mode})", unit="step")
-    with _deferred_interrupts() as interrupted:
+    with output_lock(checkpoint if rank == 0 else None, "checkpoint"), _deferred_interrupts() as interrupted:
         for step, (frames, labels, errors) in enumerate(loader, start=start):
             skipped += errors
             counts = torch.tensor([0 if frames is None else frames.shape[0]], dtype=torch.int64)

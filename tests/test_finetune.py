@@ -17,6 +17,7 @@ from fvvae_fast.pipelines.options import JobError
 from fvvae_fast.train import load_model
 
 from .cases import SEED, generator
+from .test_io import held_elsewhere
 
 # features.4's random maps are ~1e-4 (too small to learn from in a few steps); features.1's are ~0.04
 TINY = {"name": "mobilenet_v3_small", "layer": "features.1"}
@@ -193,3 +194,19 @@ def test_the_command_writes_weights_that_descriptors_reads(images, tmp_path, cap
     assert main([str(a) for a in ["finetune", "--dataset", "folder", "--root", images, *CLI_TINY, "--out",
                                   tmp_path / "x.pt", "--mode", "classifier", "--model-out", model]]) == 2
     assert "--init-model and --model-out are for --mode fvvae or head" in capsys.readouterr().err
+
+
+def test_a_checkpoint_another_process_writes_is_refused(images, tmp_path, capsys):
+    ckpt = tmp_path / "w.pt.ckpt"
+    args = ["finetune", "--dataset", "folder", "--root", images, "--source", "image", "--size", "32", *CLI_TINY,
+            "--iterations", "2", "--batch-items", "4", "--workers", "0", "--out", tmp_path / "w.pt", "--overwrite",
+            "--quiet"]
+    with held_elsewhere(ckpt) as pid:
+        with pytest.raises(OSError, match=rf"w.pt.ckpt is being written by another process \(pid {pid}\); wait "
+                                          "for it or choose another checkpoint"):
+            finetune(_backbone(), IMAGE, read_folder(images).split("train"), _config(iterations=2),
+                     checkpoint=ckpt, progress=False)
+        assert main([str(a) for a in args]) == 2
+        assert capsys.readouterr().err.strip() == f"fvvae finetune: error: {ckpt} is being written by another " \
+                                                  f"process (pid {pid}); wait for it or choose another --checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -631,13 +631,14 @@ class FinetuneJob(MediaJob):
         train_items = dataset.split(split)
         say(f"finetune: {len(train_items)} {kind} items of {dataset.name} split {split!r} ({len(dataset.classes)} "
             f"classes), {backbone.arch} up to {backbone.layer}, mode {self.mode}, trainable {self.trainable}")
-        if self.overwrite and distributed.is_main():
-            Path(checkpoint).unlink(missing_ok=True)
-        distributed.barrier()
-        t0 = time.perf_counter()
-        result = finetune(backbone, source, train_items, config, out=self.out, model_out=self.model_out,
-                          init_model=init, checkpoint=checkpoint, log_dir=self.log_dir, progress=progress,
-                          resume="extend" if self.extend else "exact")
+        with output_lock(checkpoint if distributed.is_main() else None, "--checkpoint"):  # before --overwrite
+            if self.overwrite and distributed.is_main():
+                Path(checkpoint).unlink(missing_ok=True)
+            distributed.barrier()
+            t0 = time.perf_counter()
+            result = finetune(backbone, source, train_items, config, out=self.out, model_out=self.model_out,
+                              init_model=init, checkpoint=checkpoint, log_dir=self.log_dir, progress=progress,
+                              resume="extend" if self.extend else "exact")
         seconds = time.perf_counter() - t0
         done = config.iterations - result.resumed_from
         last = result.history[-1] if result.history else {}
