@@ -253,7 +253,8 @@ def test_rejects_bad_out():
 
 def test_launchers_read_no_tensor_values_on_the_host(monkeypatch):
     """No host sync (CUDA graphs can capture the op): the forward, normalised-vector and backward
-    launchers never turn a tensor into a Python value."""
+    launchers, fused and split (kernels/fisher_split.py), never turn a tensor into a Python value."""
+    split = dispatch.import_kernels("fisher_split")
     inputs = _inputs(_awkward_case(), torch.float32)
     scale = torch.rand(inputs[0].shape[1] * (inputs[1].shape[1] + 1), device=DEVICE)
 
@@ -266,6 +267,9 @@ def test_launchers_read_no_tensor_values_on_the_host(monkeypatch):
         out = K.fisher_accumulate_fwd(*inputs, chunk_rows=_block("BLOCK_T", min))
         K.fisher_vectors_fwd(*inputs, scale, 1e-12, chunk_rows=_block("BLOCK_T", min))
         K.fisher_accumulate_bwd(torch.ones_like(out), *inputs, groups=3)
+        split.fisher_accumulate_split(*inputs, grouped=DEVICE.type == "cpu")  # grouped mm runs fp32 on CPU only
+        split.fisher_accumulate_split(*inputs, grouped=False)
+        split.fisher_vectors_split(*inputs, scale, 1e-12)
 
 
 def test_offsets_out_of_range_stay_in_bounds():
