@@ -268,7 +268,11 @@ def test_device_path_never_reads_offsets(backend, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_op_does_not_sync_and_is_captured_by_a_cuda_graph():
+@pytest.mark.parametrize("design", [None, "fused", "split"])
+def test_cuda_op_does_not_sync_and_is_captured_by_a_cuda_graph(design, monkeypatch):
+    """None: the chooser's pick (sync-free under the sync debug mode and capture); else that design pinned."""
+    if design:
+        monkeypatch.setenv("FVVAE_DESIGN", design)
     inputs = [t.requires_grad_() if t.is_floating_point() else t for t in make_inputs(CASES[4], torch.float32, "cuda")]
     grad = torch.randn((len(CASES[4].lengths), CASES[4].c, CASES[4].d + 1), device="cuda")
     torch.autograd.grad(fv.fisher_accumulate(*inputs), inputs[:5], grad)  # warm-up: autotuning syncs
@@ -287,10 +291,13 @@ def test_cuda_op_does_not_sync_and_is_captured_by_a_cuda_graph():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("design", ["fused", "split"])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_cuda_op_under_inductor_equals_eager(mode):
+def test_cuda_op_under_inductor_equals_eager(mode, design, monkeypatch):
     """Inductor (and its CUDA-graph trees, which refuse a tensor kept across calls in their pool)
-    runs the very kernels of eager mode: the result is bitwise the same."""
+    runs the very kernels of eager mode: the result is bitwise the same (the design pinned: unpinned, a
+    captured call runs the fastest sync-free one, which may not be eager's pick)."""
+    monkeypatch.setenv("FVVAE_DESIGN", design)
     torch._dynamo.reset()
     inputs = make_inputs(CASES[4], torch.float32, "cuda")
     compiled = torch.compile(lambda *a: fv.fisher_accumulate(*a) * 1.0, fullgraph=True, mode=mode)

@@ -252,8 +252,11 @@ def test_torch_compile_has_no_graph_break():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_op_does_not_sync_and_is_captured_by_a_cuda_graph():
-    """As fisher_accumulate: no host sync after the first call (autotuning), and a CUDA graph replays it."""
+@pytest.mark.parametrize("design", ["fused", "split"])
+def test_cuda_op_does_not_sync_and_is_captured_by_a_cuda_graph(design, monkeypatch):
+    """As fisher_accumulate: no host sync after the first call (autotuning), and a CUDA graph replays it;
+    each sync-free design the op may choose (pinned: eager and captured calls then run the same kernels)."""
+    monkeypatch.setenv("FVVAE_DESIGN", design)
     inputs = make_inputs(CASES[4], torch.float32, "cuda")
     scale = _scale(CASES[4], "cuda").float()
     with torch.no_grad():

@@ -11,7 +11,14 @@ A backend implements every op, with the signatures of :mod:`fvvae_fast.ops.refer
   CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` (how CI runs it).
 
 ``backend=None`` picks the fastest available for the device and says once when it
-has to fall back to the reference.
+has to fall back to the reference. On CUDA it goes further for the forward ops (:func:`forward_impl`):
+it chooses among the designs of :data:`DESIGNS` (the fused Triton kernel, the split GEMMs of
+``fvvae_fast.kernels.fisher_split``, the plain-torch composition of :mod:`fvvae_fast.ops.naive`) per
+device capability, dtype and shape bucket, from timings taken on the first call of each
+(:mod:`fvvae_fast.ops.chooser`; ``FVVAE_DESIGN=fused|split|plain`` forces one, e.g. to benchmark it,
+and makes the choice reproducible; the plain composition reads the longest set's length on the host, so
+under CUDA-graph capture or a sync debug mode the fastest sync-free design runs instead; ``FVVAE_DESIGN_CACHE=<file.json>`` keeps the timings' rankings across
+processes). The backward is the fused Triton kernel's whichever design ran forward.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import naive, reference
+from .chooser import Chooser, Design
 
 BACKENDS = ("reference", "cpu", "triton")
 AUTO = "auto"  # the op's spelling of backend=None: resolved when the op runs, never while tracing
@@ -168,3 +176,46 @@ def get(name: str) -> Backend:
     if isinstance(loaded, str):
         raise BackendUnavailable(f"backend {name!r} is unavailable: {loaded}")
     return loaded
+
+
+DESIGNS = ("fused", "split", "plain")  # the CUDA forward designs that backend=None chooses among
+_OPS = {"forward": "fisher_accumulate", "vectors": "fisher_vectors"}
+CHOOSER = Chooser()
+
+
+def _chooses_design(backend: str, device: torch.device) -> bool:
+    """backend=None on CUDA with Triton importable: the chooser runs."""
+    return backend in (None, AUTO) and device.type == "cuda" and available("triton", device) is None
+
+
+def _designs(op: str) -> tuple[Design, ...]:
+    """The designs of ``op`` ("forward" or "vectors"), the default first (run when nothing was timed yet)."""
+    fused, split = import_kernels("fisher_accumulate"), import_kernels("fisher_split")
+    if op == "forward":
+        runs = (fused.fisher_accumulate_fwd, split.fisher_accumulate_split, naive.padded_bmm_accumulate)
+    else:
+        runs = (fused.fisher_vectors_fwd, split.fisher_vectors_split, naive.padded_bmm_vectors)
+    return tuple(Design(name, run, sync_free=name != "plain") for name, run in zip(DESIGNS, runs))
+
+
+def _device_key(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def _bucket(n: int, c: int, d: int, s: int) -> tuple[int, ...]:
+    """Shape bucket: C and d exact (a model's constants), sets and typical set length to powers of two."""
+    return c, d, 1 << max(s - 1, 0).bit_length(), 1 << max(n // max(s, 1) - 1, 0).bit_length()
+
+
+def forward_impl(op: str, backend: str, args: tuple, out_dtype: torch.dtype | None) -> Callable[..., torch.Tensor]:
+    """The implementation of ``op`` ("forward": fisher_accumulate, "vectors": fisher_vectors) for the op's
+    arguments ``args`` (x, z, weight, bias, inv_var, offsets[, scale, eps]): the backend's, or on CUDA with
+    backend=None the design :data:`CHOOSER` picks (timing them on ``args`` the first time)."""
+    x, offsets = args[0], args[5]
+    name = resolve(backend, x.device, _OPS[op])
+    if not _chooses_design(backend, x.device):
+        return getattr(get(name), op)
+    key = (_OPS[op], _device_key(x.device), x.dtype, out_dtype, *_bucket(x.shape[0], x.shape[1], args[1].shape[1],
+                                                                        offsets.shape[0] - 1))
+    return CHOOSER.pick(key, _designs(op), args, {"out_dtype": out_dtype}).run

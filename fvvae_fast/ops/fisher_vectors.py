@@ -37,8 +37,8 @@ def _fisher_vectors_op(
     s, (c, d) = offsets.shape[0] - 1, weight.shape
     if s == 0 or x.shape[0] == 0:
         return torch.zeros((s, c * (d + 1)), dtype=result_dtype(x.dtype, out_dtype), device=x.device)
-    impl = dispatch.get(dispatch.resolve(backend, x.device, _OP))
-    return impl.vectors(x, z, weight, bias, inv_var, offsets, scale, eps, out_dtype=out_dtype)
+    inputs = (x, z, weight, bias, inv_var, offsets, scale, eps)
+    return dispatch.forward_impl("vectors", backend, inputs, out_dtype)(*inputs, out_dtype=out_dtype)
 
 
 @_fisher_vectors_op.register_fake

@@ -5,7 +5,8 @@
 - :func:`vmap_accumulate`: per-descriptor ``torch.func.vmap(grad)``; materialises
   (N, C, d+1), small sizes only.
 - :func:`padded_bmm_accumulate`: the best plain-torch version: one GEMM for the decoder
-  over all rows, the mask, then one batched GEMM over sets padded to the longest.
+  over all rows, the mask, then one batched GEMM over sets padded to the longest (also a design the
+  CUDA op may choose, with :func:`padded_bmm_vectors`, see :mod:`fvvae_fast.ops.dispatch`).
 
 All take the arguments of :func:`fvvae_fast.fisher_accumulate` and return (S, C, d+1).
 """
@@ -16,7 +17,8 @@ import torch
 from torch import Tensor
 
 from ..sets import pad_sets
-from .reference import residual
+from .reference import normalized
+from .validate import opmath_dtype
 
 
 def _rec_nll(x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, inv_var: Tensor) -> Tensor:
@@ -52,11 +54,41 @@ def vmap_accumulate(x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, inv_var:
 
 
 def padded_bmm_accumulate(
-    x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, inv_var: Tensor, offsets: Tensor
+    x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, inv_var: Tensor, offsets: Tensor, *,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Decoder GEMM over all rows, mask, then one bmm over sets padded to the longest: (S, C, d+1)."""
-    r = residual(x, z, weight, bias, inv_var)  # (N, C)
-    z1 = torch.cat([z, z.new_ones((z.shape[0], 1))], dim=1)  # [z; 1]
-    r_pad, _ = pad_sets(r, offsets)
-    z_pad, _ = pad_sets(z1, offsets)
-    return torch.bmm(r_pad.transpose(1, 2), z_pad)
+    """Decoder GEMM over all rows, mask, then one bmm over sets padded to the longest: (S, C, d+1) in
+    ``out_dtype`` (default float32; float64 for float64 inputs).
+
+    Operands at an aligned stride: z_aug = [z | 1 | 0...] and W padded with zero columns to a multiple of
+    16, so cuBLAS runs both GEMMs on 16-byte aligned rows (d = 255 is odd), and the bias column of G
+    comes out of the bmm. 16-bit inputs: GEMMs in their dtype (fp32 accumulation), the bmm's result in
+    fp32 where torch offers it (CUDA); inv_var multiplies that result (v * diff may overflow fp16).
+    Reads the longest set's length on the host (a sync: not for CUDA-graph capture).
+    """
+    acc = opmath_dtype(x.dtype)
+    (n, c), d = x.shape, z.shape[1]
+    k = -(-(d + 1) // 16) * 16
+    z_aug = z.new_zeros((n, k))
+    z_aug[:, :d] = z
+    z_aug[:, d] = 1
+    w_aug = weight.new_zeros((c, k))
+    w_aug[:, :d] = weight
+    a = torch.addmm(bias, z_aug, w_aug.t())  # a_t = W z_t + b (Eq. 10)
+    diff = (a.clamp_min(0) - x) * (a > 0)  # r_t / inv_var (Eq. 11)
+    diff_pad, _ = pad_sets(diff, offsets)
+    z_pad, _ = pad_sets(z_aug, offsets)
+    if x.is_cuda and acc != x.dtype:
+        g = torch.bmm(diff_pad.transpose(1, 2), z_pad, out_dtype=acc)
+    else:
+        g = torch.bmm(diff_pad.transpose(1, 2), z_pad).to(acc)
+    g = g[:, :, : d + 1] * inv_var.to(acc)[:, None]  # sum_t r_t [z_t; 1]^T (Eq. 13)
+    return g if out_dtype is None else g.to(out_dtype)
+
+
+def padded_bmm_vectors(
+    x: Tensor, z: Tensor, weight: Tensor, bias: Tensor, inv_var: Tensor, offsets: Tensor, scale: Tensor | None,
+    eps: float, *, out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Normalised Fisher vectors (S, C*(d+1)) of :func:`padded_bmm_accumulate`'s G, as ``fisher_vectors``."""
+    return normalized(padded_bmm_accumulate(x, z, weight, bias, inv_var, offsets), scale, eps, out_dtype=out_dtype)

@@ -87,7 +87,14 @@ def vectors(
     """Normalised Fisher vectors (S, C*(d+1)) in ``out_dtype``, default float32 (float64 for float64
     inputs): y = -scale * vec(G) (Eq. 13 with a diagonal F^(-1/2) = ``scale`` (C*(d+1),), None for 1),
     then sign(y) sqrt|y| / max(||sign(y) sqrt|y|||, eps). Inputs already validated."""
-    v = forward(x, z, weight, bias, inv_var, offsets).flatten(1)
+    return normalized(forward(x, z, weight, bias, inv_var, offsets), scale, eps, out_dtype=out_dtype)
+
+
+def normalized(g: torch.Tensor, scale: torch.Tensor | None, eps: float, *,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(S, C*(d+1)) Fisher vectors from G (S, C, d+1) in its dtype: y = -scale * vec(G), then
+    sign(y) sqrt|y| / max(||sign(y) sqrt|y|||, eps), converted to ``out_dtype`` at the end."""
+    v = g.flatten(1)
     if scale is not None:
         v = v * scale.to(v.dtype)
     y = -v
