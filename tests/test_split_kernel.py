@@ -162,3 +162,18 @@ def test_at_most_three_launches(monkeypatch, what):
 def test_deterministic():
     inputs = _inputs(AWKWARD, torch.float32)
     assert torch.equal(K.fisher_accumulate_split(*inputs), K.fisher_accumulate_split(*inputs))
+
+
+def test_normalising_epilogue_zeroes_the_sums_past_its_tiles():
+    """The sums-of-squares buffer is sized for the config with the most tiles; a config with fewer zeroes the rest
+    (the normalisation adds them all), whichever config autotuning picked."""
+    case = Case("sq", 37, 19, (5, 0, 9))
+    x, z, w, b, v, off = _inputs(case, torch.float32)
+    r, za, ends = K._residuals(x, z, w, b, v, off, scale_r=True)
+    roots = torch.empty((3, case.c * (case.d + 1)), device=DEVICE)
+    sq = torch.full((3, 300), float("nan"), device=DEVICE)
+    K._segment_gemm(r, za, ends, v, roots, case.d, has_v=False, sq=sq)
+    best = K._segment["float32"].best_config.kwargs
+    tiles = -(-case.c // best["BLOCK_C"]) * -(-(case.d + 1) // best["BLOCK_J"])
+    assert 1 < tiles < 300 and bool((sq[:, tiles:] == 0).all()) and bool(sq.isfinite().all())
+    torch.testing.assert_close(sq.sum(1).double().cpu(), roots.double().square().sum(1).cpu(), rtol=1e-5, atol=0)

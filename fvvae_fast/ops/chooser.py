@@ -10,6 +10,7 @@ the cached ranking then, else the first design listed; under capture or that mod
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -78,7 +79,11 @@ class Chooser:
                 raise ValueError(f"{DESIGN_ENV} must be one of {tuple(by_name)} or unset, got {forced!r}")
             return by_name[forced]
         skey = _key_text(key)
-        ranking = self.rankings.get(skey) or _read_cache(skey)
+        ranking = self.rankings.get(skey)
+        if ranking is None:
+            ranking = _read_cache(skey)
+            if ranking is not None:
+                self.rankings[skey] = ranking
         if ranking is None and timing_allowed():
             ranking = self._time(skey, designs, args, kwargs)
         syncs = sync_allowed()
@@ -102,8 +107,9 @@ class Chooser:
         return ranking
 
 
-def _key_text(key: tuple) -> str:
-    """The key with the versions whose code it timed (a cache file outlives upgrades)."""
+@functools.cache
+def _versions() -> str:
+    """The versions whose code a ranking timed (a cache file outlives upgrades)."""
     try:
         import triton
 
@@ -112,7 +118,11 @@ def _key_text(key: tuple) -> str:
         triton_version = "none"
     from .. import __version__
 
-    return "|".join(map(str, (*key, f"fvvae_fast {__version__}", f"torch {torch.__version__}", f"triton {triton_version}")))
+    return f"fvvae_fast {__version__}|torch {torch.__version__}|triton {triton_version}"
+
+
+def _key_text(key: tuple) -> str:
+    return "|".join(map(str, (*key, _versions())))
 
 
 def _cache_path() -> Path | None:

@@ -188,6 +188,7 @@ def _chooses_design(backend: str, device: torch.device) -> bool:
     return backend in (None, AUTO) and device.type == "cuda" and available("triton", device) is None
 
 
+@functools.cache
 def _designs(op: str) -> tuple[Design, ...]:
     """The designs of ``op`` ("forward" or "vectors"), the default first (run when nothing was timed yet)."""
     fused, split = import_kernels("fisher_accumulate"), import_kernels("fisher_split")
