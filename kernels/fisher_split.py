@@ -259,6 +259,8 @@ def fisher_accumulate_split(
     c, d, s = x.shape[1], z.shape[1], offsets.shape[0] - 1
     acc_dtype = _modes(x.dtype)[0]
     out_dtype = out_dtype or acc_dtype
+    if s == 0 or x.shape[0] == 0:  # no kernel runs: no set end would be written
+        return torch.zeros((s, c, d + 1), dtype=out_dtype, device=x.device)
     if grouped is None:
         grouped = grouped_mm_usable(x.device, x.dtype, out_dtype)
     scale_r = x.dtype != torch.float16
@@ -282,6 +284,8 @@ def fisher_vectors_split(
     c, d, s = x.shape[1], z.shape[1], offsets.shape[0] - 1
     acc_dtype, acc_tl, *_, kind = _modes(x.dtype)
     e = c * (d + 1)
+    if s == 0 or x.shape[0] == 0:
+        return torch.zeros((s, e), dtype=out_dtype or acc_dtype, device=x.device)
     out = _scratch((s, e), out_dtype or acc_dtype, x.device)
     scale_r = x.dtype != torch.float16
     r, za, ends = _residuals(x, z, weight, bias, inv_var, offsets, scale_r=scale_r)

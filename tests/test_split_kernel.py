@@ -24,9 +24,6 @@ K = dispatch.import_kernels("fisher_split") if _reason is None else None
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 DTYPE_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
-# sets with rows: the op answers S = 0 and N = 0 itself, before any kernel
-ROW_CASES = [c for c in CASES if sum(c.lengths)]
-ROW_IDS = [c.id for c in ROW_CASES]
 AWKWARD = Case("awkward", 33, 16, (0, 1, 70, 5, 0, 1, 33))  # d+1 = 17: z_aug padded to 32; C tail; 5 row steps
 
 
@@ -35,7 +32,7 @@ def _inputs(case: Case, dtype: torch.dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("case", [*ROW_CASES, AWKWARD], ids=[*ROW_IDS, AWKWARD.id])
+@pytest.mark.parametrize("case", [*CASES, AWKWARD], ids=[*CASE_IDS, AWKWARD.id])
 def test_forward_cases(case, dtype):
     inputs = _inputs(case, dtype)
     got = K.fisher_accumulate_split(*inputs, grouped=False)
@@ -57,7 +54,7 @@ def _grouped_dtype() -> torch.dtype:
     return torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 
 
-@pytest.mark.parametrize("case", [*ROW_CASES, AWKWARD], ids=[*ROW_IDS, AWKWARD.id])
+@pytest.mark.parametrize("case", [*CASES, AWKWARD], ids=[*CASE_IDS, AWKWARD.id])
 def test_forward_grouped_mm(case):
     """Kernel 2 as torch._grouped_mm: R^T (column-major view of aligned rows), z_aug and the int32 set ends
     written by kernel 1; empty sets give zeros; d+1 not a multiple of 16 is cut from the padded result."""
@@ -102,7 +99,7 @@ def test_fp16_large_inv_var_does_not_overflow():
 @pytest.mark.parametrize("dtype,out_dtype", [(torch.float64, None), (torch.float32, None), (torch.float32, torch.bfloat16),
                                              (torch.bfloat16, None), (torch.float16, torch.float16)],
                          ids=["f64", "f32", "f32-out-bf16", "bf16", "f16"])
-@pytest.mark.parametrize("case", [*ROW_CASES, AWKWARD], ids=[*ROW_IDS, AWKWARD.id])
+@pytest.mark.parametrize("case", [*CASES, AWKWARD], ids=[*CASE_IDS, AWKWARD.id])
 def test_vectors_cases(case, dtype, out_dtype, with_scale):
     inputs = _inputs(case, dtype)
     scale = (0.1 + torch.rand(case.c * (case.d + 1), dtype=torch.float64)).to(DEVICE) if with_scale else None
