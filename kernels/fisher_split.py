@@ -4,7 +4,7 @@ An alternative to the fused kernel of :mod:`.fisher_accumulate` (same launcher s
 timing in :mod:`fvvae_fast.ops.dispatch`): the shape of a mixture-of-experts weight gradient, which
 plain tensor-core GEMMs run well, at the price of writing and reading R (N, C) once.
 
-Math (paper Eq. 11-13, DESIGN section 2): with a_t = W z_t + b, the per-descriptor residual is
+Math (paper Eq. 11-13; docs/math.rst, "The Fisher vector"): with a_t = W z_t + b, the per-descriptor residual is
 r_t = (mu_x,t - x_t) * inv_var * [a_t > 0] = inv_var * [a_t > 0] * (ReLU(a_t) - x_t) (C,), and
 G_s = sum_{t in s} r_t [z_t; 1]^T = R_s^T z_aug,s with z_aug = [z | 1]: the bias column of G is the
 GEMM's last output column (the row sum of R_s), so neither kernel reduces over rows by hand.
