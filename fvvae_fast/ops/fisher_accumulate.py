@@ -114,7 +114,8 @@ def fisher_accumulate(
         give zeros.
         ``G[s, c, j]`` is dL/dW[c, j] for j < d and dL/db[c] for j = d, without the minus
         sign of the Fisher vector. Differentiable in x, z, weight, bias and inv_var.
-        Deterministic for a fixed backend, device and thread count.
+        Deterministic for a fixed backend, device and thread count (on CUDA with ``backend=None``, for a
+        fixed design: ``FVVAE_DESIGN=fused|split|plain``).
 
     Example:
         >>> x, z = torch.randn(7, 4), torch.randn(7, 3)
