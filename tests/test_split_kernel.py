@@ -7,6 +7,12 @@ buffer starts as NaN (an element left unwritten fails). Oracle: the float64 refe
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -17,6 +23,7 @@ from fvvae_fast.ops.validate import result_dtype
 from .cases import CASE_IDS, CASES, Case, check_forward, make_inputs
 from .conftest import DEVICE
 from .test_fisher_vectors import check_vectors
+from .test_triton_kernel import triton_backends
 
 _reason = dispatch.available("triton", DEVICE)
 pytestmark = pytest.mark.skipif(_reason is not None, reason=str(_reason))
@@ -174,3 +181,40 @@ def test_normalising_epilogue_zeroes_the_sums_past_its_tiles():
     tiles = -(-case.c // best["BLOCK_C"]) * -(-(case.d + 1) // best["BLOCK_J"])
     assert 1 < tiles < 300 and bool((sq[:, tiles:] == 0).all()) and bool(sq.isfinite().all())
     torch.testing.assert_close(sq.sum(1).double().cpu(), roots.double().square().sum(1).cpu(), rtol=1e-5, atol=0)
+
+
+_SM90_SCRIPT = """
+import json, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fvvae_fast.ops import dispatch
+S = dispatch.import_kernels("fisher_split")
+ELEM = {"half": "bf16", "float32": "fp32", "float64": "fp64"}
+INTS = ("N", "S", "C", "LR", "LEN_KEY", "N_SQ")
+for kind, elem in ELEM.items():
+    acc = tl.float64 if kind == "float64" else tl.float32
+    base = {"D": 255, "KA": 256, "ACC": acc, "USE_DOT": kind != "float64",
+            "PRECISION": {"half": "tf32", "float32": "tf32x3", "float64": "ieee"}[kind]}
+    for fn, configs, extra in ((S._residual_kernel, S._RES_CONFIGS, {"SCALE_R": True}),
+                               (S._segment_gemm_kernel, S._SEG_CONFIGS, {"HAS_V": False, "NORMALIZE": True, "HAS_SCALE": True})):
+        cf = configs[kind][0]
+        sig = {n: "*i64" if n == "off_ptr" else "*i32" if n == "ends_ptr" else
+               ("*" + elem if n in ("x_ptr", "z_ptr", "w_ptr", "b_ptr", "v_ptr", "r_ptr", "za_ptr") else "*fp64" if kind == "float64" else "*fp32")
+               if n.endswith("_ptr") else "i32" if n in INTS else "constexpr" for n in fn.arg_names}
+        out = triton.compile(ASTSource(fn, sig, {**base, **extra, **cf.kwargs}), target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": cf.num_warps, "num_stages": cf.num_stages})
+        print(json.dumps({"kernel": fn.__name__, "kind": kind, "wgmma": out.asm["ptx"].count("wgmma.mma_async")}))
+"""
+
+
+def test_first_configs_compile_for_sm90():
+    """Ahead of time, no GPU: the first config of both kernels in every dtype kind compiles for sm_90 at the
+    paper's d = 255 (a kernel the interpreter runs may still not compile), 16-bit GEMMs on wgmma."""
+    if triton_backends() is None:
+        pytest.skip("Triton has no CUDA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 6 and all(r["wgmma"] > 0 for r in rows if r["kind"] == "half"), rows
