@@ -8,6 +8,12 @@ layers: what any implementation must compute) and the square GEMM ceiling, in on
 
 FLOPs are the step's GEMM FLOPs, 2 n (2 C^2 + 6 C d + 3 d K) for n descriptors, so the
 "% GEMM ceiling" column is the share of the machine's GEMM rate that training reaches.
+
+Contention: torch runs one OpenMP thread per core, and threads that share a core with another busy
+process spin. With one other busy process on a 2-core machine, training ran 6x slower with torch's
+default 2 threads than with 1, and about 40x slower under heavier load (figures reported by a user, not
+measured by this benchmark). Time on an otherwise idle machine; on a shared one set OMP_NUM_THREADS to
+your share (``train`` and the command line keep torch within the CPU quota: :mod:`fvvae_fast.threads`).
 """
 
 from __future__ import annotations

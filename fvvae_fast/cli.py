@@ -261,7 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import distributed
 
             distributed.init_from_env()
-        return args.func(args)
+        from .threads import limit_torch_threads
+
+        with limit_torch_threads():  # the CPU quota (and share) this process runs under
+            return args.func(args)
     except KeyboardInterrupt:
         print(f"fvvae {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

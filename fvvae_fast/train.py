@@ -23,6 +23,7 @@ from .io import atomic_torch_save, load_torch_file, output_lock
 from .model import FVVAE
 from .ops.training import Adadelta, loss_backward, loss_backward_fused
 from .sets import DescriptorSets
+from .threads import limit_torch_threads
 
 CHECKPOINT_VERSION = 1
 LIVENESS_ROWS = 4096  # descriptors of the current batch on which liveness is logged
@@ -210,6 +211,7 @@ def _check_weights(model: FVVAE, iteration: int, saved: int | None) -> None:
                       f"descriptors, or a loss that diverged: try a smaller lr); {kept}")
 
 
+@limit_torch_threads()
 def train(
     model: FVVAE,
     data: DescriptorSets,

@@ -15,6 +15,7 @@ import torch
 
 av = pytest.importorskip("av")
 
+from fvvae_fast import threads  # noqa: E402
 from fvvae_fast.errors import is_user_error  # noqa: E402
 from fvvae_fast.official import release_preprocess  # noqa: E402
 from fvvae_fast.pipelines import (  # noqa: E402
@@ -771,8 +772,9 @@ def test_writer_errors_reach_the_caller_and_the_run_resumes(tmp_path, tiny_backb
         assert (tmp_path / "s/shards" / f.name).read_bytes() == f.read_bytes()
 
 
-def test_default_workers_leave_a_core_to_the_main_process(monkeypatch):
+def test_default_workers_leave_a_core_to_the_main_process(monkeypatch, tmp_path):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(threads, "CGROUP_ROOT", tmp_path)  # no CPU quota
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert default_workers() == 7
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this machine share its cores

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .. import distributed
 from ..store import ShardResult, Store, item_records
+from ..threads import cpu_quota
 from .backbones import Backbone
 from .datasets import Dataset, Item, crop_parent
 from .sharded import ShardedStage, StageReport
@@ -80,13 +81,9 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def default_workers() -> int:
-    """Decoding workers by default: the cores this process may run on (shared by the ranks
-    torchrun started on this machine) less one for the main process."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity masks (macOS, Windows)
-        cores = os.cpu_count() or 1
-    return max(0, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+    """Decoding workers by default: the CPUs this process may use (:func:`fvvae_fast.threads.cpu_quota`: affinity
+    and cgroup quota), shared by the ranks torchrun started on this machine, less one for the main process."""
+    return max(0, cpu_quota() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
 
 
 class _Staging:

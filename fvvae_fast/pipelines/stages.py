@@ -17,6 +17,7 @@ from .. import distributed
 from ..encode import degenerate_rows, fisher_encode
 from ..model import FVVAE
 from ..store import ShardResult, Store, StoreError, item_records
+from ..threads import limit_torch_threads
 from .sharded import ShardedStage, StageReport
 
 
@@ -79,6 +80,7 @@ class _Batches:
                 yield x, offsets
 
 
+@limit_torch_threads()
 def encode_store(
     model: FVVAE,
     src: Store,
