@@ -70,6 +70,13 @@ def plain_text(text: str) -> str:
     return re.sub(r"::$", ":", text, flags=re.M)
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal, unless --quiet."""
+    from .progress import show_progress
+
+    return not args.quiet and show_progress(None)
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """Wraps one-paragraph descriptions, keeps texts with line breaks as written (examples),
     appends a default only when there is one to tell; plain text (:func:`plain_text`)."""
@@ -141,7 +148,7 @@ def _job_command(args: argparse.Namespace) -> int:
 
     cls = JOBS[args.command]
     job = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-    report = job.run(progress=not args.quiet, say=_say)
+    report = job.run(progress=_progress(args), say=_say)
     _say(*report.lines())
     return 0
 
@@ -149,7 +156,7 @@ def _job_command(args: argparse.Namespace) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     from .pipelines.config import run_config
 
-    run_config(args.config, out=args.out, overwrite=args.overwrite, progress=not args.quiet, say=_say)
+    run_config(args.config, out=args.out, overwrite=args.overwrite, progress=_progress(args), say=_say)
     return 0
 
 
@@ -167,7 +174,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     config = DemoConfig(dataset=args.dataset, train_per_class=args.train_per_class, test_per_class=args.test_per_class,
                         compare=compare)
     run_demo(config, args.out, descriptors=args.descriptors, train_split=args.train_split,
-             test_split=args.test_split, progress=not args.quiet)
+             test_split=args.test_split, progress=_progress(args))
     return 0
 
 

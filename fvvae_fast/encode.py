@@ -155,6 +155,9 @@ def _diagonal_scale(fim: Whitener | None, model: FVVAE, x: Tensor) -> Tensor | N
     return scale if scale is not None and scale.shape == (model.in_dim * (model.latent_dim + 1),) else None
 
 
+DEGENERATE_SHARE = 0.1  # a share of all-zero or constant Fisher vectors above which a fitted model is flagged
+
+
 def degenerate_rows(vectors: Tensor) -> tuple[int, int]:
     """(all-zero rows, constant rows) of vectors (S, D): constant includes all-zero.
 
@@ -165,3 +168,14 @@ def degenerate_rows(vectors: Tensor) -> tuple[int, int]:
         return 0, int(vectors.shape[0])
     lo, hi = vectors.amin(1), vectors.amax(1)
     return int(((lo == 0) & (hi == 0)).sum()), int((lo == hi).sum())
+
+
+def degenerate_message(zero: int, constant: int, total: int, latent_dim: int) -> str | None:
+    """One line when more than ``DEGENERATE_SHARE`` of ``total`` Fisher vectors are constant (``constant``, of
+    which ``zero`` all zero; :func:`degenerate_rows`), naming the likely cause and the fix; None otherwise."""
+    if total == 0 or constant <= DEGENERATE_SHARE * total:
+        return None
+    return (f"{constant} of {total} Fisher vectors ({100 * constant / total:.0f}%) are constant, {zero} of them all "
+            f"zero: they carry nothing for a classifier. The decoder's units are off on those sets, most likely "
+            f"because latent_dim={latent_dim} is too large for the training data or training was too short: train "
+            f"with a smaller latent_dim (e.g. 15-31) or more iterations")

@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -22,6 +23,7 @@ from . import distributed
 from .io import atomic_torch_save, load_torch_file, output_lock
 from .model import FVVAE
 from .ops.training import Adadelta, loss_backward, loss_backward_fused
+from .progress import duration, show_progress
 from .sets import DescriptorSets
 from .threads import limit_torch_threads
 
@@ -35,6 +37,7 @@ LIVENESS_WARN = 0.01
 # and recover (sparse generated data, lambda3 = 1000: 0.7% at iteration 10, 59% at 1,000).
 LIVENESS_PATIENCE = 50
 CHECKPOINT_SECONDS = 60.0  # a checkpoint at least this often (when a checkpoint file is given)
+ESTIMATE_AFTER = 10  # iterations timed (after the first, which pays one-time costs) for the time estimate
 RESUME_MODES = ("exact", "extend")
 # Settings whose change makes another run: resuming with a different value is refused.
 RUN_SETTINGS = ("batch_sets", "lr", "rho", "eps", "lambda1", "lambda2", "lambda3", "descriptors_per_set", "data_init",
@@ -219,7 +222,7 @@ def train(
     *,
     checkpoint: str | os.PathLike | None = None,
     log_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     resume: str = "exact",
 ) -> TrainResult:
     """Train ``model`` on ``data`` (Algorithm 1) and return it with the loss history.
@@ -240,6 +243,9 @@ def train(
     unfinished run on to a larger ``iterations`` (recorded in the checkpoint's ``extended``). While training,
     the checkpoint is locked (``fvvae_fast.io.output_lock``): another process training on the same file is
     refused with an OSError naming this one.
+    ``progress`` (None: on a terminal; True, False) shows a progress bar and, after the first
+    ``ESTIMATE_AFTER`` + 1 iterations, one line with the run's estimated time. Torch runs with at most
+    :func:`fvvae_fast.threads.advised_threads` threads (restored after).
     ``log_dir`` writes TensorBoard scalars (needs the ``tensorboard`` package). Every logged row
     (progress bar, TensorBoard, the checkpoint's history) holds the loss terms and the decoder's
     health (:meth:`FVVAE.liveness` on the current batch); a :class:`~fvvae_fast.train.CollapseWarning` is raised once
@@ -312,8 +318,9 @@ def train(
         last_save = time.monotonic()
 
     warned, low_since = False, None
+    show = show_progress(progress) and rank == 0
     bar = tqdm(range(start, config.iterations), initial=start, total=config.iterations,
-               disable=not progress or rank != 0, desc="train FV-VAE", unit="it")
+               disable=not show, desc="train FV-VAE", unit="it")
     with output_lock(checkpoint if rank == 0 else None, "checkpoint"), _deferred_interrupts() as interrupted:
         for it in bar:
             set_ids = torch.randperm(len(data), generator=generator)[:batch]
@@ -351,6 +358,13 @@ def train(
                     warnings.warn(f"train: iteration {it + 1}: only {100 * live['active']:.3g}% of the decoder's "
                                   f"pre-activations are active ({100 * live['alive']:.3g}% of units alive): the model is "
                                   f"collapsing and its Fisher vectors will be (nearly) zero", CollapseWarning, stacklevel=2)
+            if show and it == start:
+                timed_from = time.perf_counter()
+            elif show and it == start + ESTIMATE_AFTER and it + 1 < config.iterations:
+                each = (time.perf_counter() - timed_from) / ESTIMATE_AFTER
+                tqdm.write(f"train: {config.iterations - start:,} iterations take about "
+                           f"{duration(each * (config.iterations - start))} here ({1000 * each:.3g} ms each)",
+                           file=sys.stderr)
             if ((it + 1) % config.checkpoint_every == 0 or it + 1 == config.iterations or interrupted
                     or time.monotonic() - last_save > CHECKPOINT_SECONDS):
                 save(it + 1)

@@ -426,3 +426,27 @@ def test_bad_settings_and_files_are_one_line(finished_run, tmp_path, capsys):
             job(**({"descriptors": "d", "out": "m"} if job is TrainJob else {}), **kwargs)
     with pytest.raises(ValueError, match="evaluate_vectors: C must be a finite number > 0, got 0"):
         evaluate_vectors(np.eye(4), [0, 1, 0, 1], np.eye(4), [0, 1, 0, 1], C=0)
+
+
+def test_encode_warns_when_most_vectors_are_zero(tmp_path, capsys):
+    """The encode stage's one warning line names the share of zero vectors, the likely cause and the fix."""
+    import torch
+
+    from fvvae_fast.cli import main
+    from fvvae_fast.train import load_model, save_checkpoint
+
+    said: list[str] = []
+    run_config(_arrays(tmp_path), progress=False, say=said.append)
+    assert not [line for line in said if "warning" in line]  # the trained model: no warning
+    work = tmp_path / "work"
+    model = load_model(work / "model.pt")
+    with torch.no_grad():
+        model.decoder.bias.fill_(-1e6)  # every decoder unit off: every Fisher vector zero
+    save_checkpoint(tmp_path / "off.pt", model)
+    capsys.readouterr()
+    assert main(["encode", "--model", str(tmp_path / "off.pt"), "--descriptors", str(work / "descriptors"),
+                 "--out", str(tmp_path / "fisher"), "--quiet"]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings
+    assert "24 of 24 Fisher vectors (100%) are constant, 24 of them all zero" in warnings[0]
+    assert "latent_dim=3" in warnings[0] and "smaller latent_dim" in warnings[0] and "more iterations" in warnings[0]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import fvvae_fast as fv
+from fvvae_fast.train import ESTIMATE_AFTER
 
 from .cases import generator
 from .test_io import held_elsewhere
@@ -246,3 +249,16 @@ def test_settings_out_of_range_are_refused():
     empty = fv.DescriptorSets(torch.zeros(0, 4), torch.tensor([0, 0, 0]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="train: all 2 sets of data are empty: no descriptor to train on"):
         fv.train(fv.FVVAE(4, 2, num_classes=2), empty, _config(iterations=2), progress=False)
+
+
+@pytest.mark.parametrize("progress, tty, shown", [(None, True, True), (None, False, False), (True, False, True),
+                                                  (False, True, False)])
+def test_progress_and_time_estimate_on_a_terminal_by_default(capsys, monkeypatch, progress, tty, shown):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    iterations = ESTIMATE_AFTER + 5
+    fv.train(fv.FVVAE(16, 2, num_classes=3), _problem(), _config(iterations=iterations), progress=progress)
+    err = capsys.readouterr().err
+    estimates = [line for line in err.splitlines() if line.startswith(f"train: {iterations} iterations take about ")]
+    assert len(estimates) == int(shown) and ("train FV-VAE" in err) == shown, err
+    assert not estimates or re.fullmatch(r"train: \d+ iterations take about \d+ s here \([\d.]+ ms each\)",
+                                         estimates[0])

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from ..encode import degenerate_rows, fisher_encode
+from ..encode import degenerate_message, degenerate_rows, fisher_encode
 from ..model import FVVAE
 from ..store import ShardResult, Store, StoreError, item_records
 from ..threads import limit_torch_threads
@@ -136,12 +136,8 @@ def encode_store(
                     on_shard(shard)
         zero, constant = (int(v) for v in distributed.all_reduce_sum(degenerate))
         computed = distributed.total(total)
-        notes = []
-        if constant:
-            notes.append(f"warning: {zero} of the {computed} vectors computed now are all zero and {constant} constant "
-                         f"(zero included): they carry nothing for a classifier; a collapsed model (decoder units "
-                         f"that are never active) gives such vectors: check the liveness logged by `fvvae train`")
-        return stage.report(computed=total, notes=notes)
+        message = degenerate_message(zero, constant, computed, model.latent_dim)
+        return stage.report(computed=total, notes=[] if message is None else [f"warning: {message}"])
 
 
 class _Row:
