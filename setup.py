@@ -68,7 +68,7 @@ setup(
         # unpinned torchvision can pull in another torch; install the one matching your torch.
         "pipelines": PIPELINES,
         "yaml": ["pyyaml"],
-        "dev": [*PIPELINES, "pytest", "pytest-benchmark", "hypothesis", "tensorboard", "timm", "sphinx"],
+        "dev": [*PIPELINES, "pytest", "pytest-benchmark", "hypothesis", "tensorboard", "timm", "sphinx", "pandas"],
     },
     entry_points={"console_scripts": ["fvvae = fvvae_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -1,7 +1,7 @@
 """Sets of descriptors in memory: (N, C) rows, (S+1,) offsets, (S,) labels.
 
 :func:`pack_sets` turns the forms users hold (a list of (n_i, C) arrays, (x, offsets), a nested
-tensor) into (N, C) + offsets; :func:`pad_sets` turns (N, C) + offsets into one padded batch.
+tensor, a dense (S, T, C) array) into (N, C) + offsets; :func:`pad_sets` turns (N, C) + offsets into one padded batch.
 """
 
 from __future__ import annotations
@@ -126,13 +126,23 @@ def _descriptors(a: Any, where: str) -> Tensor:
             a = np.asarray(a)
         except ValueError as err:  # ragged nested lists
             raise ValueError(f"{where}: not an (n, C) array: {err}") from None
+        if a.dtype.kind == "O":  # numbers held as Python objects (as pandas gives them)
+            try:
+                a = a.astype(np.float32)
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"{where}: descriptors must be real numbers, got dtype object ({err})") from None
         if a.dtype.kind not in "iuf":
             raise TypeError(f"{where}: descriptors must be real numbers, got dtype {a.dtype}")
+        if not a.flags.writeable:  # a read-only array or memory map: torch needs memory it may write
+            a = a.astype(np.float32)
         a = torch.from_numpy(a)
     elif a.dtype == torch.bool or a.is_complex():
         raise TypeError(f"{where}: descriptors must be real numbers, got dtype {a.dtype}")
-    if a.dim() != 2 or a.shape[1] == 0:
+    if a.dim() != 2:
         raise ValueError(f"{where}: descriptors must be (n, C) with C >= 1, got shape {tuple(a.shape)}")
+    if a.shape[1] == 0:
+        raise ValueError(f"{where}: descriptors have 0 feature(s) (shape={tuple(a.shape)}) while a minimum of 1 is "
+                         f"required.")
     a = a.detach().to(torch.float32)
     if not bool(torch.isfinite(a).all()):
         raise ValueError(f"{where}: descriptors contain NaN or Inf")
@@ -152,13 +162,15 @@ def _offsets(a: Any, n: int, device: torch.device, where: str) -> Tensor:
 
 
 def pack_sets(sets: Any, where: str = "X") -> tuple[Tensor, Tensor]:
-    """Sets in any of three forms -> x (N, C) float32 and offsets (S+1,) int64 (both on x's device).
+    """Sets in any of four forms -> x (N, C) float32 and offsets (S+1,) int64 (both on x's device).
 
     ``sets`` is a list of S arrays or tensors of shape (n_i, C) (an n_i may be 0), a tuple
-    (x (N, C), offsets (S+1,) integers non-decreasing from 0 to N), or a torch nested tensor
-    (S, j, C) (jagged or strided layout). Integer descriptors are converted to float32.
+    (x (N, C), offsets (S+1,) integers non-decreasing from 0 to N), a torch nested tensor
+    (S, j, C) (jagged or strided layout), or an (S, T, C) array or tensor (S sets of T descriptors).
+    Integer descriptors are converted to float32.
     Raises TypeError (another container, non-numeric values) or ValueError (no sets, wrong
-    shapes, sets of different C, bad offsets, NaN or Inf), naming ``where``.
+    shapes (an array of another number of dimensions), sets of different C, bad offsets, NaN or Inf),
+    naming ``where``.
 
     Example:
         >>> x, offsets = pack_sets([np.ones((2, 3)), np.zeros((0, 3))])
@@ -182,9 +194,18 @@ def pack_sets(sets: Any, where: str = "X") -> tuple[Tensor, Tensor]:
                 raise ValueError(f"{where}[{i}]: descriptors have C={p.shape[1]}, those of {where}[0] C={c}")
         x = torch.cat(parts)
         offsets = torch.tensor([0] + [p.shape[0] for p in parts], device=x.device).cumsum(0)
+    elif isinstance(sets, (np.ndarray, Tensor)) and sets.ndim == 3:
+        s, t, c = sets.shape
+        if s == 0:
+            raise ValueError(f"{where}: no sets (an array of shape {tuple(sets.shape)})")
+        x = _descriptors(sets.reshape(s * t, c), where)
+        offsets = torch.arange(s + 1, device=x.device) * t
     else:
         shape = f" of shape {tuple(sets.shape)}" if hasattr(sets, "shape") else ""
-        raise TypeError(f"{where}: sets must be a list of (n_i, C) arrays or tensors, a tuple (x (N, C), offsets "
-                        f"(S+1,)) or a torch nested tensor; got {type(sets).__name__}{shape} "
-                        f"(one set: [x]; S sets of T descriptors (S, T, C): list(x))")
+        wrong_shape = isinstance(sets, (np.ndarray, Tensor))  # the right type of another shape: a ValueError
+        sparse = " (sparse input is not supported)" if type(sets).__module__.startswith("scipy.sparse") else ""
+        raise (ValueError if wrong_shape else TypeError)(
+            f"{where}: sets must be a list of (n_i, C) arrays or tensors, a tuple (x (N, C), offsets (S+1,)), a torch "
+            f"nested tensor or an (S, T, C) array or tensor of equal-length sets; got {type(sets).__name__}{shape}"
+            f"{sparse}. Reshape your data: one set x (n, C): [x]; each row of x a set: x[:, None, :]")
     return x, offsets

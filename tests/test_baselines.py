@@ -69,11 +69,11 @@ def test_bad_input_is_refused(bad):
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)
 def test_gmm_fisher_vector_matches_direct(lengths):
     train, _ = _sets((60,), salt=1)
-    enc = GMMFisherVector(components=3, seed=0).fit(train)
+    enc = GMMFisherVector(components=3, seed=0).fit([train])
     x, off = _sets(lengths)
     fv = enc.encode(x, off)
-    assert fv.shape == (len(lengths), 2 * 3 * 5) and enc.dim == 30
-    w, mu, sd = (t.double() for t in (enc.weights, enc.means, enc.sigmas))
+    assert fv.shape == (len(lengths), 2 * 3 * 5) and len(enc.get_feature_names_out()) == 30
+    w, mu, sd = (t.double() for t in (enc.weights_, enc.means_, enc.sigmas_))
     for s, xs in enumerate(_each(x, off)):
         t = max(len(xs), 1)
         # posteriors by the textbook density, one descriptor and one component at a time
@@ -91,11 +91,11 @@ def test_gmm_fisher_vector_matches_direct(lengths):
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)
 def test_vlad_matches_direct(lengths):
     train, _ = _sets((40,), salt=2)
-    enc = VLAD(centres=4, seed=0).fit(train)
+    enc = VLAD(centres=4, seed=0).fit([train])
     x, off = _sets(lengths)
     v = enc.encode(x, off)
     assert v.shape == (len(lengths), 4 * 5)
-    c = enc.centres.double()
+    c = enc.centres_.double()
     for s, xs in enumerate(_each(x, off)):
         want = torch.zeros(4, 5, dtype=torch.float64)
         for r in xs:

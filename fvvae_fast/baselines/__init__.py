@@ -2,8 +2,10 @@
 
 Every encoder takes raw descriptors x (N, C) float with offsets (S+1,) int64 and returns one
 vector per set, (S, D) float32; the protocol (:mod:`fvvae_fast.evaluation.protocol`) applies the
-signed square root and L2 to all of them alike. ``GMMFisherVector`` and ``VLAD`` also take sets in
-the forms of :func:`fvvae_fast.sets.pack_sets` with ``transform(X)`` (a list of (n_i, C) arrays, ...).
+signed square root and L2 to all of them alike. ``GMMFisherVector``, ``VLAD``, ``AveragePooling``,
+``Concatenation`` and ``BilinearPooling`` are also scikit-learn transformers of sets (``fit(X)``,
+``transform(X)`` for X in the forms of :func:`fvvae_fast.sets.pack_sets`), interchangeable with
+:class:`fvvae_fast.FVVAEEncoder` in a ``Pipeline``. The package needs scikit-learn.
 
 - :mod:`.pooling`: AVE, Concatenation, bilinear pooling (BP).
 - :mod:`.gmm_fisher`: improved Fisher vectors on a diagonal GMM (scikit-learn ``GaussianMixture``).
@@ -16,8 +18,8 @@ sources produce it beside them.
 
 from .compression import PCACompression, RandomMaclaurin
 from .gmm_fisher import GMMFisherVector
-from .pooling import average_pool, bilinear_pool, concatenate
+from .pooling import AveragePooling, BilinearPooling, Concatenation, average_pool, bilinear_pool, concatenate
 from .vlad import VLAD
 
-__all__ = ["VLAD", "GMMFisherVector", "PCACompression", "RandomMaclaurin", "average_pool", "bilinear_pool",
-           "concatenate"]
+__all__ = ["VLAD", "AveragePooling", "BilinearPooling", "Concatenation", "GMMFisherVector", "PCACompression",
+           "RandomMaclaurin", "average_pool", "bilinear_pool", "concatenate"]

@@ -13,18 +13,24 @@ and S2 = sum_t gamma_t (x_t^2)^T (K, C) of each set: never an (N, K, C) tensor. 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
 import torch
+from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
-from ..sets import pack_sets, pad_sets
+from ..sets import pad_sets
+from ..sklearn import SetTransformer
 from .pooling import check_sets
 
 
-class GMMFisherVector:
-    """Fit a diagonal GMM on descriptors, then encode sets into (S, 2 K C) float32 Fisher vectors.
+class GMMFisherVector(SetTransformer):
+    """Fit a diagonal GMM on the descriptors of sets, then encode sets into (S, 2 K C) float32 Fisher vectors.
+
+    A scikit-learn transformer of sets (:mod:`fvvae_fast.sklearn`): ``fit(X)`` fits the GMM on every descriptor
+    of the sets X, ``transform(X)`` returns NumPy; :meth:`encode` is the same on tensors x (N, C) + offsets.
 
     Args:
         components: K.
@@ -32,73 +38,67 @@ class GMMFisherVector:
         max_iter: EM iterations.
         reg_covar: variance floor added by scikit-learn (descriptors are L2-normalised, so small).
 
+    Attributes (after ``fit``): ``weights_`` (K,), ``means_`` (K, C), ``sigmas_`` (K, C) float32 tensors;
+    ``n_iter_`` (the EM iterations run).
+
     Example:
-        >>> enc = GMMFisherVector(components=2).fit(torch.rand(100, 4))
-        >>> enc.encode(torch.rand(10, 4), torch.tensor([0, 4, 10])).shape
-        torch.Size([2, 16])
+        >>> enc = GMMFisherVector(components=2).fit([np.random.rand(100, 4)])
+        >>> enc.transform([np.random.rand(4, 4), np.random.rand(6, 4)]).shape
+        (2, 16)
     """
 
-    def __init__(self, components: int, *, seed: int = 0, max_iter: int = 100, reg_covar: float = 1e-6) -> None:
-        if components < 1:
-            raise ValueError(f"GMMFisherVector: components must be >= 1, got {components}")
-        self.components, self.seed, self.max_iter, self.reg_covar = components, seed, max_iter, reg_covar
-        self.weights: Tensor | None = None  # (K,)
-        self.means: Tensor | None = None  # (K, C)
-        self.sigmas: Tensor | None = None  # (K, C)
+    def __init__(self, components: int = 16, *, seed: int = 0, max_iter: int = 100, reg_covar: float = 1e-6) -> None:
+        self.components = components
+        self.seed = seed
+        self.max_iter = max_iter
+        self.reg_covar = reg_covar
 
     @property
-    def dim(self) -> int:
-        if self.means is None:
-            raise RuntimeError("GMMFisherVector: call fit() first")
-        return 2 * self.means.numel()
+    def _n_features_out(self) -> int:
+        return 2 * self.means_.numel()
 
-    def fit(self, x: Tensor | np.ndarray) -> GMMFisherVector:
-        """Fit the GMM on descriptors x (n, C) (a sample of the training descriptors); returns self."""
+    def _fit(self, x: Tensor, offsets: Tensor, y: Any = None) -> None:
         from sklearn.mixture import GaussianMixture
 
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or x.shape[0] < self.components:
-            raise ValueError(f"GMMFisherVector.fit: x must be (n >= K={self.components}, C), got {x.shape}")
+        if not isinstance(self.components, numbers.Integral) or self.components < 1:
+            raise ValueError(f"GMMFisherVector: components must be an int >= 1, got {self.components!r}")
+        if x.shape[0] < self.components:
+            raise ValueError(f"GMMFisherVector.fit: the sets hold {x.shape[0]} descriptors, fewer than "
+                             f"components={self.components}")
         gmm = GaussianMixture(self.components, covariance_type="diag", max_iter=self.max_iter,
-                              reg_covar=self.reg_covar, random_state=self.seed).fit(x)
-        self.weights = torch.as_tensor(gmm.weights_, dtype=torch.float32)
-        self.means = torch.as_tensor(gmm.means_, dtype=torch.float32)
-        self.sigmas = torch.as_tensor(np.sqrt(gmm.covariances_), dtype=torch.float32)
-        return self
+                              reg_covar=self.reg_covar, random_state=self.seed).fit(x.cpu().double().numpy())
+        self.weights_ = torch.as_tensor(gmm.weights_, dtype=torch.float32)
+        self.means_ = torch.as_tensor(gmm.means_, dtype=torch.float32)
+        self.sigmas_ = torch.as_tensor(np.sqrt(gmm.covariances_), dtype=torch.float32)
+        self.n_iter_ = gmm.n_iter_
 
     def posteriors(self, x: Tensor) -> Tensor:
         """gamma (N, K) float32: the components' posterior probabilities of each descriptor."""
-        if self.means is None:
-            raise RuntimeError("GMMFisherVector: call fit() first")
+        check_is_fitted(self)
         x = x.float()
-        inv_var = self.sigmas.pow(-2)  # (K, C)
+        inv_var = self.sigmas_.pow(-2)  # (K, C)
         # log N(x | mu_k, sigma_k) expanded so that only (N, K) is formed
-        quad = (x * x) @ inv_var.t() - 2 * x @ (self.means * inv_var).t() + (self.means.pow(2) * inv_var).sum(1)
-        log_det = 2 * self.sigmas.log().sum(1)
-        log_p = self.weights.log() - 0.5 * (quad + log_det + x.shape[1] * math.log(2 * math.pi))
+        quad = (x * x) @ inv_var.t() - 2 * x @ (self.means_ * inv_var).t() + (self.means_.pow(2) * inv_var).sum(1)
+        log_det = 2 * self.sigmas_.log().sum(1)
+        log_p = self.weights_.log() - 0.5 * (quad + log_det + x.shape[1] * math.log(2 * math.pi))
         return torch.softmax(log_p, dim=1)
 
     def encode(self, x: Tensor, offsets: Tensor) -> Tensor:
         """Fisher vectors of the sets: x (N, C) float, offsets (S+1,) int64 -> (S, 2 K C) float32."""
         check_sets(x, offsets, "GMMFisherVector.encode")
-        if self.means is None:
-            raise RuntimeError("GMMFisherVector: call fit() first")
-        if x.shape[1] != self.means.shape[1]:
-            raise ValueError(f"GMMFisherVector.encode: x has C={x.shape[1]}, the GMM was fit on C={self.means.shape[1]}")
+        check_is_fitted(self)
+        if x.shape[1] != self.means_.shape[1]:
+            raise ValueError(f"GMMFisherVector.encode: x has C={x.shape[1]}, the GMM was fit on "
+                             f"C={self.means_.shape[1]}")
         x = x.float()
         gamma_pad, lengths = pad_sets(self.posteriors(x), offsets)  # (S, T, K)
         x_pad, _ = pad_sets(x, offsets)  # (S, T, C)
         s0 = gamma_pad.sum(1)  # (S, K)
         s1 = torch.bmm(gamma_pad.transpose(1, 2), x_pad)  # (S, K, C)
         s2 = torch.bmm(gamma_pad.transpose(1, 2), x_pad * x_pad)  # (S, K, C)
-        mu, sigma, w = self.means, self.sigmas, self.weights
+        mu, sigma, w = self.means_, self.sigmas_, self.weights_
         t = lengths.clamp_min(1).to(x.dtype)[:, None, None]
         g_mu = (s1 - s0[..., None] * mu) / sigma / (t * w.sqrt()[:, None])
         g_sigma = (s2 - 2 * mu * s1 + (mu * mu - sigma * sigma) * s0[..., None]) / sigma.pow(2)
         g_sigma = g_sigma / (t * (2 * w).sqrt()[:, None])
         return torch.cat([g_mu.flatten(1), g_sigma.flatten(1)], dim=1)
-
-    def transform(self, X: Any) -> Tensor:
-        """:meth:`encode` of sets X given as a list of (n_i, C) arrays, (x, offsets) or a nested tensor
-        (:func:`fvvae_fast.sets.pack_sets`): (S, D) float32."""
-        return self.encode(*pack_sets(X, "GMMFisherVector.transform: X"))

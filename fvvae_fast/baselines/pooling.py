@@ -1,12 +1,17 @@
-"""Pooling baselines of Table 2: AVE, Concatenation and bilinear pooling (BP)."""
+"""Pooling baselines of Table 2: AVE, Concatenation and bilinear pooling (BP), as functions of tensors x (N, C)
++ offsets (S+1,) and as scikit-learn transformers of sets (:class:`AveragePooling`, :class:`Concatenation`,
+:class:`BilinearPooling`; :mod:`fvvae_fast.sklearn`)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..ops.validate import check_offsets
 from ..sets import pad_sets
+from ..sklearn import SetTransformer
 
 
 def check_sets(x: Tensor, offsets: Tensor, where: str) -> None:
@@ -44,3 +49,53 @@ def bilinear_pool(x: Tensor, offsets: Tensor) -> Tensor:
     pad, lengths = pad_sets(x.float(), offsets)
     outer = torch.bmm(pad.transpose(1, 2), pad) / lengths.clamp_min(1)[:, None, None].to(pad.dtype)
     return outer.reshape(lengths.numel(), -1)
+
+
+class _Pooling(SetTransformer):
+    """A pooling with nothing to learn: ``fit`` only records C (``n_features_in_``)."""
+
+    def _fit(self, x: Tensor, offsets: Tensor, y: Any = None) -> None:
+        pass
+
+
+class AveragePooling(_Pooling):
+    """AVE (:func:`average_pool`) as a transformer of sets: (S, C) float32."""
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.n_features_in_
+
+    def encode(self, x: Tensor, offsets: Tensor) -> Tensor:
+        return average_pool(x, offsets)
+
+
+class BilinearPooling(_Pooling):
+    """BP (:func:`bilinear_pool`) as a transformer of sets: (S, C*C) float32."""
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.n_features_in_**2
+
+    def encode(self, x: Tensor, offsets: Tensor) -> Tensor:
+        return bilinear_pool(x, offsets)
+
+
+class Concatenation(_Pooling):
+    """Concatenation (:func:`concatenate`) as a transformer of sets of T descriptors each: (S, T*C) float32.
+
+    ``fit`` records T (``length_``); ``transform`` refuses sets of another length.
+    """
+
+    @property
+    def _n_features_out(self) -> int:
+        return self.length_ * self.n_features_in_
+
+    def _fit(self, x: Tensor, offsets: Tensor, y: Any = None) -> None:
+        self.length_ = int(concatenate(x, offsets).shape[1]) // x.shape[1]
+
+    def encode(self, x: Tensor, offsets: Tensor) -> Tensor:
+        out = concatenate(x, offsets)
+        if out.shape[1] != self._n_features_out:
+            raise ValueError(f"Concatenation: X has sets of {out.shape[1] // x.shape[1]} descriptors, the "
+                             f"transformer was fit on sets of {self.length_}")
+        return out

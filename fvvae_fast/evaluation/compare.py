@@ -227,9 +227,9 @@ def _jobs(r: _Runner, sweeps: bool) -> list[tuple[str, str, str, Callable]]:
         jobs.append(("table", "Concatenation", "", lambda: r.timed(concatenate)))
     jobs += [
         ("table", "FV (GMM)", f"K={cfg.gmm_components}",
-         lambda: r.timed(GMMFisherVector(cfg.gmm_components, seed=seed).fit(sample).encode)),
+         lambda: r.timed(GMMFisherVector(cfg.gmm_components, seed=seed).fit([sample]).encode)),
         ("table", "VLAD", f"K={cfg.vlad_centres}",
-         lambda: r.timed(VLAD(cfg.vlad_centres, seed=seed).fit(sample).encode)),
+         lambda: r.timed(VLAD(cfg.vlad_centres, seed=seed).fit([sample]).encode)),
         ("table", "BP", "", lambda: r.timed(bilinear_pool)),
         ("table", "FV-VAE-", f"d={d}, lambda3=0, FIM {cfg.sweep_fim}", lambda: r.fvvae(d, 0.0, cfg.sweep_fim)),
     ]
@@ -243,9 +243,9 @@ def _jobs(r: _Runner, sweeps: bool) -> list[tuple[str, str, str, Callable]]:
         jobs.append(("fig4a", "FV-VAE", f"d={latent}", lambda latent=latent: r.fvvae(latent, l3, cfg.sweep_fim, True)))
     for k in cfg.gmm_sweep:
         jobs.append(("fig4a", "FV (GMM)", f"K={k}",
-                     lambda k=k: r.timed(GMMFisherVector(k, seed=seed).fit(sample).encode)))
+                     lambda k=k: r.timed(GMMFisherVector(k, seed=seed).fit([sample]).encode)))
     for k in cfg.vlad_sweep:
-        jobs.append(("fig4a", "VLAD", f"K={k}", lambda k=k: r.timed(VLAD(k, seed=seed).fit(sample).encode)))
+        jobs.append(("fig4a", "VLAD", f"K={k}", lambda k=k: r.timed(VLAD(k, seed=seed).fit([sample]).encode)))
     for lam in cfg.lambda3_sweep:
         jobs.append(("fig4b", "FV-VAE", f"lambda3={lam:g}", lambda lam=lam: r.fvvae(d, lam, cfg.sweep_fim, True)))
     c = data.train.dim
