@@ -1,7 +1,7 @@
 """Sets of descriptors in memory: (N, C) rows, (S+1,) offsets, (S,) labels.
 
 :func:`pack_sets` turns the forms users hold (a list of (n_i, C) arrays, (x, offsets), a nested
-tensor, a dense (S, T, C) array) into (N, C) + offsets; :func:`pad_sets` turns (N, C) + offsets into one padded batch.
+tensor, a dense (S, T, C) array) into (N, C) + offsets; :func:`~fvvae_fast.ops.padding.pad_sets` turns (N, C) + offsets into one padded batch.
 """
 
 from __future__ import annotations
@@ -101,22 +101,6 @@ class DescriptorSets:
         index of each row (n,)."""
         rows, offsets, owners = self.sample(set_ids, per_set, generator)
         return self.rows(rows), offsets, owners
-
-
-def pad_sets(x: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """Sets as one zero-padded batch: x (N, C) + offsets (S+1,) -> (S, T_max, C) and lengths (S,) int64.
-
-    Padding rows are zeros, so sums over a set's rows (and products summed over them) are unchanged.
-    Equal-length sets are a view of ``x``, without a copy.
-    """
-    lengths = offsets.diff()
-    s = lengths.numel()
-    t_max = int(lengths.max()) if s else 0
-    if s and bool((lengths == t_max).all()):
-        return x.view(s, t_max, x.shape[1]), lengths
-    row = torch.arange(x.shape[0], device=x.device) - torch.repeat_interleave(offsets[:-1], lengths)
-    owner = torch.repeat_interleave(torch.arange(s, device=x.device), lengths)
-    return x.new_zeros((s, t_max, x.shape[1])).index_put_((owner, row), x), lengths
 
 
 def _descriptors(a: Any, where: str) -> Tensor:

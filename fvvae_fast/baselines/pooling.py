@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..ops.validate import check_offsets
-from ..sets import pad_sets
+from ..ops.padding import pad_sets
 from ..sklearn import SetTransformer
 
 

@@ -15,7 +15,7 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
-from ..sets import pad_sets
+from ..ops.padding import pad_sets
 from ..sklearn import SetTransformer
 from .pooling import check_sets
 

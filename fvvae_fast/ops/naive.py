@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..sets import pad_sets
+from .padding import pad_sets
 from .reference import normalized
 from .validate import opmath_dtype
 
