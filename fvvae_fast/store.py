@@ -755,7 +755,7 @@ class Store:
 
         A journal counts only when it is as written (its seal), its shard is pending, its shard
         file is whole with the rows and the sha256 it names, and its items' rows lay the shard out
-        as :meth:`write_shard` does; any other journal (of a shard already done, unreadable,
+        as ``write_shard`` does; any other journal (of a shard already done, unreadable,
         changed, or whose file is missing or damaged) is dropped: the shard stays pending and is
         recomputed.
         """
