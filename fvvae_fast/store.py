@@ -7,7 +7,8 @@ Layout of a store folder::
     shards/shard-00001.npy ...
     shards/shard-00001.journal.json   only in a distributed run: a shard written by another rank,
                            not yet recorded in the manifest (:meth:`Store.join`, :meth:`Store.absorb_journals`)
-    lock                   advisory lock (POSIX lockf) held by the one process writing the store
+    lock                   advisory lock (POSIX lockf): held exclusively by the one process writing the
+                           store, shared by the processes reading it
 
 Items are assigned to shards up front: item i (in the order given when the store was
 created) belongs to shard ``i // shard_items``. A shard is computed as a whole, written to a
@@ -17,7 +18,21 @@ at any point therefore leaves finished shards (file present and marked done) and
 ones (no file, or a file not yet marked done, recomputed on restart); the restarted run
 redoes exactly the unfinished shards with the same inputs and batching, so its files are
 byte-identical to those of an uninterrupted run. An item that cannot be read (a corrupt
-video) is marked ``failed`` with its reason and takes no rows; the run goes on.
+video) is marked ``failed`` with its reason and takes no rows; the run goes on. When the last shard
+is done, the writer writes the manifest afresh from its rows, so that it too is byte-identical to
+an uninterrupted run's, whatever order the shards were recorded in (a rank killed under torchrun).
+
+Nothing read from the manifest is trusted as it is: each shard's row and the rows of its items
+are sealed by a SHA-256 of their values (``shards.seal``), and the settings with the numbers of
+items and shards by ``meta.seal``; a shard's file must be its own ``shards/shard-NNNNN.npy``
+inside the store (not a link out of it). A reader refuses a manifest changed after it was
+written (one StoreError); rerunning the stage that wrote the store recomputes the shards whose
+rows changed, and refuses changed settings (use ``overwrite``). Damaged shard files and
+journals are recomputed likewise.
+
+Readers take the shared lock through a read-only descriptor when they may not write the lock
+file (read-only media, another user's store): a shared lock needs no write access. A folder
+without a lock file (read-only, so nothing writes it either) is read without a lock.
 
 Why this format: ``.npy`` is NumPy's own, documented, versioned format, and a shard is
 memory-mapped as is (``np.load(f, mmap_mode="r")``), so training and scikit-learn read the
@@ -37,15 +52,18 @@ Reading with plain NumPy + sqlite3::
 Tables::
 
     meta(key TEXT PRIMARY KEY, value TEXT)     format, version, kind, dim, dtype, shard_items,
-                                               classes (JSON list), config (JSON object)
+                                               classes (JSON list), config (JSON object), seal
     items(idx, item_id, label, split, shard, row, rows, status, error)
                                                status: 'pending' | 'done' | 'failed'
-    shards(shard, file, rows, status, sha256)  status: 'pending' | 'done'
+    shards(shard, file, rows, status, sha256, seal)
+                                               status: 'pending' | 'done'
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import filecmp
 import hashlib
 import json
 import os
@@ -64,7 +82,7 @@ from .io import atomic_open, file_sha256, try_lock
 from .sets import DescriptorSets
 
 FORMAT = "fvvae_fast.store"
-VERSION = 1
+VERSION = 2  # 2: the manifest's rows are sealed
 MANIFEST = "manifest.sqlite"
 KINDS = ("descriptors", "fisher")
 
@@ -87,9 +105,80 @@ CREATE TABLE shards (
     file TEXT NOT NULL,
     rows INTEGER NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('pending', 'done')),
-    sha256 TEXT
+    sha256 TEXT,
+    seal TEXT NOT NULL
 );
 """
+_ITEM_COLUMNS = "idx, item_id, label, split, shard, row, rows, status, error"
+_SHARD_COLUMNS = "shard, file, rows, status, sha256"
+
+
+def _seal(*values: Any) -> str:
+    """SHA-256 of manifest values (as JSON): recorded beside them, it shows whether they changed since."""
+    return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()
+
+
+def _meta_seal(meta: dict[str, str], items: int, shards: int) -> str:
+    return _seal(sorted((k, v) for k, v in meta.items() if k != "seal"), items, shards)
+
+
+def _shard_seal(db: sqlite3.Connection, shard: int, shard_items: int) -> str:
+    """The seal of shard ``shard``'s row and of the rows of the items it holds, as they are now."""
+    row = db.execute(f"SELECT {_SHARD_COLUMNS} FROM shards WHERE shard = ?", (shard,)).fetchone()
+    items = db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE idx >= ? AND idx < ? ORDER BY idx",
+                       (shard * shard_items, (shard + 1) * shard_items)).fetchall()
+    return _seal(row, items)
+
+
+def _reseal(db: sqlite3.Connection, shard: int, shard_items: int) -> None:
+    db.execute("UPDATE shards SET seal = ? WHERE shard = ?", (_shard_seal(db, shard, shard_items), shard))
+
+
+def _check_manifest(db: sqlite3.Connection, path: Path, meta: dict[str, str]) -> dict[int, str]:
+    """The shards whose manifest rows changed since they were written, each with why; a StoreError when the
+    rest changed (the settings, the numbers of items or shards), which no rerun can tell how to repair."""
+    items, first, last = db.execute("SELECT COUNT(*), MIN(idx), MAX(idx) FROM items").fetchone()
+    shards = db.execute("SELECT shard, file, seal FROM shards ORDER BY shard").fetchall()
+    if meta.get("seal") != _meta_seal(meta, items, len(shards)) or (items and (first, last) != (0, items - 1)) \
+            or [s[0] for s in shards] != list(range(len(shards))):
+        raise StoreError(f"{path}: the manifest {MANIFEST} is damaged (its settings or its numbers of items or "
+                         f"shards changed after it was written); rerun the stage that wrote it with --overwrite")
+    damaged = {}
+    for shard, file, seal in shards:
+        if file != shard_file(shard):
+            damaged[shard] = f"its file is {file!r}, not {shard_file(shard)}"
+        elif seal != _shard_seal(db, shard, int(meta["shard_items"])):
+            damaged[shard] = "its rows changed after they were written: checksum mismatch"
+    return damaged
+
+
+def _write_manifest(path: Path, meta: dict[str, str], items: Sequence[Sequence], shards: Sequence[Sequence]) -> None:
+    """Write the manifest of a store from its rows (``_ITEM_COLUMNS``, ``_SHARD_COLUMNS``), sealed, into a new file
+    and put that in place atomically, unless the manifest there has the same bytes. The same rows give the same
+    bytes, whatever the history of the store."""
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        db = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            db.executescript(_SCHEMA)
+            with _transaction(db, path):
+                db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", items)
+                db.executemany("INSERT INTO shards VALUES (?, ?, ?, ?, ?, '')", shards)
+                for shard in range(len(shards)):
+                    _reseal(db, shard, int(meta["shard_items"]))
+                meta = {**meta, "seal": _meta_seal(meta, len(items), len(shards))}
+                db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
+        finally:
+            db.close()
+        if (path / MANIFEST).is_file() and filecmp.cmp(tmp, path / MANIFEST, shallow=False):
+            tmp.unlink()
+        else:
+            os.replace(tmp, path / MANIFEST)  # the manifest appears whole or not at all
+    except sqlite3.OperationalError as err:  # the schema's statements, outside the transaction
+        raise _unwritable(path, err) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class _LockFile:
@@ -103,7 +192,9 @@ class _LockFile:
         self.readers, self.writer = 0, False
         try:
             self.f = open(path / "lock", "a+")
-        except PermissionError:  # a store another user wrote: reading it still excludes writers
+        except OSError as err:  # another user's store, or read-only media: a shared lock needs only reading
+            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             self.f = open(path / "lock")
 
     def lock(self, exclusive: bool) -> bool:
@@ -296,15 +387,27 @@ class ShardedArray:
         return np.asarray(self)
 
 
+def _unwritable(path: Path, err: sqlite3.OperationalError) -> StoreError:
+    return StoreError(f"{path}: could not write the manifest {MANIFEST} ({err}); the store keeps its last recorded "
+                      f"state, and rerunning the stage resumes it")
+
+
 @contextlib.contextmanager
-def _transaction(db: sqlite3.Connection):
-    db.execute("BEGIN IMMEDIATE")
+def _transaction(db: sqlite3.Connection, path: Path):
+    """One transaction on the manifest of the store at ``path``: all of it or, on any error, none of it. A full
+    disk (or another failure to write) is one StoreError."""
     try:
-        yield db
-    except BaseException:
-        db.rollback()
-        raise
-    db.commit()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.rollback()
+            raise
+        db.commit()
+    except sqlite3.OperationalError as err:
+        if db.in_transaction:
+            db.rollback()
+        raise _unwritable(path, err) from None
 
 
 class Store:
@@ -318,8 +421,13 @@ class Store:
         meta = dict(db.execute("SELECT key, value FROM meta"))
         if meta.get("format") != FORMAT:
             raise StoreError(f"{path}: not an fvvae_fast store (meta.format={meta.get('format')!r})")
-        if int(meta.get("version", 0)) > VERSION:
-            raise StoreError(f"{path}: store version {meta['version']} is newer than this fvvae_fast reads ({VERSION})")
+        version = meta.get("version", "")
+        if version.isdigit() and int(version) > VERSION:
+            raise StoreError(f"{path}: store version {version} is newer than this fvvae_fast reads ({VERSION})")
+        if version != str(VERSION):
+            raise StoreError(f"{path}: store version {version} has no manifest checksums (an older fvvae_fast wrote "
+                             f"it); rerun the stage that wrote it with --overwrite")
+        self._damaged = _check_manifest(db, path, meta)  # shard -> why its rows are not to be trusted
         self.kind: str = meta["kind"]
         self.dim: int = int(meta["dim"])
         self.dtype = np.dtype(meta["dtype"])
@@ -367,7 +475,17 @@ class Store:
         except sqlite3.DatabaseError as err:
             if db is not None:
                 db.close()
-            raise StoreError(f"{path}: the manifest {MANIFEST} is unreadable ({err})") from None
+            raise StoreError(f"{path}: the manifest {MANIFEST} is unreadable ({err}); rerun the stage that wrote "
+                             f"this store with --overwrite") from None
+        except BaseException:
+            if db is not None:
+                db.close()
+            raise
+        if store._damaged:
+            db.close()
+            shard, why = min(store._damaged.items())
+            raise StoreError(f"{path}: the manifest's record of shard {shard} is damaged ({why}); rerun the stage "
+                             f"that wrote this store to recompute it")
         return store
 
     @classmethod
@@ -406,8 +524,9 @@ class Store:
         An existing store is resumed only when its kind, dim, dtype, shard size, classes,
         config and item list (ids, labels, splits, order) are all the same; otherwise a
         StoreError names what differs (use another folder or ``overwrite=True``).
-        Stale temporary files of a killed run are removed; done shards whose file is missing
-        or has the wrong size are put back to pending (and recomputed).
+        Stale temporary files of a killed run are removed; done shards whose file is missing,
+        damaged or changed, or whose manifest rows changed (their seal), are put back to pending
+        (and recomputed), their items' rows rewritten from ``items``.
         """
         if kind not in KINDS:
             raise ValueError(f"Store.create: kind must be one of {KINDS}, got {kind!r}")
@@ -435,20 +554,23 @@ class Store:
                     "classes": json.dumps(list(classes)), "config": json.dumps(config or {}, sort_keys=True)}
             if (path / MANIFEST).is_file():
                 db = cls._connect(path)
-                cls._check_resume(path, db, meta, items)
+                store = cls(path, db, writable=True, lock=lock, journal=journal)
+                cls._check_resume(path, db, meta, items, store._damaged)
             else:
                 leftovers = [p for p in path.iterdir() if p.name not in ("lock", "shards", f".{MANIFEST}.tmp")]
                 if leftovers or any((path / "shards").iterdir()):
                     raise StoreError(f"{path}: folder is not empty and holds no store; use an empty folder")
                 db = cls._init(path, meta, items, shard_items)
-            store = cls(path, db, writable=True, lock=lock, journal=journal)
+                store = cls(path, db, writable=True, lock=lock, journal=journal)
+            store._repair(items)
             store._recover()
             return store
         except sqlite3.DatabaseError as err:
             _release(lock, exclusive=True)
             if db is not None:
                 db.close()
-            raise StoreError(f"{path}: the manifest {MANIFEST} is unreadable ({err})") from None
+            raise StoreError(f"{path}: the manifest {MANIFEST} is unreadable ({err}); use another output folder "
+                             f"or --overwrite") from None
         except BaseException:
             _release(lock, exclusive=True)
             if db is not None:
@@ -457,28 +579,18 @@ class Store:
 
     @staticmethod
     def _init(path: Path, meta: dict, items: Sequence[ItemRecord], shard_items: int) -> sqlite3.Connection:
-        tmp = path / f".{MANIFEST}.tmp"
-        tmp.unlink(missing_ok=True)
-        db = sqlite3.connect(tmp, isolation_level=None)
-        db.executescript(_SCHEMA)
-        with _transaction(db):
-            db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
-            db.executemany(
-                "INSERT INTO items (idx, item_id, label, split, shard, status) VALUES (?, ?, ?, ?, ?, 'pending')",
-                ((i, it.item_id, int(it.label), it.split, i // shard_items) for i, it in enumerate(items)),
-            )
-            n_shards = -(-len(items) // shard_items)
-            db.executemany("INSERT INTO shards VALUES (?, ?, 0, 'pending', NULL)",
-                           ((k, shard_file(k)) for k in range(n_shards)))
-        db.close()
-        os.replace(tmp, path / MANIFEST)  # the manifest appears whole or not at all
+        _write_manifest(path, meta,
+                        [(i, it.item_id, int(it.label), it.split, i // shard_items, None, None, "pending", None)
+                         for i, it in enumerate(items)],
+                        [(k, shard_file(k), 0, "pending", None) for k in range(-(-len(items) // shard_items))])
         return Store._connect(path)
 
     @staticmethod
-    def _check_resume(path: Path, db: sqlite3.Connection, meta: dict, items: Sequence[ItemRecord]) -> None:
+    def _check_resume(path: Path, db: sqlite3.Connection, meta: dict, items: Sequence[ItemRecord],
+                      damaged: dict[int, str]) -> None:
+        """Refuse to resume a store of other settings or items; the items of ``damaged`` shards are not compared
+        (their rows are rewritten from ``items``)."""
         old = dict(db.execute("SELECT key, value FROM meta"))
-        if old.get("format") != FORMAT:
-            raise StoreError(f"{path}: not an fvvae_fast store")
         for key in ("kind", "dim", "dtype", "shard_items", "classes"):
             if old.get(key) != meta[key]:
                 raise StoreError(f"{path}: existing store has {key}={old.get(key)}, this run {meta[key]}; "
@@ -491,44 +603,82 @@ class Store:
                              f"use another output folder or --overwrite")
         rows = db.execute("SELECT item_id, label, split FROM items ORDER BY idx").fetchall()
         new = [(it.item_id, int(it.label), it.split) for it in items]
-        if rows != new:
-            where = next((i for i, (a, b) in enumerate(zip(rows, new)) if a != b), min(len(rows), len(new)))
+        shard_items = int(meta["shard_items"])
+        differ = [i for i, (a, b) in enumerate(zip(rows, new)) if a != b and i // shard_items not in damaged]
+        if differ or len(rows) != len(new):
+            where = differ[0] if differ else min(len(rows), len(new))
             raise StoreError(f"{path}: existing store holds other items ({len(rows)} vs {len(new)}; first "
                              f"difference at item {where}); use another output folder or --overwrite")
+
+    def _repair(self, items: Sequence[ItemRecord]) -> None:
+        """Put the shards whose manifest rows changed back to pending, their items' rows rewritten from ``items``."""
+        if not self._damaged:
+            return
+        with _transaction(self._db, self.path):
+            for shard in self._damaged:
+                lo = shard * self.shard_items
+                self._db.executemany("UPDATE items SET item_id = ?, label = ?, split = ?, shard = ? WHERE idx = ?",
+                                     ((it.item_id, int(it.label), it.split, shard, i)
+                                      for i, it in enumerate(items[lo : lo + self.shard_items], start=lo)))
+                self._reset(shard)
+        self._damaged = {}
+
+    def _reset(self, shard: int) -> None:
+        """Put ``shard`` and its items back to pending (inside a transaction)."""
+        self._db.execute("UPDATE shards SET file = ?, rows = 0, status = 'pending', sha256 = NULL WHERE shard = ?",
+                         (shard_file(shard), shard))
+        self._db.execute("UPDATE items SET status = 'pending', row = NULL, rows = NULL, error = NULL WHERE shard = ?",
+                         (shard,))
+        _reseal(self._db, shard, self.shard_items)
 
     def _recover(self) -> None:
         for tmp in (self.path / "shards").glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         self.absorb_journals()
         bad = []
-        for shard, file, rows, sha256 in self._db.execute(
-                "SELECT shard, file, rows, sha256 FROM shards WHERE status = 'done'").fetchall():
-            if not self._shard_ok(self.path / file, rows, sha256):
+        for shard, rows, sha256 in self._db.execute(
+                "SELECT shard, rows, sha256 FROM shards WHERE status = 'done'").fetchall():
+            if not self._shard_ok(self.path / shard_file(shard), rows, sha256):
                 bad.append(shard)
         if bad:
-            with _transaction(self._db):
+            with _transaction(self._db, self.path):
                 for shard in bad:
-                    self._db.execute("UPDATE shards SET status = 'pending', sha256 = NULL WHERE shard = ?", (shard,))
-                    self._db.execute("UPDATE items SET status = 'pending', row = NULL, rows = NULL, error = NULL "
-                                     "WHERE shard = ?", (shard,))
+                    self._reset(shard)
 
     def _shard_ok(self, file: Path, rows: int, sha256: str | None = None) -> bool:
-        """The shard file is whole: its shape and dtype, and its bytes against ``sha256`` when given."""
+        """The shard file is whole: inside the store (not a link out), its shape and dtype, and its bytes against
+        ``sha256`` when given."""
+        if not file.resolve().is_relative_to(self.path.resolve()):
+            return False
         try:
             arr = np.load(file, mmap_mode="r")
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - a damaged file raises many types (EOFError when empty, TokenError, ...)
             return False
         whole = arr.shape == (rows, self.dim) and arr.dtype == self.dtype
         return whole and (sha256 is None or file_sha256(file) == sha256)
 
     def close(self) -> None:
-        self._db.close()
-        if self._lock is not None:
-            _release(self._lock, exclusive=True)
-            self._lock = None
-        if self._read_lock is not None:
-            _release(self._read_lock, exclusive=False)
-            self._read_lock = None
+        """Close the store; the process that created it writes the manifest afresh when every shard is done."""
+        try:
+            if self._lock is not None and not self.pending_shards():
+                self._rewrite_manifest()
+        finally:
+            self._db.close()
+            if self._lock is not None:
+                _release(self._lock, exclusive=True)
+                self._lock = None
+            if self._read_lock is not None:
+                _release(self._read_lock, exclusive=False)
+                self._read_lock = None
+
+    def _rewrite_manifest(self) -> None:
+        """The manifest written afresh from its rows (:func:`_write_manifest`): a run interrupted and resumed, or one
+        whose shards were recorded in another order (under torchrun), ends with the bytes of an uninterrupted run."""
+        meta = dict(self._db.execute("SELECT key, value FROM meta"))
+        items = self._db.execute(f"SELECT {_ITEM_COLUMNS} FROM items ORDER BY idx").fetchall()
+        shards = self._db.execute(f"SELECT {_SHARD_COLUMNS} FROM shards ORDER BY shard").fetchall()
+        self._db.close()  # before the file is replaced
+        _write_manifest(self.path, meta, items, shards)
 
     def __del__(self) -> None:
         if getattr(self, "_read_lock", None) is not None:
@@ -587,36 +737,63 @@ class Store:
             np.lib.format.write_array(hw, data, allow_pickle=False)
         if self.journal:
             with atomic_open(self.path / shard_file(shard, ".journal.json"), "w") as f:
-                json.dump({"shard": shard, "rows": row, "sha256": hw.hash.hexdigest(), "items": updates}, f)
+                entry = {"shard": shard, "rows": row, "sha256": hw.hash.hexdigest(), "items": updates}
+                json.dump({**entry, "seal": _seal(entry)}, f)
         else:
             self._record(shard, row, hw.hash.hexdigest(), updates)
         return row
 
     def _record(self, shard: int, rows: int, sha256: str, updates: Sequence[Sequence]) -> None:
-        with _transaction(self._db):
+        with _transaction(self._db, self.path):
             self._db.executemany("UPDATE items SET row = ?, rows = ?, status = ?, error = ? WHERE idx = ?", updates)
             self._db.execute("UPDATE shards SET rows = ?, status = 'done', sha256 = ? WHERE shard = ?",
                              (rows, sha256, shard))
+            _reseal(self._db, shard, self.shard_items)
 
     def absorb_journals(self) -> int:
         """Record the shards that other processes journaled (:meth:`join`) in the manifest; returns how many.
 
-        A journal counts only when its shard file is there with the rows it names; journals
-        of shards already done, or whose file is missing or truncated, are dropped (the shard
-        stays pending and is recomputed).
+        A journal counts only when it is as written (its seal), its shard is pending, its shard
+        file is whole with the rows and the sha256 it names, and its items' rows lay the shard out
+        as ``write_shard`` does; any other journal (of a shard already done, unreadable,
+        changed, or whose file is missing or damaged) is dropped: the shard stays pending and is
+        recomputed.
         """
         if self._lock is None:
             raise StoreError(f"{self.path}: only the process that created the store records journals")
         count = 0
         for file in sorted((self.path / "shards").glob("shard-*.journal.json")):
-            entry = json.loads(file.read_text())
-            shard = int(entry["shard"])
-            status = self._db.execute("SELECT status FROM shards WHERE shard = ?", (shard,)).fetchone()
-            if status == ("pending",) and self._shard_ok(self.path / shard_file(shard), entry["rows"]):
-                self._record(shard, int(entry["rows"]), entry["sha256"], entry["items"])
+            entry = self._journal_entry(file)
+            if entry is not None:
+                self._record(*entry)
                 count += 1
             file.unlink()
         return count
+
+    def _journal_entry(self, file: Path) -> tuple[int, int, str, list[tuple]] | None:
+        """(shard, rows, sha256, item rows) of the journal ``file`` when it counts (:meth:`absorb_journals`)."""
+        try:
+            entry = json.loads(file.read_text())
+            seal = entry.pop("seal")
+            shard, rows, sha256 = entry["shard"], entry["rows"], entry["sha256"]
+            updates = [tuple(u) for u in entry["items"]]
+        except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not a journal
+            return None
+        if seal != _seal(entry) or not (isinstance(shard, int) and isinstance(rows, int) and isinstance(sha256, str)) \
+                or file.name != Path(shard_file(shard, ".journal.json")).name \
+                or self._db.execute("SELECT status FROM shards WHERE shard = ?", (shard,)).fetchone() != ("pending",):
+            return None
+        if [u[4] if len(u) == 5 else None for u in updates] != [r[0] for r in self.items_of_shard(shard)]:
+            return None
+        at = 0  # write_shard's layout: done items' rows one after another from 0, failed items with an error only
+        for row, n, status, error, _ in updates:
+            if status == "done" and row == at and isinstance(n, int) and n >= 0 and error is None:
+                at += n
+            elif not (status == "failed" and row is None and n is None and isinstance(error, str)):
+                return None
+        if at != rows:
+            return None
+        return (shard, rows, sha256, updates) if self._shard_ok(self.path / shard_file(shard), rows, sha256) else None
 
     # ------------------------------------------------------------------ reading
 
@@ -668,15 +845,23 @@ class Store:
         return rows
 
     def _digests(self) -> dict[Path, str]:
-        return {self.path / file: sha256 for file, sha256 in
-                self._db.execute("SELECT file, sha256 FROM shards WHERE status = 'done'")}
+        return {self._shard_path(shard): sha256 for shard, sha256 in
+                self._db.execute("SELECT shard, sha256 FROM shards WHERE status = 'done'")}
+
+    def _shard_path(self, shard: int) -> Path:
+        """Shard ``shard``'s file; refused when it resolves outside the store (a link out of it)."""
+        path = self.path / shard_file(shard)
+        if not path.resolve().is_relative_to(self.path.resolve()):
+            raise StoreError(f"{path}: leads outside the store (to {path.resolve()}); rerun the stage that wrote "
+                             f"this store to recompute it in place")
+        return path
 
     def shard_array(self, shard: int) -> np.ndarray:
         """The rows of one done shard, memory-mapped, its bytes checked against the manifest: (rows, dim)."""
-        row = self._db.execute("SELECT file, sha256 FROM shards WHERE shard = ? AND status = 'done'", (shard,)).fetchone()
+        row = self._db.execute("SELECT sha256 FROM shards WHERE shard = ? AND status = 'done'", (shard,)).fetchone()
         if row is None:
             raise StoreError(f"{self.path}: shard {shard} is not done")
-        return _checked_map(self.path / row[0], row[1])
+        return _checked_map(self._shard_path(shard), row[0])
 
     def array(self, split: str | None = None) -> ShardedArray:
         """All rows of the done items (optionally of one split), in item order: (N, dim)."""

@@ -331,6 +331,7 @@ def test_killed_run_restarts_to_identical_output(tmp_path):
         assert (out / "shards" / name).read_bytes() == (tmp_path / "reference/shards" / name).read_bytes(), name
     ref_items = Store.open(tmp_path / "reference").items()
     assert Store.open(out).items() == ref_items
+    assert (out / "manifest.sqlite").read_bytes() == (tmp_path / "reference/manifest.sqlite").read_bytes()
 
 
 def test_demo_on_a_descriptor_store(tmp_path, videos, capsys):
@@ -345,3 +346,40 @@ def test_demo_on_a_descriptor_store(tmp_path, videos, capsys):
     assert "| FV-VAE | d=3, lambda3=10, FIM kronecker | 160 |" in out and "| GA |" not in out
     assert (tmp_path / "cmp" / "fig4a_dimension.png").is_file()
     assert not (tmp_path / "cmp" / "fig5_spatial_attention.png").exists()  # no images to draw over
+
+
+def _arrays_store(tmp_path: Path, out: Path) -> int:
+    """`fvvae descriptors` of 5 small random sets (arrays dataset), 2 items per shard."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "x.npy", rng.random((15, 4), dtype=np.float32))
+    np.save(tmp_path / "offsets.npy", np.array([0, 2, 5, 9, 12, 15]))
+    return run_cli("descriptors", "--dataset", "arrays", "--arrays", tmp_path / "x.npy", "--offsets",
+                   tmp_path / "offsets.npy", "--shard-items", "2", "--out", out, "--quiet")
+
+
+def test_a_damaged_manifest_is_one_error_line_and_the_rerun_repairs_it(tmp_path, capsys):
+    desc = tmp_path / "desc"
+    assert _arrays_store(tmp_path, desc) == 0
+    db = sqlite3.connect(desc / "manifest.sqlite", isolation_level=None)
+    db.execute("UPDATE items SET rows = 1 WHERE idx = 3")
+    db.close()
+    capsys.readouterr()
+    one_line_error(capsys, run_cli("train", "--descriptors", desc, "--out", tmp_path / "m.pt", "--iterations", "1",
+                                   "--quiet"), "manifest's record of shard 1 is damaged")
+    assert _arrays_store(tmp_path, desc) == 0
+    assert "2 items computed" in capsys.readouterr().out
+    assert Store.open(desc).sets().offsets.tolist() == [0, 2, 5, 9, 12, 15]
+
+
+def test_a_full_disk_at_the_manifest_commit_is_one_error_line(tmp_path, monkeypatch, capsys):
+    class FullDisk(sqlite3.Connection):
+        def commit(self) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda file, *a, **k: connect(
+        file, *a, **k, **({"factory": FullDisk} if str(file).endswith("/manifest.sqlite") else {})))
+    one_line_error(capsys, _arrays_store(tmp_path, tmp_path / "desc"), "database or disk is full")
+    monkeypatch.undo()
+    assert _arrays_store(tmp_path, tmp_path / "desc") == 0  # the rerun, once there is room, completes the store
+    assert Store.open(tmp_path / "desc").summary().done == 5

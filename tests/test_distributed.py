@@ -80,14 +80,17 @@ def _worker(rank: int, world: int, port: int, task: str, tmp: str) -> None:
             fim = estimate_fim(load_model(tmp / "model.pt"), Store.open(tmp / "desc"), mode=task[4:],
                                rank=2 if task == "fim-lowrank" else None, split=None, batch_sets=2, progress=False)
             torch.save(fim.state_dict(), tmp / f"{task}-rank{rank}.pt")
-        elif task == "extract-killed":
+        elif task.startswith("extract-killed"):  # extract-killed-R-N: rank R is killed after writing N shards
             data = _data()
             x, off = data.x.numpy(), data.offsets.numpy()
             items = array_items(x, off, labels=data.labels.tolist())
+            killed, after = (int(v) for v in task.split("-")[2:])
+            written = []
 
             def die(shard: int) -> None:
-                if rank == 1:
-                    os._exit(3)  # killed after writing its first shard
+                written.append(shard)
+                if rank == killed and len(written) == after:
+                    os._exit(3)
 
             extract_descriptors(PrecomputedSource(arrays=(x, off)), Dataset("gen", items, ["a", "b", "c"]),
                                 tmp / "killed", shard_items=2, progress=False, on_shard=die)
@@ -193,9 +196,10 @@ def test_merged_fisher_information_equals_single_process(tmp_path, mode):
         assert float(gap.min()) >= -slack and float(gap.max()) <= merged[0].sketch_error + slack
 
 
-def test_killed_rank_then_rerun_completes_without_duplicates(tmp_path):
+@pytest.mark.parametrize("killed, after", [(1, 1), (0, 2)])
+def test_killed_rank_then_rerun_completes_without_duplicates(tmp_path, killed, after):
     with pytest.raises(Exception):
-        _spawn("extract-killed", tmp_path)
+        _spawn(f"extract-killed-{killed}-{after}", tmp_path)
     journals = list((tmp_path / "killed" / "shards").glob("*.journal.json"))
     assert journals, "the killed rank's finished shard left a journal"
     data = _data()
@@ -211,11 +215,12 @@ def test_killed_rank_then_rerun_completes_without_duplicates(tmp_path):
     assert not list((tmp_path / "killed" / "shards").glob("*.journal.json"))
     for f in sorted((tmp_path / "clean" / "shards").iterdir()):
         assert (tmp_path / "killed" / "shards" / f.name).read_bytes() == f.read_bytes()
+    assert (tmp_path / "killed/manifest.sqlite").read_bytes() == (tmp_path / "clean/manifest.sqlite").read_bytes()
 
 
 def _one_and_two_processes(tmp_path: Path, args: list[str]) -> str:
     """Run ``fvvae *args`` alone into tmp/one and under torchrun (2 processes) into tmp/two; check the two
-    stores are the same byte for byte; the torchrun run's stdout."""
+    stores (shards and manifest) are the same byte for byte; the torchrun run's stdout."""
     import subprocess
     import sys
 
@@ -228,6 +233,7 @@ def _one_and_two_processes(tmp_path: Path, args: list[str]) -> str:
     assert two.returncode == 0, two.stderr[-2000:]
     for f in sorted((tmp_path / "one" / "shards").iterdir()):
         assert (tmp_path / "two" / "shards" / f.name).read_bytes() == f.read_bytes()
+    assert (tmp_path / "two/manifest.sqlite").read_bytes() == (tmp_path / "one/manifest.sqlite").read_bytes()
     return two.stdout
 
 

@@ -1,8 +1,16 @@
-"""The sharded store: write, resume, recover, read (memory maps, DescriptorSets, plain NumPy + sqlite3)."""
+"""The sharded store: write, resume, recover, read (memory maps, DescriptorSets, plain NumPy + sqlite3); a damaged
+manifest, shard or journal, read-only media and a full disk."""
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +285,230 @@ def test_a_changed_shard_is_refused_by_readers_and_recomputed_by_the_writer(tmp_
     sets = Store.open(tmp_path / "s", kind="descriptors").sets()
     a, b = int(sets.offsets[3]), int(sets.offsets[4])
     np.testing.assert_array_equal(sets.x[a:b], item_array(3))
+
+
+def _clean_manifest(tmp_path) -> bytes:
+    """The manifest of the store ``make`` + ``fill`` writes in one uninterrupted run."""
+    with make(tmp_path / "clean") as store:
+        fill(store)
+    return (tmp_path / "clean/s/manifest.sqlite").read_bytes()
+
+
+def _sql(tmp_path, *statements: str) -> None:
+    db = sqlite3.connect(tmp_path / "s/manifest.sqlite", isolation_level=None)
+    for sql in statements:
+        db.execute(sql)
+    db.close()
+
+
+MANIFEST_DAMAGE = {
+    "label": "UPDATE items SET label = 1 - label WHERE idx = 4",
+    "rows": "UPDATE items SET rows = rows - 1 WHERE idx = 4",
+    "split": "UPDATE items SET split = 'train' WHERE idx = 3",
+    "null-sha256": "UPDATE shards SET sha256 = NULL WHERE shard = 1",
+    "file-outside": "UPDATE shards SET file = '../../elsewhere.npy' WHERE shard = 1",
+    "absolute-file": "UPDATE shards SET file = '/tmp/elsewhere.npy' WHERE shard = 1",
+    "item-moved": "UPDATE items SET shard = 2 WHERE idx = 5",
+}
+
+
+@pytest.mark.parametrize("damage", MANIFEST_DAMAGE)
+def test_a_changed_manifest_row_is_refused_and_the_rerun_recomputes_its_shard(tmp_path, damage):
+    clean = _clean_manifest(tmp_path)
+    with make(tmp_path) as store:
+        fill(store)
+    np.save(tmp_path / "elsewhere.npy", np.load(tmp_path / "s/shards/shard-00001.npy"))  # a reader must not go there
+    _sql(tmp_path, MANIFEST_DAMAGE[damage])
+    with pytest.raises(StoreError, match="manifest's record of shard 1 is damaged.*rerun the stage"):
+        Store.open(tmp_path / "s")
+    with make(tmp_path) as store:  # the writer stage, rerun: the shard is recomputed, its items from the run's list
+        assert store.pending_shards() == [1]
+        fill(store)
+    assert (tmp_path / "s/manifest.sqlite").read_bytes() == clean
+
+
+def test_a_shard_file_outside_the_store_is_refused_even_with_a_matching_checksum(tmp_path):
+    """The confinement of shard files does not rest on the checksums, which anyone can recompute."""
+    from fvvae_fast.store import _reseal
+
+    with make(tmp_path) as store:
+        fill(store)
+    _sql(tmp_path, "UPDATE shards SET file = '../../elsewhere.npy' WHERE shard = 1")
+    db = sqlite3.connect(tmp_path / "s/manifest.sqlite", isolation_level=None)
+    _reseal(db, 1, 3)
+    db.close()
+    with pytest.raises(StoreError, match=r"shard 1 is damaged \(its file is '../../elsewhere.npy'"):
+        Store.open(tmp_path / "s")
+
+
+def test_a_shard_linked_out_of_the_store_is_refused_and_the_rerun_writes_it_in_place(tmp_path):
+    with make(tmp_path) as store:
+        fill(store)
+    shard = tmp_path / "s/shards/shard-00001.npy"
+    outside = tmp_path / "elsewhere.npy"
+    shard.rename(outside)
+    shard.symlink_to(outside)  # the same bytes: the checksum alone would pass it
+    store = Store.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="shard-00001.npy: leads outside the store"):
+        store.sets()
+    with pytest.raises(StoreError, match="leads outside the store"):
+        store.shard_array(1)
+    store.close()
+    with make(tmp_path) as writer:
+        assert writer.pending_shards() == [1]
+        fill(writer)
+    assert not shard.is_symlink()
+    Store.open(tmp_path / "s").sets()
+
+
+@pytest.mark.parametrize("damage", ["UPDATE meta SET value = '[\"b\", \"a\"]' WHERE key = 'classes'",
+                                    "UPDATE meta SET value = '{\"x\": 2}' WHERE key = 'config'",
+                                    "DELETE FROM items WHERE idx = 6"])
+def test_changed_settings_or_item_count_are_refused_with_what_to_do(tmp_path, damage):
+    with make(tmp_path) as store:
+        fill(store)
+    _sql(tmp_path, damage)
+    with pytest.raises(StoreError, match="manifest.sqlite is damaged.*with --overwrite"):
+        Store.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="manifest.sqlite is damaged.*with --overwrite"):
+        make(tmp_path)
+    make(tmp_path, overwrite=True).close()
+    assert Store.open(tmp_path / "s").summary().pending == 7
+
+
+@pytest.mark.parametrize("damage", ["empty", "header"])
+def test_the_rerun_recomputes_a_damaged_shard_file(tmp_path, damage):
+    with make(tmp_path) as store:
+        fill(store)
+    shard = tmp_path / "s/shards/shard-00001.npy"
+    data = shard.read_bytes()
+    shard.write_bytes(b"" if damage == "empty" else data.replace(b"'shape': (", b"'shape': (("))  # EOFError, TokenError
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        Store.open(tmp_path / "s").shard_array(1)
+    with make(tmp_path) as store:
+        assert store.pending_shards() == [1]
+        fill(store)
+    assert shard.read_bytes() == data
+
+
+def _journaled(tmp_path) -> Path:
+    """A store whose shard 0 was written by another rank: its journal, not yet recorded."""
+    store = make(tmp_path, journal=True)
+    fill(store, shards=[0])
+    store.close()
+    return tmp_path / "s/shards/shard-00000.journal.json"
+
+
+def _overlapping_sets(text: str, reseal: bool = False) -> str:
+    """Item 1's rows start inside item 0's; ``reseal``: with the journal's seal recomputed (a crafted journal)."""
+    from fvvae_fast.store import _seal
+
+    entry = json.loads(text)
+    entry["items"][1][0] -= 1
+    if reseal:
+        entry.pop("seal")
+        entry["seal"] = _seal(entry)
+    return json.dumps(entry)
+
+
+JOURNAL_DAMAGE = {
+    "garbage": lambda text: "\x00{not json",
+    "not-a-dict": lambda text: "[]",
+    "overlapping-sets": _overlapping_sets,
+    "overlapping-sets-resealed": lambda text: _overlapping_sets(text, reseal=True),
+    "other-sha256": lambda text: text.replace('"sha256": "', '"sha256": "0'),
+}
+
+
+@pytest.mark.parametrize("damage", JOURNAL_DAMAGE)
+def test_a_damaged_journal_is_dropped_and_its_shard_recomputed(tmp_path, damage):
+    journal = _journaled(tmp_path)
+    journal.write_text(JOURNAL_DAMAGE[damage](journal.read_text()))
+    with make(tmp_path) as store:
+        assert store.pending_shards() == [0, 1, 2]
+        fill(store)
+    assert not journal.exists()
+    assert (tmp_path / "s/manifest.sqlite").read_bytes() == _clean_manifest(tmp_path)
+
+
+def test_an_intact_journal_is_recorded(tmp_path):
+    journal = _journaled(tmp_path)
+    with make(tmp_path) as store:
+        assert store.pending_shards() == [1, 2] and not journal.exists()
+        fill(store)
+    assert (tmp_path / "s/manifest.sqlite").read_bytes() == _clean_manifest(tmp_path)
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_a_store_on_read_only_media_is_read_under_a_shared_lock(tmp_path, monkeypatch, code):
+    """Opening the lock file for writing fails there (root ignores chmod, so the failure is made here); the
+    reader takes its shared lock through a read-only descriptor, which still keeps writers out."""
+    import builtins
+
+    from fvvae_fast import store as store_module
+
+    with make(tmp_path) as store:
+        fill(store)
+
+    def read_only(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            raise OSError(code, os.strerror(code), str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(store_module, "open", read_only, raising=False)
+    reader = Store.open(tmp_path / "s")
+    np.testing.assert_array_equal(reader.sets().x[:1], item_array(0)[:1])
+    script = ("import sys; from pathlib import Path; from tests.test_store import make\n"
+              "try:\n    make(Path(sys.argv[1]))\nexcept Exception as err:\n    print(err)")
+    other = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert "being read by another process" in other.stdout
+    reader.close()
+    (tmp_path / "s/lock").unlink()  # read-only media without a lock file: nothing can write there, read without one
+    Store.open(tmp_path / "s").sets().x[:1]
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None or subprocess.run(
+    ["unshare", "-rm", "true"], capture_output=True).returncode != 0, reason="needs unprivileged mount namespaces")
+def test_a_store_on_a_read_only_mount_is_read(tmp_path):
+    with make(tmp_path) as store:
+        fill(store)
+    root = tmp_path / "s"
+    read = ("import sys; from fvvae_fast.store import Store; s = Store.open(sys.argv[1]); s.sets().x[:]; "
+            "print(s.summary().line())")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" '
+                           '&& ! touch "$1/x" 2>/dev/null && exec "$2" -c "$3" "$1"', "sh", str(root), sys.executable,
+                           read], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "7 done" in done.stdout
+
+
+class _FullDisk(sqlite3.Connection):
+    def commit(self) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+@pytest.mark.parametrize("when", ["record", "rewrite"])
+def test_a_full_disk_at_the_manifest_commit_is_one_error_and_leaves_the_store_as_it_was(tmp_path, monkeypatch, when):
+    """'record': the commit of a shard's rows; 'rewrite': that of the manifest written afresh once all are done."""
+    with make(tmp_path) as store:
+        fill(store, shards=[0])
+    before = (tmp_path / "s/manifest.sqlite").read_bytes()
+    connect = sqlite3.connect
+    full = "manifest.sqlite" if when == "record" else ".manifest.sqlite.tmp"
+    monkeypatch.setattr(sqlite3, "connect", lambda file, *a, **k: connect(
+        file, *a, **k, **({"factory": _FullDisk} if str(file).endswith(full) else {})))
+    store = make(tmp_path)
+    with pytest.raises(StoreError, match=r"could not write the manifest manifest.sqlite \(database or disk is full\)"):
+        fill(store)
+        store.close()
+    store.close()
+    monkeypatch.undo()
+    if when == "record":
+        assert (tmp_path / "s/manifest.sqlite").read_bytes() == before
+        assert Store.open(tmp_path / "s").summary().shards_done == 1
+    else:
+        assert not (tmp_path / "s/.manifest.sqlite.tmp").exists()
+        Store.open(tmp_path / "s").sets()  # complete, recorded shard by shard
+    with make(tmp_path) as store:
+        fill(store)
+    assert (tmp_path / "s/manifest.sqlite").read_bytes() == _clean_manifest(tmp_path)
