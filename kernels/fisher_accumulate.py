@@ -688,6 +688,14 @@ def fisher_vectors_fwd(
 _COMBINE_BLOCK = 1024
 
 
+@functools.cache
+def _tma_forward():
+    """The tensor-descriptor forward (kernels/fisher_forward_tma.py), imported on first use: it imports this module."""
+    from . import fisher_forward_tma
+
+    return fisher_forward_tma
+
+
 def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
     """Launch the forward into ``out`` (S, C, d+1) or (S, C*(d+1)); ``eps`` not None: normalised vectors."""
     x, z, weight, bias, inv_var, offsets = _contiguous(x, z, weight, bias, inv_var, offsets)
@@ -700,16 +708,17 @@ def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
     acc_dtype, acc_tl, use_dot, precision, kind = _modes(x.dtype)
     e = c * (d + 1)
     normalize = eps is not None
+    tma = _tma_forward() if _tma_forward().usable(x, d) else None
     # one sum of squares per (C tile, d tile) of the forward or block of the combine, whichever config runs
-    n_sq = max(triton.cdiv(c, min(cf.kwargs["BLOCK_C"] for cf in _FWD_CONFIGS[kind]))
-               * triton.cdiv(d, min(cf.kwargs["BLOCK_J"] for cf in _FWD_CONFIGS[kind])),
+    configs = tma.configs(normalize) if tma else _FWD_CONFIGS[kind]
+    d_tiles = 1 if tma else triton.cdiv(d, min(cf.kwargs["BLOCK_J"] for cf in configs))
+    n_sq = max(triton.cdiv(c, min(cf.kwargs["BLOCK_C"] for cf in configs)) * d_tiles,
                triton.cdiv(e, _COMBINE_BLOCK)) if normalize else 1
     # (G alone: out stands in for the unused scale and sum pointers, no allocation or launch)
     sq = torch.zeros((s, n_sq), dtype=acc_dtype, device=x.device) if normalize else out
     chunk = chunk_rows or _default_chunk(n, triton.cdiv(c, 128) * triton.cdiv(d, 256), x.device)
     chunk_set, chunk_ptr, slot_ptr, split_set, n_entries, n_slots, n_split = _chunk_table(offsets, chunk, n)
     part = _scratch((max(n_slots, 1), c, d + 1), acc_dtype, x.device)
-    z, weight = _aligned_rows(z), _aligned_rows(weight)
     modes = dict(NORMALIZE=normalize, HAS_SCALE=scale is not None)
     scale = sq if scale is None else scale
     # The signed roots wait for the norm in the accumulation dtype when out is 16-bit: in fp16 they overflow
@@ -721,10 +730,16 @@ def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
         per_tile = min(n_entries, triton.cdiv(_resident_programs(x.device), tiles))
         return (triton.cdiv(c, meta["BLOCK_C"]), per_tile, triton.cdiv(d, meta["BLOCK_J"]))
 
-    _fwd[kind][grid](
-        x, z, weight, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, roots, part, scale, sq,
-        s, c, d, z.shape[1], n_entries, _len_key(n, s), n_sq, ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision, **modes,
-    )
+    if tma:
+        tma.launch(x, *tma.augmented(z, weight), bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, roots, part,
+                   scale, sq, s, d, n_entries, _len_key(n, s), n_sq, _resident_programs(x.device), **modes)
+    else:
+        z, weight = _aligned_rows(z), _aligned_rows(weight)
+        _fwd[kind][grid](
+            x, z, weight, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, roots, part, scale, sq,
+            s, c, d, z.shape[1], n_entries, _len_key(n, s), n_sq, ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision,
+            **modes,
+        )
     if n_split:
         _combine_kernel[(n_split, triton.cdiv(e, _COMBINE_BLOCK))](
             part, roots, split_set, chunk_ptr, slot_ptr, scale, sq, s, e, n_sq, ACC=acc_tl, BLOCK=_COMBINE_BLOCK,
