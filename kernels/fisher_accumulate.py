@@ -689,11 +689,11 @@ _COMBINE_BLOCK = 1024
 
 
 @functools.cache
-def _tma_forward():
-    """The tensor-descriptor forward (kernels/fisher_forward_tma.py), imported on first use: it imports this module."""
-    from . import fisher_forward_tma
+def _tma_kernels():
+    """The tensor-descriptor kernels (kernels/fisher_tma.py), imported on first use: they import this module."""
+    from . import fisher_tma
 
-    return fisher_forward_tma
+    return fisher_tma
 
 
 def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
@@ -708,7 +708,7 @@ def _forward(x, z, weight, bias, inv_var, offsets, out, scale, eps, chunk_rows):
     acc_dtype, acc_tl, use_dot, precision, kind = _modes(x.dtype)
     e = c * (d + 1)
     normalize = eps is not None
-    tma = _tma_forward() if _tma_forward().usable(x, d) else None
+    tma = _tma_kernels() if _tma_kernels().usable(x, d) else None
     # one sum of squares per (C tile, d tile) of the forward or block of the combine, whichever config runs
     configs = tma.configs(normalize) if tma else _FWD_CONFIGS[kind]
     d_tiles = 1 if tma else triton.cdiv(d, min(cf.kwargs["BLOCK_J"] for cf in configs))
@@ -795,7 +795,9 @@ def fisher_accumulate_bwd(
     len_key = _len_key(n, s)
     meta_args = dict(ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision)
     rows_kernel, params_kernel = _bwd_rows[kind], _bwd_params[kind]
-    z_rows, w_rows = _aligned_rows(z), _aligned_rows(weight)
+    tma = _tma_kernels() if _tma_kernels().params_usable(x, grad, d) else None
+    # z_aug's ones column meets W_aug's zero column and the row kernel masks P at d: it serves the row kernel too
+    z_rows, w_rows = tma.augmented(z, weight) if tma else (_aligned_rows(z), _aligned_rows(weight))
 
     rows_kernel[lambda meta: (n_entries, triton.cdiv(d, meta["BLOCK_J"]))](
         x, z_rows, w_rows, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, dx, dz,
@@ -806,10 +808,13 @@ def fisher_accumulate_bwd(
     n_groups = groups or max(1, min(n_entries, triton.cdiv(_target_programs(x.device), tiles)))
     pw = _scratch((n_groups, c, d + 1), acc_dtype, x.device)
     pv = _scratch((n_groups, c), acc_dtype, x.device)
-    params_kernel[lambda meta: (n_groups, triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(d, meta["BLOCK_J"]))](
-        x, z_rows, w_rows, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv,
-        s, c, d, z_rows.shape[1], len_key, **meta_args,
-    )
+    if tma:
+        tma.launch_params(x, z_rows, w_rows, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv, s, d, len_key)
+    else:
+        params_kernel[lambda meta: (n_groups, triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(d, meta["BLOCK_J"]))](
+            x, z_rows, w_rows, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv,
+            s, c, d, z_rows.shape[1], len_key, **meta_args,
+        )
     gw = pw.sum(0)  # (C, d+1) fixed-order reduction over groups: deterministic
     dw.copy_(gw[:, :d])
     db.copy_(gw[:, d])

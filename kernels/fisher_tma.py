@@ -1,9 +1,11 @@
-"""The bf16/fp16 forward of ``fisher_accumulate`` fed by tensor descriptors (TMA on sm_90+): clean by construction.
+"""Tensor-descriptor (TMA on sm_90+) kernels of ``fisher_accumulate`` for bf16/fp16: the forward, clean by
+construction, and the backward's param kernel by the same rules.
 
-Chosen by :func:`fvvae_fast.kernels.fisher_accumulate.fisher_accumulate_fwd` (and ``fisher_vectors_fwd``) for
-16-bit inputs on a GPU of compute capability 9.0 or later, when x's rows are 16-byte aligned (C a multiple of 8)
-and d + 1 fits one tile (d <= 255); the fused kernel of that module serves every other case. Same grid, chunk
-table, split-set partials and epilogues as the fused forward; what differs is how the operands arrive.
+Chosen by the launchers of :mod:`fvvae_fast.kernels.fisher_accumulate` (``fisher_accumulate_fwd``,
+``fisher_vectors_fwd``, ``fisher_accumulate_bwd``) for 16-bit inputs on a GPU of compute capability 9.0 or later,
+when x's rows are 16-byte aligned (C a multiple of 8) and d + 1 fits one tile (d <= 255), and for the param
+kernel when grad's rows are 16-byte aligned too; the fused kernels of that module serve every other case. Same
+grid, chunk table, split-set partials and epilogues as the fused kernels; what differs is how operands arrive.
 
 Per 64-row step, orientation [C, rows] as flash attention with Q = a W tile and K = V = z:
 
@@ -24,9 +26,11 @@ Per 64-row step, orientation [C, rows] as flash attention with Q = a W tile and 
   stores 16 bytes at a time.
 
 Testing: the interpreter of Triton 3.8 runs ``tl.make_tensor_descriptor`` (bounds zero-filled as on the
-GPU), so this very kernel is checked against float64 under ``TRITON_INTERPRET=1``; tests/sm90_compile.py
-compiles it for sm_90a and checks its SASS (no spills, no local memory, at most 6 barriers and only
-HGMMA in the loop, vectorised stores). Device-side descriptors need a global scratch allocation
+GPU), so these very kernels are checked against float64 under ``TRITON_INTERPRET=1``; tests/sm90_compile.py
+compiles them for sm_90a and checks their SASS (no spills, no local memory, at most 6 barriers and only
+HGMMA in the loop, vectorised stores; the param kernel still spills, listed there with its figures).
+Not done: loads are pipelined within a chunk, not across the chunks of a persistent program (a frame-sized set
+is one or two steps, so its first loads are not hidden). Device-side descriptors need a global scratch allocation
 (``triton.set_allocator``): :func:`launch` installs a torch one when the caller has none.
 """
 
@@ -127,6 +131,22 @@ def _g_mask(col_ok, js, D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.cons
         return col_ok[:, None] & (js < D + 1)[None, :]
 
 
+@triton.jit
+def _scaled(g, scale_ptr, c0, cols, col_ok, js, C, D: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr,
+            BLOCK_J: tl.constexpr):
+    """g times its tile of the whitening (C, D+1), 0 past C; through a descriptor when G's rows are 16-byte aligned
+    (no pointer tile live beside the accumulator: at [64, 256] ptxas spilled 84 bytes with one)."""
+    if HAS_SCALE:
+        if (D + 1) % 4 == 0:
+            s_desc = tl.make_tensor_descriptor(scale_ptr, shape=[C, D + 1], strides=[D + 1, 1],
+                                               block_shape=[BLOCK_C, BLOCK_J])
+            g = g * s_desc.load([c0, 0])
+        else:
+            g = _whitened(g, scale_ptr + cols[:, None] * (D + 1) + js[None, :],
+                          _g_mask(col_ok, js, D, BLOCK_C, BLOCK_J), True)
+    return g
+
+
 @_batch_jit
 def _fwd_tma_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, off_ptr,  # x (N, C); z_aug (N, LDA); W_aug (C, LDA); b, v (C,)
@@ -166,8 +186,7 @@ def _fwd_tma_kernel(
             if n_chunks == 1:  # straight into G, in its dtype
                 dst = out_ptr + s * C * (D + 1)
                 if NORMALIZE:
-                    g, sq = _signed_sqrt(_whitened(g, scale_ptr + cols[:, None] * (D + 1) + js[None, :],
-                                                   _g_mask(col_ok, js, D, BLOCK_C, BLOCK_J), HAS_SCALE))
+                    g, sq = _signed_sqrt(_scaled(g, scale_ptr, c0, cols, col_ok, js, C, D, HAS_SCALE, BLOCK_C, BLOCK_J))
                     tl.store(sq_ptr + s * N_SQ + tl.program_id(0), sq)
                 tl.store(dst + cols[:, None] * (D + 1) + js[None, :], _rounded_for(g, dst),
                          mask=_g_mask(col_ok, js, D, BLOCK_C, BLOCK_J))
@@ -202,3 +221,83 @@ def launch(x, z_aug, w_aug, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_p
     _fwd_tma[NORMALIZE][grid](x, z_aug, w_aug, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_ptr, out, part,
                               scale, sq, s, c, d, z_aug.shape[1], n_entries, len_key, n_sq, NORMALIZE=NORMALIZE,
                               HAS_SCALE=HAS_SCALE, BLOCK_J=block_j(d))
+
+
+# ----------------------------------------------------------------------------------------------
+# The backward's param kernel by the same rules (the row kernel stays the fused one):
+#     [dW | db] = v * sum_t (m q)_t [z_t ; 1]^T = v * (m q) @ z_aug        [BLOCK_C, BLOCK_J]
+#     dv        = sum_t diff_t q_t                                        [BLOCK_C]
+# with q^T = P z_aug^T, P = grad[s] = [P_z | p_b] itself (its rows, d + 1 wide, against z_aug's [z | 1]):
+# no row sum for db and no bias add for q; a row of z_aug past the set is zero, so q is 0 there and neither
+# GEMM nor dv needs a mask.
+# ----------------------------------------------------------------------------------------------
+@_batch_jit
+def _bwd_params_tma_kernel(
+    x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, p_ptr, off_ptr,  # as the forward; p: grad (S, C, D+1), rows 16-byte aligned
+    chunk_set_ptr, chunk_ptr_ptr,
+    pw_ptr, pv_ptr,  # fp32 partials: (groups, C, D+1) of [dW | db], (groups, C) of dv
+    S, C, D: tl.constexpr, LDA: tl.constexpr, LEN_KEY,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    g = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_C
+    cols = c0 + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    js = tl.arange(0, BLOCK_J)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_C]
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[C, LDA], strides=[LDA, 1], block_shape=[BLOCK_C, BLOCK_J])
+    w_res = w_desc.load([c0, 0])  # [BLOCK_C, BLOCK_J] resident
+    acc = tl.zeros((BLOCK_C, BLOCK_J), tl.float32)  # [BLOCK_C, BLOCK_J]  sum_t (m q)_t [z_t ; 1]^T
+    acc_v = tl.zeros((BLOCK_C,), tl.float32)  # [BLOCK_C]  sum_t diff_t q_t
+    zero_ct = tl.zeros((BLOCK_C, BLOCK_T), tl.float32)  # [BLOCK_C, BLOCK_T]
+    # the chunks in use split evenly over the groups (as the fused param kernel)
+    n_used = tl.load(chunk_ptr_ptr + S)
+    per_group = tl.cdiv(n_used, tl.num_programs(0))
+    e_end = tl.minimum((g + 1) * per_group, n_used)
+    for e in range(g * per_group, e_end):
+        s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
+        if s < S:
+            hi32 = hi.to(tl.int32)
+            p_desc = tl.make_tensor_descriptor(p_ptr + s * C * (D + 1), shape=[C, D + 1], strides=[D + 1, 1],
+                                               block_shape=[BLOCK_C, BLOCK_J])
+            p_res = _rounded_for(p_desc.load([c0, 0]), z_ptr)  # [BLOCK_C, BLOCK_J] in z's dtype, 0 past D + 1
+            z_desc = tl.make_tensor_descriptor(z_ptr, shape=[hi32, LDA], strides=[LDA, 1],
+                                               block_shape=[BLOCK_T, BLOCK_J])
+            x_desc = tl.make_tensor_descriptor(x_ptr, shape=[hi32, C], strides=[C, 1],
+                                               block_shape=[BLOCK_T, BLOCK_C])
+            for t0 in range(lo.to(tl.int32), hi32, BLOCK_T):
+                zt = z_desc.load([t0, 0])  # [BLOCK_T, BLOCK_J], zero past the set
+                a = _mm(w_res, tl.trans(zt), zero_ct, True, "tf32")  # [BLOCK_C, BLOCK_T]
+                q = _mm(p_res, tl.trans(zt), zero_ct, True, "tf32")  # [BLOCK_C, BLOCK_T]
+                m, diff = _relu_diff(a + b[:, None], tl.trans(x_desc.load([t0, c0])), tl.float32)
+                acc = _mm((m * q).to(zt.dtype), zt, acc, True, "tf32")
+                acc_v += tl.sum(diff * q, axis=1)
+    v = tl.load(v_ptr + cols, mask=col_ok, other=0.0)  # [BLOCK_C]
+    tl.store(pw_ptr + g.to(tl.int64) * C * (D + 1) + cols[:, None] * (D + 1) + js[None, :], acc * v[:, None],
+             mask=_g_mask(col_ok, js, D, BLOCK_C, BLOCK_J))
+    tl.store(pv_ptr + g.to(tl.int64) * C + cols, acc_v, mask=col_ok)
+
+
+# [BLOCK_T, BLOCK_C]: wgmma takes 64 rows of C per warpgroup (8 warps split the rows and re-laid m q out
+# through shared memory every step); W and P resident (64 KB), 3 stages of z. 32 rows first: at 64, ptxas
+# spilled 34 STL/LDL into the loop (tests/sm90_compile.py).
+BWD_CONFIGS = [_cfg(16, 32, 4, 1)] if _INTERPRET else [_cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3)]
+_bwd_params_tma = triton.autotune(configs=BWD_CONFIGS, key=["C", "D", "LEN_KEY"],
+                                  prune_configs_by={"early_config_prune": _prune})(_bwd_params_tma_kernel)
+
+
+def params_usable(x: torch.Tensor, grad: torch.Tensor, d: int) -> bool:
+    """Whether the param kernel above serves these inputs: as :func:`usable`, and grad's rows 16-byte aligned."""
+    return usable(x, d) and ((d + 1) * grad.element_size()) % 16 == 0 and grad.data_ptr() % 16 == 0
+
+
+def launch_params(x, z_aug, w_aug, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv, s: int, d: int,
+                  len_key: int) -> None:
+    """The param kernel over ``pw.shape[0]`` groups of chunks: fp32 partials of [dW | db] into ``pw`` and of dv
+    into ``pv``, as the fused param kernel."""
+    c = x.shape[1]
+    if x.device.type == "cuda":
+        _ensure_allocator()
+    _bwd_params_tma[lambda meta: (pw.shape[0], triton.cdiv(c, meta["BLOCK_C"]))](
+        x, z_aug, w_aug, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv, s, c, d, z_aug.shape[1],
+        len_key, BLOCK_J=block_j(d))

@@ -1,5 +1,5 @@
-"""The tensor-descriptor forward of bf16/fp16 inputs (kernels/fisher_forward_tma.py), through the Triton
-launchers ``fisher_accumulate_fwd`` and ``fisher_vectors_fwd``, against the float64 reference.
+"""The tensor-descriptor kernels of bf16/fp16 inputs (kernels/fisher_tma.py), through the Triton launchers
+``fisher_accumulate_fwd``, ``fisher_vectors_fwd`` and ``fisher_accumulate_bwd``, against the float64 reference.
 
 Runs on CUDA with TMA (sm_90+) when present, else on CPU tensors under TRITON_INTERPRET=1, whose interpreter
 runs the kernel's tensor descriptors (rows past a set load as zeros, as on the GPU). Every case spies on the
@@ -13,14 +13,14 @@ import torch
 
 from fvvae_fast.ops import dispatch
 
-from .cases import Case, check_forward, make_inputs
+from .cases import SEED, Case, check_backward, check_forward, make_inputs
 from .conftest import DEVICE
 from .test_fisher_vectors import EPS, _scale, check_vectors
 
 _reason = dispatch.available("triton", DEVICE)
 pytestmark = pytest.mark.skipif(_reason is not None, reason=str(_reason))
 K = dispatch.import_kernels("fisher_accumulate") if _reason is None else None
-T = dispatch.import_kernels("fisher_forward_tma") if _reason is None else None
+T = dispatch.import_kernels("fisher_tma") if _reason is None else None
 if T is not None and DEVICE.type == "cuda" and torch.cuda.get_device_capability(DEVICE)[0] < 9:
     pytestmark = pytest.mark.skip(reason="no TMA before sm_90: the fused forward serves 16-bit inputs")
 
@@ -42,9 +42,9 @@ SPLIT = {"default": {}, "split": {"chunk_rows": 16}}  # 16: chunks of one interp
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The name of each forward kernel launched (the tensor-descriptor one or the fused one), in order."""
+    """The name of each forward or param kernel launched (tensor-descriptor or fused), in order."""
     seen = []
-    for kernel in (T._fwd_tma_kernel, K._fwd_kernel):
+    for kernel in (T._fwd_tma_kernel, K._fwd_kernel, T._bwd_params_tma_kernel, K._bwd_params_kernel):
         def spy(*args, _run=kernel.run, _name=kernel.__name__, **kwargs):
             seen.append(_name)
             return _run(*args, **kwargs)
@@ -115,3 +115,23 @@ def test_launcher_reads_no_tensor_values_on_the_host(monkeypatch, launches):
         K.fisher_accumulate_fwd(*inputs, chunk_rows=16)
         K.fisher_vectors_fwd(*inputs, None, EPS)
     assert launches == ["_fwd_tma_kernel"] * 2
+
+
+@pytest.mark.parametrize("grad_dtype", ["f32", "input"])
+@pytest.mark.parametrize("split", ["split", "default"])
+@pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
+@pytest.mark.parametrize("case", CASES[1:], ids=CASE_IDS[1:])
+def test_backward_matches_reference(case, dtype, split, grad_dtype, launches):
+    """The param kernel ([dW | db] from z_aug's ones column, dv) with the fused row kernel on z_aug; the upstream
+    grad in fp32 (G's default dtype) or the input dtype; 'split': one-step chunks in three row groups."""
+    inputs = make_inputs(case, dtype, DEVICE)
+    g = torch.Generator().manual_seed(SEED + 7)
+    grad = torch.randn((len(case.lengths), case.c, case.d + 1), generator=g, dtype=torch.float64)
+    grad = grad.to(device=DEVICE, dtype=torch.float32 if grad_dtype == "f32" else dtype)
+    out = tuple(_poisoned(t.shape, t.dtype) for t in inputs[:5])
+    kw = {"chunk_rows": 16, "groups": 3} if split == "split" else {}
+    got = K.fisher_accumulate_bwd(grad, *inputs, out=out, **kw)
+    check_backward(got, grad, inputs, dtype, f"tma backward {case.id} {dtype}")
+    # a 16-bit grad's rows of d + 1 = 5, 20 elements are not 16-byte aligned: the fused param kernel
+    aligned = (case.d + 1) * grad.element_size() % 16 == 0
+    assert launches == ["_bwd_params_tma_kernel" if aligned else "_bwd_params_kernel"] * bool(sum(case.lengths))
