@@ -32,6 +32,11 @@ zero-row chunk that writes zeros) is stored straight into G; the chunks of a lon
 partials into a scratch buffer and ``_combine_kernel`` adds them in chunk order: deterministic,
 no atomics.
 
+On sm_90+ (and under the interpreter) 16-bit inputs with C a multiple of 8 and d <= 255 take the
+tensor-descriptor forward and param kernel of ``fisher_tma.py`` instead (same grid, chunk table and epilogues;
+operands by TMA, G's bias column from a ones column of z): the launchers choose from shapes, dtypes and the
+device's capability, so the choice needs no host synchronisation either.
+
 Backward (two fused kernels; nothing of size (N, C, d+1), and of size (N, C) only dx itself).
 With P = grad[s] = [P_z | p_b] (C, d+1) and q_t = P [z_t ; 1] = P_z z_t + p_b:
 
