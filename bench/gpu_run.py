@@ -109,16 +109,10 @@ def wall_ms(run: Run, fn, reps: int) -> float:
 
 
 def event_ms(fn, reps: int) -> float:
-    """Median device milliseconds between CUDA events around ``fn``."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median device milliseconds between CUDA events around ``fn`` (the chooser's own clock)."""
+    from fvvae_fast.ops.chooser import cuda_seconds
+
+    return 1e3 * cuda_seconds(fn, reps)
 
 
 def graph_ms(fn, reps: int) -> float:
