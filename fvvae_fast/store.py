@@ -61,6 +61,7 @@ import torch
 
 from .errors import UserError
 from .io import atomic_open, file_sha256, try_lock
+from .provenance import describe, descriptor_kind
 from .sets import DescriptorSets
 
 FORMAT = "fvvae_fast.store"
@@ -247,6 +248,14 @@ class ShardedArray:
 
     def __repr__(self) -> str:
         return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, segments={len(self._segments)})"
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the rows from their shards' checksums and row ranges, without reading the shards
+        (a shard with no recorded checksum is hashed)."""
+        h = hashlib.sha256(f"{self.dtype}:{self.shape}".encode())
+        for path, lo, n in self._segments:
+            h.update(f"{path.name}:{self._digests.get(path) or file_sha256(path)}:{lo}:{n};".encode())
+        return h.hexdigest()
 
     def _map(self, path: Path) -> np.ndarray:
         arr = self._maps.get(path)
@@ -647,6 +656,17 @@ class Store:
         keys = ("idx", "item_id", "label", "split", "shard", "row", "rows", "status", "error")
         return [dict(zip(keys, r)) for r in self._db.execute(sql + " ORDER BY idx", args)]
 
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of what the store holds: its settings, items (ids, labels, splits, status, rows) and
+        shards' checksums, from the manifest. A store rebuilt from changed inputs gets another one."""
+        h = hashlib.sha256()
+        for sql in ("SELECT key, value FROM meta WHERE key IN ('kind', 'dim', 'dtype', 'classes', 'config') ORDER BY key",
+                    "SELECT item_id, label, split, shard, row, rows, status FROM items ORDER BY idx",
+                    "SELECT shard, rows, status, sha256 FROM shards ORDER BY shard"):
+            for row in self._db.execute(sql):
+                h.update(json.dumps(row).encode())
+        return h.hexdigest()
+
     def splits(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT split FROM items ORDER BY split")]
 
@@ -688,7 +708,8 @@ class Store:
         counts = np.array([r["rows"] for r in rows], dtype=np.int64)
         offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
         labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
-        x = ShardedArray(self._segments(rows), self.dim, self.dtype, self._digests())
+        origin = {"kind": descriptor_kind(self.config), "what": describe(self.config), "store": str(self.path)}
+        x = ShardedArray(self._segments(rows), self.dim, self.dtype, self._digests(), origin)
         return DescriptorSets(x, offsets, labels)
 
     def vectors(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
