@@ -38,6 +38,8 @@ class ProvenanceError(UserError, ValueError):
 class UnknownProvenance(UserWarning):
     """A file written by an earlier fvvae_fast: what it was made from is not recorded, so it is not checked."""
 
+    one_line = True  # the command line prints it as one notice line
+
 
 def short(fingerprint: str | None) -> str:
     return "unknown" if fingerprint is None else f"{fingerprint[:SHOWN]}..."
@@ -142,7 +144,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return fingerprint
 
 
-def check_fim_model(fim: Any, model: torch.nn.Module, where: str) -> None:
+def check_fim_model(fim: Any, model: torch.nn.Module, where: str, fim_name: str = "the FIM",
+                    model_name: str = "this model") -> None:
     """ProvenanceError when ``fim`` records the fingerprint of another model than ``model`` (nothing to check
     when it records none: a FIM updated from raw G, or a file of an earlier version)."""
     recorded = getattr(fim, "model_fingerprint", None)
@@ -150,8 +153,8 @@ def check_fim_model(fim: Any, model: torch.nn.Module, where: str) -> None:
         return
     found = model_fingerprint(model)
     if found != recorded:
-        raise mismatch(f"{where}: the FIM was estimated for another model (fingerprint {short(recorded)})",
-                       f"this model is {short(found)}")
+        raise mismatch(f"{where}{': ' if where else ''}{fim_name} was estimated for another model (fingerprint "
+                       f"{short(recorded)})", f"{model_name} is {short(found)}")
 
 
 # ---------------------------------------------------------------------------------------------- descriptors
@@ -182,6 +185,16 @@ def describe(config: dict) -> str:
     if not backbone:
         return f"{source} descriptors"
     return f"{backbone.get('arch')}/{backbone.get('layer')}{' flow' if source == 'flow' else ''} descriptors"
+
+
+def check_trained_on(model: torch.nn.Module, name: str, config: dict, where: str) -> None:
+    """ProvenanceError when the model of the checkpoint ``name`` was trained on another kind of descriptors
+    (:func:`descriptor_kind`) than those of ``config``, held in ``where`` (nothing recorded: not checked)."""
+    saved = getattr(model, "trained_on", None) or {}
+    kind = descriptor_kind(config)
+    if saved.get("kind") not in (None, kind):
+        raise mismatch(f"{name} was trained on {saved['what']} (fingerprint {short(saved['kind'])})",
+                       f"{where} holds {describe(config)} ({short(kind)})")
 
 
 def _array_fingerprint(x: Any) -> str:

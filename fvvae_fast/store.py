@@ -230,13 +230,15 @@ class ShardedArray:
     ``shape``, ``ndim``, ``dtype``, ``len``, indexing by int, slice, or an integer index array
     (or tensor), and ``np.asarray(a)`` (which copies everything into memory). Each row read
     touches only the shard pages it needs. Each shard's bytes are checked against its recorded
-    sha256 (``digests``) when first mapped in the process.
+    sha256 (``digests``) when first mapped in the process. ``origin``: what the rows are (the store's descriptor
+    kind, its name and folder: :func:`fvvae_fast.provenance.data_record`), recorded by training.
     """
 
     def __init__(self, segments: Sequence[tuple[Path, int, int]], dim: int, dtype: np.dtype,
-                 digests: dict[Path, str] | None = None) -> None:
+                 digests: dict[Path, str] | None = None, origin: dict | None = None) -> None:
         self._segments = [(Path(p), int(lo), int(n)) for p, lo, n in segments if n > 0]
         self._digests = digests or {}
+        self.origin = origin
         self._starts = np.cumsum([0] + [n for _, _, n in self._segments]).astype(np.int64)
         self._maps: dict[Path, np.ndarray] = {}
         self.dtype = np.dtype(dtype)
@@ -563,6 +565,16 @@ class Store:
         """(idx, item_id, label, split) of the items of ``shard``, in order."""
         return self._db.execute("SELECT idx, item_id, label, split FROM items WHERE shard = ? ORDER BY idx",
                                 (shard,)).fetchall()
+
+    def redo(self, shards: Iterable[int]) -> None:
+        """Put done shards back to pending with their items (their inputs changed, or they hold failed items)."""
+        if not self.writable:
+            raise StoreError(f"{self.path}: opened read-only")
+        with _transaction(self._db):
+            for shard in shards:
+                self._db.execute("UPDATE shards SET status = 'pending', sha256 = NULL WHERE shard = ?", (shard,))
+                self._db.execute("UPDATE items SET status = 'pending', row = NULL, rows = NULL, error = NULL "
+                                 "WHERE shard = ?", (shard,))
 
     def write_shard(self, shard: int, results: Iterable[ShardResult]) -> int:
         """Write shard ``shard`` from one result per item (in item order); returns its row count.

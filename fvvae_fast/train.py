@@ -130,7 +130,7 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
     ckpt = load_torch_file(path, "fvvae_fast checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("version") not in (1, CHECKPOINT_VERSION):
         raise ValueError(f"{path}: not an fvvae_fast checkpoint of version 1 to {CHECKPOINT_VERSION}")
-    if ckpt["version"] > 1 and "checksum" not in ckpt:
+    if ckpt["version"] > 1 and ckpt.get("checksum") is None:
         raise ValueError(f"{path}: the checkpoint's checksum is missing: the file changed after it was written")
     verify(ckpt, path, "checkpoint")
     return ckpt

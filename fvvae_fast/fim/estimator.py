@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ..io import load_torch_file
-from ..provenance import model_fingerprint, seal, short, verify
+from ..provenance import model_fingerprint, notice_unknown, seal, short, verify
 from ..ops.validate import check_offsets, opmath_dtype
 from .diagonal import DiagonalStatistics
 from .kronecker import KroneckerStatistics
@@ -522,10 +522,13 @@ class FisherInformation:
         state = load_torch_file(path, f"{FORMAT} file")
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"FisherInformation.load: {os.fspath(path)!r} is not a {FORMAT} file")
-        if state.get("version") == VERSION and "checksum" not in state:
-            raise ValueError(f"FisherInformation.load: {os.fspath(path)!r}: the checksum is missing: the file changed "
-                             f"after it was written")
-        verify(state, path, "FIM file")
+        if state.get("version") in range(1, VERSION):
+            notice_unknown(path, "FIM file")
+        elif state.get("version") == VERSION:  # (other versions are refused by load_state_dict)
+            if state.get("checksum") is None:
+                raise ValueError(f"FisherInformation.load: {os.fspath(path)!r}: the checksum is missing: the file "
+                                 f"changed after it was written")
+            verify(state, path, "FIM file")
         if self is None:
             if mode is not None and state["mode"] != mode:
                 raise ValueError(f"FisherInformation.load: {os.fspath(path)!r} holds mode={state['mode']!r}, "
