@@ -130,14 +130,13 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     in-place change such as an optimizer step or ``load_state_dict`` bumps): a repeated call costs a walk
     over the state dict, not a hash of the weights.
     """
-    state = model.state_dict()
-    key = _version_key(list(state.values()))
+    key = _version_key([*model.parameters(), *model.buffers()])
     cached = getattr(model, "_fvvae_fingerprint", None)
     if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     config = model.config() if callable(getattr(model, "config", None)) else None
     h = hashlib.sha256(f"{type(model).__name__}:{json.dumps(config, sort_keys=True)}".encode())
-    _feed(h, dict(state))
+    _feed(h, dict(model.state_dict()))
     fingerprint = h.hexdigest()
     if key is not None:
         model._fvvae_fingerprint = (key, fingerprint)
@@ -220,5 +219,5 @@ def data_record(data: Any) -> dict:
     h = hashlib.sha256(_array_fingerprint(data.x).encode())
     _feed(h, [data.offsets, data.labels])
     origin = getattr(data.x, "origin", None) or {}
-    return {"fingerprint": h.hexdigest(), "kind": origin.get("kind"), "what": origin.get("what", "descriptors in memory"),
-            "store": origin.get("store")}
+    return {"fingerprint": h.hexdigest(), "kind": origin.get("kind"),
+            "what": origin.get("what", "descriptors in memory"), "store": origin.get("store")}

@@ -7,6 +7,8 @@ Layout of a store folder::
     shards/shard-00001.npy ...
     shards/shard-00001.journal.json   only in a distributed run: a shard written by another rank,
                            not yet recorded in the manifest (:meth:`Store.join`, :meth:`Store.absorb_journals`)
+    shards/shard-00001.inputs.json   descriptor stage: the contents of the inputs the shard was made from
+                           (:mod:`fvvae_fast.pipelines.inputs`)
     lock                   advisory lock (POSIX lockf) held by the one process writing the store
 
 Items are assigned to shards up front: item i (in the order given when the store was
@@ -672,7 +674,8 @@ class Store:
         """SHA-256 (hex) of what the store holds: its settings, items (ids, labels, splits, status, rows) and
         shards' checksums, from the manifest. A store rebuilt from changed inputs gets another one."""
         h = hashlib.sha256()
-        for sql in ("SELECT key, value FROM meta WHERE key IN ('kind', 'dim', 'dtype', 'classes', 'config') ORDER BY key",
+        for sql in ("SELECT key, value FROM meta WHERE key IN ('kind', 'dim', 'dtype', 'classes', 'config') "
+                    "ORDER BY key",
                     "SELECT item_id, label, split, shard, row, rows, status FROM items ORDER BY idx",
                     "SELECT shard, rows, status, sha256 FROM shards ORDER BY shard"):
             for row in self._db.execute(sql):

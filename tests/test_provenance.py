@@ -113,7 +113,8 @@ def test_a_fim_with_negative_or_non_finite_sums_is_refused(tmp_path, mode, bad):
     key = "sumsq" if mode == "diagonal" else "b_sum"
     state[key][1] = bad  # element 1, or row 1 of the Kronecker factor B (C, C), its diagonal element included
     torch.save(seal(state), tmp_path / "fim.pt")  # a valid checksum: the sums themselves are refused
-    with pytest.raises(ValueError, match=rf"the state's {key} (holds NaN or Inf|is a sum of squares but holds negative)"):
+    with pytest.raises(ValueError, match=rf"the state's {key} (holds NaN or Inf|is a sum of squares but holds "
+                                         r"negative)"):
         fv.FisherInformation.load(tmp_path / "fim.pt")
     with pytest.raises(ValueError, match=f"the state's {key}"):
         fv.FisherInformation(mode).load_state_dict(state)
@@ -297,6 +298,7 @@ def test_run_redoes_every_stage_after_a_changed_input_and_rewrites_missing_outpu
     run_config(cfg, progress=False, say=said.append)
     text = "\n".join(said)
     assert "== descriptors: checked" in text and "24 items computed" in text
-    for stage, changed in (("train", "descriptors"), ("fim", "descriptors, model"), ("encode", "descriptors, fim, model")):
-        assert f"== {stage}: redone (changed: {', '.join(f'{k} (contents)' for k in changed.split(', '))})" in text, text
+    for stage, changed in (("train", ["descriptors"]), ("fim", ["descriptors", "model"]),
+                           ("encode", ["descriptors", "fim", "model"])):
+        assert f"== {stage}: redone (changed: {', '.join(f'{k} (contents)' for k in changed)})" in text, text
     assert "encode: 24 sets computed" in text and "== evaluate: redone" in text

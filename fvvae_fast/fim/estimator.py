@@ -295,7 +295,8 @@ class FisherInformation:
 
     def _same_model(self, where: str, fingerprint: str | None, other: str) -> None:
         """ValueError when this estimator holds statistics of another model than ``fingerprint`` (both known)."""
-        if self.num_sets and None not in (fingerprint, self.model_fingerprint) and fingerprint != self.model_fingerprint:
+        known = None not in (fingerprint, self.model_fingerprint)
+        if self.num_sets and known and fingerprint != self.model_fingerprint:
             raise ValueError(f"{where}: this estimator holds the statistics of model {short(self.model_fingerprint)}, "
                              f"{other} is model {short(fingerprint)}: a FIM is of one model")
 

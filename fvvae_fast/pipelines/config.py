@@ -11,8 +11,9 @@ it, and the fingerprints of the files of earlier stages it reads (:func:`_inputs
 encode) or is kept when it had finished and its output is there (fim, evaluate); a stage whose record
 differs is redone from scratch, and with it every stage after it, except that a larger
 ``iterations`` alone extends the trained model. The descriptor stage itself redoes the items whose
-input files changed (:mod:`.inputs`), which changes its store's fingerprint and so redoes what follows. ``OUT/config.json`` gets the resolved settings
-and ``OUT/results.json`` what each stage reported.
+input files changed (:mod:`.inputs`), which changes its store's fingerprint and so redoes what
+follows. ``OUT/config.json`` gets the resolved settings and ``OUT/results.json`` what each stage
+reported.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class Signer:
     def same(self, item: Item, recorded: Signature) -> bool:
         """Whether ``item``'s input still has the ``recorded`` contents (a file whose size and time are as
         recorded is not read again)."""
-        if recorded is None or recorded[0] == "rows" or getattr(self.source, "arrays", None) is not None:
+        if recorded is None or getattr(self.source, "arrays", None) is not None:
             return self(item) == recorded
         try:
             st = Path(item.path).stat()
