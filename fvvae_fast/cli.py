@@ -26,11 +26,13 @@ This module only parses arguments and reports errors: the stages are the jobs of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -253,6 +255,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _notices(command: str) -> Iterator[None]:
+    """Warnings whose category is marked ``one_line`` (e.g. a file of an earlier version) print as one
+    ``fvvae <command>: notice: ...`` line; the others as before."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if getattr(category, "one_line", False):
+                print(f"fvvae {command}: notice: {message}", file=sys.stderr)
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        yield
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None) if argv else None
 
@@ -270,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.init_from_env()
         from .threads import limit_torch_threads
 
-        with limit_torch_threads():  # the CPU quota (and share) this process runs under
+        with limit_torch_threads(), _notices(args.command):  # the CPU quota (and share) this process runs under
             return args.func(args)
     except KeyboardInterrupt:
         print(f"fvvae {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -10,6 +10,7 @@ from torch import Tensor
 from .model import FVVAE
 from .ops import fisher_accumulate, fisher_vectors
 from .ops.validate import check_eps, opmath_dtype
+from .provenance import check_fim_model
 
 
 class Whitener(Protocol):
@@ -122,7 +123,8 @@ def fisher_encode(
     Args:
         model: a (trained) :class:`FVVAE`; it preprocesses the raw descriptors itself.
         x: raw descriptors (N, C) with ``offsets`` (S+1,) int64, or dense (S, T, C) with ``offsets=None``.
-        fim: None or any object with ``whiten(G)`` (e.g. :class:`fvvae_fast.FisherInformation`).
+        fim: None or any object with ``whiten(G)`` (e.g. :class:`fvvae_fast.FisherInformation`); one that
+            records the model it was estimated for (``model_fingerprint``) must be this model's, else ValueError.
         normalize: apply signed sqrt + L2.
         backend: forwarded to :func:`fvvae_fast.fisher_accumulate`.
 
@@ -133,6 +135,14 @@ def fisher_encode(
         >>> fisher_encode(model, torch.rand(2, 5, 8)).shape
         torch.Size([2, 32])
     """
+    if fim is not None:
+        check_fim_model(fim, model, "fisher_encode")
+    return encode_unchecked(model, x, offsets, fim, normalize, backend)
+
+
+def encode_unchecked(model: FVVAE, x: Tensor, offsets: Tensor | None, fim: Whitener | None, normalize: bool,
+                     backend: str | None) -> Tensor:
+    """:func:`fisher_encode` without the check of ``fim`` against ``model`` (done once by the caller)."""
     x, offsets = as_sets(x, offsets)
     if normalize and not _needs_grad(model, x):
         scale = _diagonal_scale(fim, model, x)

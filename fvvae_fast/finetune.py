@@ -39,6 +39,7 @@ from .model import FVVAE
 from .pipelines.backbones import Backbone, _read_state_dict
 from .pipelines.datasets import Dataset, Item
 from .pipelines.sources import DEVICE_DECODERS, FrameSource, VideoSource
+from .provenance import seal
 from .train import (
     CHECKPOINT_SECONDS,
     CHECKPOINT_VERSION,
@@ -430,10 +431,10 @@ def finetune(
     def save(step: int) -> None:
         nonlocal last_save
         if checkpoint is not None and rank == 0:
-            atomic_torch_save({"version": CHECKPOINT_VERSION, "kind": "finetune", "run": run, "iteration": step,
-                               "train_config": dataclasses.asdict(config), "net_state": net.state_dict(),
-                               "optimizer_state": optimizer.state_dict(), "scaler_state": scaler.state_dict(),
-                               "history": history, "extended": extended}, checkpoint)
+            atomic_torch_save(seal({"version": CHECKPOINT_VERSION, "kind": "finetune", "run": run, "iteration": step,
+                                    "train_config": dataclasses.asdict(config), "net_state": net.state_dict(),
+                                    "optimizer_state": optimizer.state_dict(), "scaler_state": scaler.state_dict(),
+                                    "history": history, "extended": extended}), checkpoint)
         last_save = time.monotonic()
 
     skipped: list[str] = []

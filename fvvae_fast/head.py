@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .encode import Whitener, fisher_encode
+from .encode import Whitener, encode_unchecked
 from .model import FVVAE
 from .ops.validate import opmath_dtype
+from .provenance import check_fim_model
 
 
 class FisherVectorHead(nn.Module):
@@ -18,7 +19,9 @@ class FisherVectorHead(nn.Module):
     :func:`fvvae_fast.fisher_encode` (``fim`` whitening, then signed sqrt + L2 when ``normalize``).
     Gradients are finite everywhere (the signed square root at 0 included) and flow through
     ``fisher_accumulate``'s fused backward into x, so a backbone below the head trains too.
-    Under autocast the head runs in float32 (the Fisher accumulation needs one dtype).
+    Under autocast the head runs in float32 (the Fisher accumulation needs one dtype). A ``fim`` that records
+    the model it was estimated for must be ``model``'s when the head is built; training the head's model
+    afterwards keeps that FIM (F is a constant of the layer).
 
     Example:
         >>> head = FisherVectorHead(FVVAE(in_dim=8, latent_dim=3))
@@ -32,12 +35,13 @@ class FisherVectorHead(nn.Module):
             raise TypeError(f"FisherVectorHead: model must be an FVVAE, got {type(model).__name__}")
         if fim is not None and not callable(getattr(fim, "whiten", None)):
             raise TypeError(f"FisherVectorHead: fim must have whiten(G) (e.g. FisherInformation), got {type(fim).__name__}")
+        if fim is not None:
+            check_fim_model(fim, model, "FisherVectorHead")
         self.model, self.fim, self.normalize = model, fim, bool(normalize)
 
     def forward(self, x: Tensor, offsets: Tensor | None = None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return fisher_encode(self.model, x.to(opmath_dtype(x.dtype)), offsets, fim=self.fim,
-                                 normalize=self.normalize)
+            return encode_unchecked(self.model, x.to(opmath_dtype(x.dtype)), offsets, self.fim, self.normalize, None)
 
     def extra_repr(self) -> str:
         return f"fim={type(self.fim).__name__ if self.fim is not None else None}, normalize={self.normalize}"

@@ -7,6 +7,8 @@ Layout of a store folder::
     shards/shard-00001.npy ...
     shards/shard-00001.journal.json   only in a distributed run: a shard written by another rank,
                            not yet recorded in the manifest (:meth:`Store.join`, :meth:`Store.absorb_journals`)
+    shards/shard-00001.inputs.json   descriptor stage: the contents of the inputs the shard was made from
+                           (:mod:`fvvae_fast.pipelines.inputs`)
     lock                   advisory lock (POSIX lockf): held exclusively by the one process writing the
                            store, shared by the processes reading it
 
@@ -79,6 +81,7 @@ import torch
 
 from .errors import UserError
 from .io import atomic_open, file_sha256, try_lock
+from .provenance import describe, descriptor_kind
 from .sets import DescriptorSets
 
 FORMAT = "fvvae_fast.store"
@@ -320,13 +323,15 @@ class ShardedArray:
     ``shape``, ``ndim``, ``dtype``, ``len``, indexing by int, slice, or an integer index array
     (or tensor), and ``np.asarray(a)`` (which copies everything into memory). Each row read
     touches only the shard pages it needs. Each shard's bytes are checked against its recorded
-    sha256 (``digests``) when first mapped in the process.
+    sha256 (``digests``) when first mapped in the process. ``origin``: what the rows are (the store's descriptor
+    kind, its name and folder: :func:`fvvae_fast.provenance.data_record`), recorded by training.
     """
 
     def __init__(self, segments: Sequence[tuple[Path, int, int]], dim: int, dtype: np.dtype,
-                 digests: dict[Path, str] | None = None) -> None:
+                 digests: dict[Path, str] | None = None, origin: dict | None = None) -> None:
         self._segments = [(Path(p), int(lo), int(n)) for p, lo, n in segments if n > 0]
         self._digests = digests or {}
+        self.origin = origin
         self._starts = np.cumsum([0] + [n for _, _, n in self._segments]).astype(np.int64)
         self._maps: dict[Path, np.ndarray] = {}
         self.dtype = np.dtype(dtype)
@@ -338,6 +343,14 @@ class ShardedArray:
 
     def __repr__(self) -> str:
         return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, segments={len(self._segments)})"
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the rows from their shards' checksums and row ranges, without reading the shards
+        (a shard with no recorded checksum is hashed)."""
+        h = hashlib.sha256(f"{self.dtype}:{self.shape}".encode())
+        for path, lo, n in self._segments:
+            h.update(f"{path.name}:{self._digests.get(path) or file_sha256(path)}:{lo}:{n};".encode())
+        return h.hexdigest()
 
     def _map(self, path: Path) -> np.ndarray:
         arr = self._maps.get(path)
@@ -705,6 +718,14 @@ class Store:
         return self._db.execute("SELECT idx, item_id, label, split FROM items WHERE shard = ? ORDER BY idx",
                                 (shard,)).fetchall()
 
+    def redo(self, shards: Iterable[int]) -> None:
+        """Put done shards back to pending with their items (their inputs changed, or they hold failed items)."""
+        if not self.writable:
+            raise StoreError(f"{self.path}: opened read-only")
+        with _transaction(self._db, self.path):
+            for shard in shards:
+                self._reset(shard)
+
     def write_shard(self, shard: int, results: Iterable[ShardResult]) -> int:
         """Write shard ``shard`` from one result per item (in item order); returns its row count.
 
@@ -824,6 +845,18 @@ class Store:
         keys = ("idx", "item_id", "label", "split", "shard", "row", "rows", "status", "error")
         return [dict(zip(keys, r)) for r in self._db.execute(sql + " ORDER BY idx", args)]
 
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of what the store holds: its settings, items (ids, labels, splits, status, rows) and
+        shards' checksums, from the manifest. A store rebuilt from changed inputs gets another one."""
+        h = hashlib.sha256()
+        for sql in ("SELECT key, value FROM meta WHERE key IN ('kind', 'dim', 'dtype', 'classes', 'config') "
+                    "ORDER BY key",
+                    "SELECT item_id, label, split, shard, row, rows, status FROM items ORDER BY idx",
+                    "SELECT shard, rows, status, sha256 FROM shards ORDER BY shard"):
+            for row in self._db.execute(sql):
+                h.update(json.dumps(row).encode())
+        return h.hexdigest()
+
     def splits(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT split FROM items ORDER BY split")]
 
@@ -873,7 +906,8 @@ class Store:
         counts = np.array([r["rows"] for r in rows], dtype=np.int64)
         offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
         labels = torch.tensor([r["label"] for r in rows], dtype=torch.int64)
-        x = ShardedArray(self._segments(rows), self.dim, self.dtype, self._digests())
+        origin = {"kind": descriptor_kind(self.config), "what": describe(self.config), "store": str(self.path)}
+        x = ShardedArray(self._segments(rows), self.dim, self.dtype, self._digests(), origin)
         return DescriptorSets(x, offsets, labels)
 
     def vectors(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -22,12 +22,13 @@ from tqdm.auto import tqdm
 from . import distributed
 from .io import atomic_torch_save, load_torch_file, output_lock
 from .model import FVVAE
+from .provenance import data_record, mismatch, seal, short, verify
 from .ops.training import Adadelta, loss_backward, loss_backward_fused
 from .progress import duration, show_progress
 from .sets import DescriptorSets
 from .threads import limit_torch_threads
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the payload's checksum and the record of the training data (1 still loads)
 LIVENESS_ROWS = 4096  # descriptors of the current batch on which liveness is logged
 INIT_SAMPLE = 16384  # training descriptors that set the data-dependent start
 # Below this share of active decoder pre-activations the model is collapsing: its Fisher vectors
@@ -104,10 +105,11 @@ class TrainResult:
 def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer: torch.optim.Optimizer | None = None,
                     iteration: int = 0, generators: tuple[torch.Generator, ...] = (),
                     config: TrainConfig | None = None, history: list | None = None,
-                    extended: list | None = None) -> None:
+                    extended: list | None = None, data: dict | None = None) -> None:
     """Write a training checkpoint atomically (model config + weights, optimizer, RNG states, progress;
-    ``extended``: [from, to] iteration counts of each extension of the run)."""
-    atomic_torch_save(
+    ``extended``: [from, to] iteration counts of each extension of the run; ``data``: the
+    :func:`fvvae_fast.provenance.data_record` of the training data), sealed with its checksum."""
+    atomic_torch_save(seal(
         {
             "version": CHECKPOINT_VERSION,
             "model_config": model.config(),
@@ -118,24 +120,46 @@ def save_checkpoint(path: str | os.PathLike, model: FVVAE, optimizer: torch.opti
             "train_config": None if config is None else dataclasses.asdict(config),
             "history": history or [],
             "extended": extended or [],
-        },
+            "data": data,
+        }),
         path,
     )
 
 
 def _read_checkpoint(path: str | os.PathLike) -> dict:
     ckpt = load_torch_file(path, "fvvae_fast checkpoint")
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: not an fvvae_fast checkpoint of version {CHECKPOINT_VERSION}")
+    if not isinstance(ckpt, dict) or ckpt.get("version") not in (1, CHECKPOINT_VERSION):
+        raise ValueError(f"{path}: not an fvvae_fast checkpoint of version 1 to {CHECKPOINT_VERSION}")
+    if ckpt["version"] > 1 and ckpt.get("checksum") is None:
+        raise ValueError(f"{path}: the checkpoint's checksum is missing: the file changed after it was written")
+    verify(ckpt, path, "checkpoint")
     return ckpt
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> FVVAE:
-    """The FVVAE stored in a checkpoint written by :func:`save_checkpoint` or :func:`train` (eval mode)."""
+    """The FVVAE stored in a checkpoint written by :func:`save_checkpoint` or :func:`train` (eval mode).
+
+    Its ``trained_on`` attribute is the checkpoint's record of the training data
+    (:func:`fvvae_fast.provenance.data_record`; None for a checkpoint of an earlier version)."""
     ckpt = _read_checkpoint(path)
     model = FVVAE(**ckpt["model_config"])
     model.load_state_dict(ckpt["model_state"])
+    model.trained_on = ckpt.get("data")
     return model.to(map_location).eval()
+
+
+def _check_data(path: str | os.PathLike, ckpt: dict, data: dict) -> None:
+    """Refuse to resume a checkpoint on other data than it was trained on (nothing recorded: not checked)."""
+    saved = ckpt.get("data")
+    if saved is not None and saved["fingerprint"] != data["fingerprint"]:
+        raise mismatch(f"{path} was trained on {_named(saved)} (fingerprint {short(saved['fingerprint'])})",
+                       f"the data given are {_named(data)} ({short(data['fingerprint'])}); start again with "
+                       f"another checkpoint file, or remove this one")
+
+
+def _named(record: dict) -> str:
+    store = f" of {record['store']}" if record.get("store") else ""
+    return f"{record['what']}{store}"
 
 
 def _check_resume(path: str | os.PathLike, ckpt: dict, config, resume: str,
@@ -280,10 +304,12 @@ def train(
     history: list[dict[str, float]] = []
     extended: list[list[int]] = []
     start = 0
+    provenance = data_record(data) if checkpoint is not None else None
     if checkpoint is not None and Path(checkpoint).exists():
         ckpt = _read_checkpoint(checkpoint)
         if ckpt["model_config"] != model.config():
             raise ValueError(f"{checkpoint}: checkpoint is for a model {ckpt['model_config']}, not {model.config()}")
+        _check_data(checkpoint, ckpt, provenance)
         extended = _check_resume(checkpoint, ckpt, config, resume)
         model.load_state_dict(ckpt["model_state"])
         optimizer.load_state_dict(ckpt["optimizer_state"])
@@ -313,7 +339,8 @@ def train(
         nonlocal last_save, saved
         _check_weights(model, iteration, saved)
         if checkpoint is not None and rank == 0:
-            save_checkpoint(checkpoint, model, optimizer, iteration, (generator, noise), config, history, extended)
+            save_checkpoint(checkpoint, model, optimizer, iteration, (generator, noise), config, history, extended,
+                            provenance)
             saved = iteration
         last_save = time.monotonic()
 

@@ -269,9 +269,9 @@ C = 10
     assert X.shape == (6, 40 * 5)
     assert int(Store.open(work / "descriptors").sets().offsets[1]) == 3 * 10  # levels 3,1: 10 per frame
     before = {p: p.read_bytes() for p in sorted((work / "fisher/shards").glob("*.npy"))}
-    assert run_cli("run", cfg, "--quiet") == 0  # everything resumes: nothing recomputed, same bytes
+    assert run_cli("run", cfg, "--quiet") == 0  # everything resumes: only the unreadable video is tried again
     out = capsys.readouterr().out
-    assert "0 videos computed" in out and "0 sets computed" in out
+    assert "4 videos computed" in out and "1 failed now" in out and "0 sets computed" in out
     assert "== fim: done before with these settings and inputs, kept" in out
     assert before == {p: p.read_bytes() for p in sorted((work / "fisher/shards").glob("*.npy"))}
     cfg.write_text(cfg.read_text().replace('mode = "diagonal"', 'enabled = false'))  # no FIM: F = I

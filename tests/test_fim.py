@@ -19,6 +19,7 @@ from fvvae_fast.encode import fisher_gradients as _fisher_gradients
 from fvvae_fast.fim import DEFAULT_DAMPING, FisherInformation
 from fvvae_fast.model import FVVAE
 from fvvae_fast.ops.reference import residual
+from fvvae_fast.provenance import UnknownProvenance
 from fvvae_fast.sets import DescriptorSets
 from fvvae_fast.train import TrainConfig, train
 
@@ -335,7 +336,8 @@ def test_merge_rejects_a_different_estimator():
 
 
 # The file format (fim/estimator.py state_dict; each mode's keys in fim/diagonal.py, lowrank.py, kronecker.py).
-FILE_HEADER = ["format", "version", "mode", "rank", "sketch", "damping", "dim", "shape", "num_sets", "num_descriptors"]
+FILE_HEADER = ["format", "version", "mode", "rank", "sketch", "damping", "dim", "shape", "num_sets", "num_descriptors",
+               "model_fingerprint"]
 FILE_STATISTICS = {"diagonal": ["sumsq"], "lowrank": ["sumsq", "sketch_rows", "sketch_shrunk"],
                    "kronecker": ["b_sum", "a_sum", "m_sum", "pairs"]}
 
@@ -353,8 +355,8 @@ def test_save_load_round_trip(tmp_path, mode, rank):
         assert (loaded.mode, loaded.rank, loaded.damping, loaded.num_sets) == (mode, rank or 0, 0.02, 40)
         torch.testing.assert_close(loaded.whiten(G), fim.whiten(G), rtol=0, atol=0)
     state = torch.load(path, weights_only=True)
-    assert state["format"] == "fvvae_fast.FisherInformation" and state["version"] == 2
-    assert list(state) == [*FILE_HEADER, *FILE_STATISTICS[mode]]  # the format, in its order
+    assert state["format"] == "fvvae_fast.FisherInformation" and state["version"] == 3
+    assert list(state) == [*FILE_HEADER, *FILE_STATISTICS[mode], "checksum"]  # the format, in its order
     c, j = 6, 4
     assert (state["mode"], state["rank"], state["sketch"], state["dim"], state["shape"]) == (
         mode, rank or 0, 2 * rank if rank else 0, c * j, [c, j])
@@ -372,7 +374,7 @@ def test_save_load_round_trip(tmp_path, mode, rank):
 
 def test_an_empty_estimator_saves_its_header_only(tmp_path):
     FisherInformation("lowrank", rank=2, dim=12).save(tmp_path / "fim.pt")
-    assert list(torch.load(tmp_path / "fim.pt", weights_only=True)) == FILE_HEADER
+    assert list(torch.load(tmp_path / "fim.pt", weights_only=True)) == [*FILE_HEADER, "checksum"]
     loaded = FisherInformation.load(tmp_path / "fim.pt")
     assert (loaded.num_sets, loaded.dim, loaded.nbytes, loaded.sketch_rows) == (0, 12, 0, 4)
 
@@ -383,7 +385,8 @@ def test_a_version_1_kronecker_file_loads_without_the_mean_term(tmp_path):
     fim = _fed("kronecker", None, model, x, offsets)
     state = {k: v for k, v in fim.state_dict().items() if k not in ("m_sum", "pairs")}
     torch.save({**state, "version": 1}, tmp_path / "v1.pt")
-    old = FisherInformation.load(tmp_path / "v1.pt")
+    with pytest.warns(UnknownProvenance, match="v1.pt: a FIM file of an earlier fvvae_fast version"):
+        old = FisherInformation.load(tmp_path / "v1.pt")
     m, c = old.mean_term()
     assert c == 0 and torch.equal(m, torch.zeros(6, 4, dtype=f64))
     for got, want in zip(old.kronecker_factors(), fim.kronecker_factors()):

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ..io import load_torch_file
+from ..provenance import model_fingerprint, notice_unknown, seal, short, verify
 from ..ops.validate import check_offsets, opmath_dtype
 from .diagonal import DiagonalStatistics
 from .kronecker import KroneckerStatistics
@@ -51,7 +52,9 @@ from .lowrank import LowRankStatistics
 from .statistics import Statistics, Whitener
 
 FORMAT = "fvvae_fast.FisherInformation"
-VERSION = 2  # 2: kronecker files hold the mean term (m_sum, pairs); version 1 files load without it
+# 2: kronecker files hold the mean term (m_sum, pairs); version 1 files load without it
+# 3: the fingerprint of the model and the payload's checksum; files of versions 1 and 2 load without them
+VERSION = 3
 _STATISTICS: dict[str, type[Statistics]] = {cls.mode: cls for cls in (DiagonalStatistics, LowRankStatistics,
                                                                          KroneckerStatistics)}
 MODES = tuple(_STATISTICS)
@@ -121,6 +124,8 @@ class FisherInformation:
         self.dim: int | None = dim
         self.shape: tuple[int, int] | None = None  # (C, d+1) once an input showed it
         self.num_sets = 0
+        # the model whose descriptors fed it (:func:`fvvae_fast.provenance.model_fingerprint`); None: not known
+        self.model_fingerprint: str | None = None
 
     # ------------------------------------------------------------------ configuration
 
@@ -261,7 +266,10 @@ class FisherInformation:
         if x.dim() != 2 or x.shape[1] != c:
             raise ValueError(f"{where}: x must be (N, C={c}), got shape {tuple(x.shape)}")
         check_offsets(offsets, x.shape[0], where)
+        fingerprint = model_fingerprint(model)
+        self._same_model(where, fingerprint, "the model given")
         self._stats.update_descriptors(model, x, offsets, backend)
+        self.model_fingerprint = self.model_fingerprint or fingerprint
         return self._added(offsets.numel() - 1, c * (d + 1), shape)
 
     def estimate(
@@ -284,6 +292,13 @@ class FisherInformation:
         return self
 
     # ------------------------------------------------------------------ merging
+
+    def _same_model(self, where: str, fingerprint: str | None, other: str) -> None:
+        """ValueError when this estimator holds statistics of another model than ``fingerprint`` (both known)."""
+        known = None not in (fingerprint, self.model_fingerprint)
+        if self.num_sets and known and fingerprint != self.model_fingerprint:
+            raise ValueError(f"{where}: this estimator holds the statistics of model {short(self.model_fingerprint)}, "
+                             f"{other} is model {short(fingerprint)}: a FIM is of one model")
 
     def _same_config(self, other_mode: str, other_rank: int, other_sketch: int) -> bool:
         return (other_mode, other_rank, other_sketch) == (self.mode, self.rank, self.sketch_rows)
@@ -309,8 +324,10 @@ class FisherInformation:
         if self.shape is not None and other.shape is not None and self.shape != other.shape:
             raise ValueError(f"FisherInformation.merge: other holds (C, d+1)={other.shape}, "
                              f"this estimator {self.shape}")
+        self._same_model("FisherInformation.merge", other.model_fingerprint, "other")
         if other.num_sets == 0:
             return self
+        self.model_fingerprint = self.model_fingerprint or other.model_fingerprint
         if self.num_sets == 0:
             state = other.state_dict()
             state["damping"] = self.damping
@@ -440,6 +457,7 @@ class FisherInformation:
             "sketch": self.sketch_rows, "damping": self.damping, "dim": self.dim,
             "shape": list(self.shape) if self.shape is not None else None,
             "num_sets": self.num_sets, "num_descriptors": self.num_descriptors,
+            "model_fingerprint": self.model_fingerprint,
         }
         if self._stats.started:
             state.update(self._stats.state())
@@ -463,7 +481,9 @@ class FisherInformation:
         shape = tuple(state["shape"]) if state["shape"] is not None else None
         if self.shape is not None and shape is not None and shape != self.shape:
             raise ValueError(f"FisherInformation: the state is for (C, d+1)={shape}, this estimator holds {self.shape}")
+        _check_sums(state)
         device = torch.device(device) if device is not None else (self.device or torch.device("cpu"))
+        self.model_fingerprint = state.get("model_fingerprint")
         self.damping = state["damping"]
         self.dim, self.shape = state["dim"], shape
         self.num_sets = state["num_sets"]
@@ -474,12 +494,12 @@ class FisherInformation:
     def save(self, path: str | os.PathLike) -> None:
         """Write the estimator to ``path`` atomically (temp file in the same folder, then os.replace).
 
-        Versioned format (``format``/``version`` keys, tensors on CPU), readable with
-        ``torch.load(weights_only=True)``.
+        Versioned format (``format``/``version`` keys, tensors on CPU, the model's fingerprint, a ``checksum`` of
+        the rest: :func:`fvvae_fast.provenance.seal`), readable with ``torch.load(weights_only=True)``.
         """
         from ..io import atomic_torch_save
 
-        atomic_torch_save(self.state_dict(), path)
+        atomic_torch_save(seal(self.state_dict()), path)
 
     @_ClassOrInstanceMethod
     def load(
@@ -496,11 +516,20 @@ class FisherInformation:
         ``FisherInformation.load(path, mode=..., dim=...)`` returns a new estimator;
         ``fim.load(path)`` loads into ``fim`` (keeping its mode, rank and, once known, D).
         Either way a file made for another mode, rank or D (or with an unknown format or a
-        newer version) raises ValueError. The file's statistics and damping are restored.
+        newer version), whose contents do not match its checksum, or whose sums are negative or not
+        finite raises ValueError. The file's statistics, damping and model fingerprint are restored
+        (a file of an earlier version records no fingerprint: one notice, and it is not checked).
         """
         state = load_torch_file(path, f"{FORMAT} file")
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise ValueError(f"FisherInformation.load: {os.fspath(path)!r} is not a {FORMAT} file")
+        if state.get("version") in range(1, VERSION):
+            notice_unknown(path, "FIM file")
+        elif state.get("version") == VERSION:  # (other versions are refused by load_state_dict)
+            if state.get("checksum") is None:
+                raise ValueError(f"FisherInformation.load: {os.fspath(path)!r}: the checksum is missing: the file "
+                                 f"changed after it was written")
+            verify(state, path, "FIM file")
         if self is None:
             if mode is not None and state["mode"] != mode:
                 raise ValueError(f"FisherInformation.load: {os.fspath(path)!r} holds mode={state['mode']!r}, "
@@ -521,3 +550,17 @@ class FisherInformation:
     def to(self, device: torch.device | str) -> FisherInformation:
         """Move the statistics to ``device`` (whitening also follows G's device by itself); returns self."""
         return self.load_state_dict(self.state_dict(), device=device) if self.num_sets else self
+
+
+# statistics that are sums of squares (or of outer products, whose diagonals are): never negative
+_SQUARES = {"sumsq": lambda t: t, "b_sum": torch.diagonal, "a_sum": torch.diagonal}
+
+
+def _check_sums(state: dict[str, Any]) -> None:
+    """ValueError when a state's statistics hold NaN or Inf, or sums of squares below zero (a damaged file)."""
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"FisherInformation: the state's {key} holds NaN or Inf")
+            if key in _SQUARES and bool((_SQUARES[key](value) < 0).any()):
+                raise ValueError(f"FisherInformation: the state's {key} is a sum of squares but holds negative values")

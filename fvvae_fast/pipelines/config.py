@@ -6,11 +6,14 @@ Top-level ``out`` is the run's folder; sections ``[descriptors]``, ``[train]``, 
 and relative paths are relative to the config file.
 
 A rerun redoes only what changed: each stage's settings, chained with those of the stages before
-it, are recorded in ``OUT/stamps.json`` as the stage starts. A stage whose record matches resumes
-(descriptors, train, encode) or is kept when it had finished (fim, evaluate); a stage whose record
+it, and the fingerprints of the files of earlier stages it reads (:func:`_inputs`) are recorded in
+``OUT/stamps.json`` as the stage starts. A stage whose record matches resumes (descriptors, train,
+encode) or is kept when it had finished and its output is there (fim, evaluate); a stage whose record
 differs is redone from scratch, and with it every stage after it, except that a larger
-``iterations`` alone extends the trained model. ``OUT/config.json`` gets the resolved settings
-and ``OUT/results.json`` what each stage reported.
+``iterations`` alone extends the trained model. The descriptor stage itself redoes the items whose
+input files changed (:mod:`.inputs`), which changes its store's fingerprint and so redoes what
+follows. ``OUT/config.json`` gets the resolved settings and ``OUT/results.json`` what each stage
+reported.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import distributed
-from ..io import atomic_open
+from ..io import atomic_open, file_sha256
+from ..store import MANIFEST, Store
 from .jobs import JOBS, Job
 from .options import JobError, refuse_overlap
 
@@ -106,6 +110,24 @@ def _stamp(job: Job, upstream: str) -> tuple[str, dict]:
     return hashlib.sha256(text.encode()).hexdigest(), settings
 
 
+def _fingerprint(path: Path) -> str | None:
+    """A stage's output: a store's fingerprint, a file's SHA-256; None when it is not there."""
+    if (path / MANIFEST).is_file():
+        with Store.open(path) as store:
+            return store.fingerprint()
+    return file_sha256(path) if path.is_file() else None
+
+
+def _inputs(job: Job, folder: Path) -> dict[str, str | None]:
+    """The fingerprints of the outputs of earlier stages that ``job`` reads, by field."""
+    return {k: _fingerprint(folder / name) for k, name in RUN_PATHS[job.stage].items()
+            if k not in ("out", "json") and getattr(job, k) is not None}
+
+
+def _outputs_there(job: Job, folder: Path) -> bool:
+    return all((folder / name).exists() for k, name in RUN_PATHS[job.stage].items() if k in ("out", "json"))
+
+
 def _write_json(path: Path, data: dict) -> None:
     if distributed.is_main():
         with atomic_open(path, "w") as f:
@@ -142,26 +164,31 @@ def run_config(path: str | Path, *, out: str | Path | None = None, overwrite: bo
     for job in jobs:
         stamp, settings = _stamp(job, upstream)
         upstream = stamp
+        inputs = _inputs(job, folder)
         before = stamps.get(job.stage) or {}
-        same = not redo_rest and before.get("stamp") == stamp
-        if same and before.get("complete") and job.stage not in RESUMABLE:
+        # inputs not recorded (stamps of an earlier version) are taken as unchanged
+        new_inputs = sorted(k for k, v in inputs.items() if (before.get("inputs") or {}).get(k, v) != v)
+        same = not redo_rest and before.get("stamp") == stamp and not new_inputs
+        if same and before.get("complete") and job.stage not in RESUMABLE and _outputs_there(job, folder):
             say(f"== {job.stage}: done before with these settings and inputs, kept")
             continue
-        changes = {}
+        changes: set[str] = set()
         if not same and before.get("settings") and not redo_rest:
             old = before["settings"]
             changes = {k for k in set(old) | set(settings) if old.get(k) != settings.get(k)}
         if not same:
             redo_rest = True
-            if changes == {"iterations"} and settings["iterations"] > before["settings"]["iterations"]:
+            if (changes == {"iterations"} and not new_inputs
+                    and settings["iterations"] > before["settings"]["iterations"]):
                 job = dataclasses.replace(job, extend=True)
             elif hasattr(job, "overwrite"):
                 job = dataclasses.replace(job, overwrite=bool(before) or overwrite)
+            changes |= {f"{k} (contents)" for k in new_inputs}
             why = f" (changed: {', '.join(sorted(changes))})" if changes else ""
             say(f"== {job.stage}: {'redone' if before else 'new'}{why}")
         else:
             say(f"== {job.stage}: {'resumed' if not before.get('complete') else 'checked'}")
-        stamps[job.stage] = {"stamp": stamp, "settings": settings, "complete": False}
+        stamps[job.stage] = {"stamp": stamp, "settings": settings, "inputs": inputs, "complete": False}
         _write_json(folder / "stamps.json", stamps)
         report = job.run(progress=progress, say=say)
         for line in report.lines():

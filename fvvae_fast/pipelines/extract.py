@@ -29,10 +29,12 @@ import torch
 from torch import Tensor
 
 from .. import distributed
+from ..provenance import check_trained_on
 from ..store import ShardResult, Store, item_records
 from ..threads import cpu_quota
 from .backbones import Backbone
 from .datasets import Dataset, Item, crop_parent
+from .inputs import Signer, record, stale_shards
 from .sharded import ShardedStage, StageReport
 from .sources import DEVICE_DECODERS, FrameSource, PrecomputedSource
 
@@ -235,8 +237,9 @@ class _ShardWriter:
     copy to the host and the store's atomic write leave the main loop. The thread's error is
     raised in the main thread at the next :meth:`submit` or at :meth:`close`."""
 
-    def __init__(self, store: Store, on_shard: Callable[[int], None] | None, depth: int = 2) -> None:
-        self.store, self.on_shard = store, on_shard
+    def __init__(self, store: Store, on_shard: Callable[[int], None] | None, signatures: dict[int, dict],
+                 depth: int = 2) -> None:
+        self.store, self.on_shard, self.signatures = store, on_shard, signatures
         self.queue: queue.Queue[_ShardRun | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="fvvae-shard-writer", daemon=True)
@@ -247,6 +250,7 @@ class _ShardWriter:
             if self.error is not None:  # keep draining so that the main thread never blocks on a full queue
                 continue
             try:
+                record(self.store, run.shard, self.signatures[run.shard])
                 self.store.write_shard(run.shard, run.results())
                 if self.on_shard is not None:
                     self.on_shard(run.shard)
@@ -304,7 +308,8 @@ def extract_descriptors(
         encoding: write each item's Fisher vector (one row of C (d+1)) instead of its descriptors:
             a Fisher-vector store, as :func:`encode_store` would make from the descriptor store.
 
-    Returns a :class:`StageReport`. Items that fail to load are stored as failed with their reason.
+    Returns a :class:`StageReport`. Items that fail to load are stored as failed with their reason. A rerun
+    computes again the shards holding failed items or items whose input changed (:mod:`.inputs`).
     """
     t0 = time.perf_counter()
     device = torch.device(device)
@@ -334,16 +339,21 @@ def extract_descriptors(
         if encoding.model.in_dim != dim:
             raise ValueError(f"extract_descriptors: the descriptors have C={dim}, the model expects "
                              f"in_dim={encoding.model.in_dim}")
+        check_trained_on(encoding.model, "the model", config, f"{out} (this run)")
         encoding.model.to(device).eval()
         kind, dim, dtype = "fisher", encoding.dim, "float32"
         config = {**config, "stage": "descriptors+encode", **encoding.config()}
+    by_id = {it.id: it for it in dataset.items}
+    signer = Signer(source)
     with ShardedStage("descriptors", out, t0=t0, unit=unit, kind=kind, dim=dim, items=item_records(dataset.items),
                       classes=dataset.classes, dtype=dtype, shard_items=shard_items, config=config,
-                      overwrite=overwrite) as stage:
+                      overwrite=overwrite, redo=lambda store: stale_shards(store, signer, by_id)) as stage:
         store = stage.store
-        by_id = {it.id: it for it in dataset.items}
         work = [(shard, idx, by_id[item_id]) for shard in stage.pending
                 for idx, item_id, _, _ in store.items_of_shard(shard)]
+        signatures: dict[int, dict] = {}
+        for shard, _, item in work:  # before the inputs are read: a file changed meanwhile is redone next time
+            signatures.setdefault(shard, {})[item.id] = signer(item)
         loader = torch.utils.data.DataLoader(
             _Loads(_loads_of(work), source), batch_size=None, shuffle=False, num_workers=workers,
             worker_init_fn=_worker_init if workers else None,
@@ -354,7 +364,7 @@ def extract_descriptors(
         failed_now = 0
         run: _ShardRun | None = None
         staging = _Staging(device)
-        writer = _ShardWriter(store, on_shard)
+        writer = _ShardWriter(store, on_shard, signatures)
         items = {idx: item for _, idx, item in work}
         try:
             with tqdm(total=len(work), desc="descriptors", unit=unit,

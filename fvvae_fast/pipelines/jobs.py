@@ -24,6 +24,7 @@ from ..finetune import FinetuneConfig
 from ..io import atomic_open, file_sha256, load_npy, output_lock
 from ..model import FVVAE
 from ..official import RELEASE_NORM_SCALE
+from ..provenance import check_fim_model, check_trained_on
 from ..train import SEED_RANGE, TrainConfig
 from .backbones import PRECISIONS
 from .datasets import ten_crops
@@ -340,7 +341,9 @@ def load_model_and_fim(model: str, fim: str | None):
     estimate = FisherInformation.load(fim)
     if estimate.num_sets == 0:
         raise JobError(f"{fim}: the FIM file holds no estimate (saved before any update); make it with `fvvae fim`")
-    return load_any_model(model), estimate
+    net = load_any_model(model)
+    check_fim_model(estimate, net, "", fim, model)
+    return net, estimate
 
 
 def provenance(model: str, fim: str | None) -> dict:
@@ -458,6 +461,7 @@ class FimJob(Job):
         self.refuse_outputs_in_inputs()
         model = load_any_model(self.model)
         store = Store.open(self.descriptors, kind="descriptors")
+        check_trained_on(model, self.model, store.config, self.descriptors)
         split = _store_split(store, self.split)
         t0 = time.perf_counter()
         with output_lock(self.out if distributed.is_main() else None, "--out"):
@@ -494,6 +498,7 @@ class EncodeJob(Job):
         self.refuse_outputs_in_inputs()
         model, fim = load_model_and_fim(self.model, self.fim)
         src = Store.open(self.descriptors, kind="descriptors")
+        check_trained_on(model, self.model, src.config, self.descriptors)
         return encode_store(model, src, self.out, fim=fim, normalize=self.normalize, batch_sets=self.batch_sets,
                             device=device_of(self.device), overwrite=self.overwrite, progress=progress,
                             extra_config=provenance(self.model, self.fim))

@@ -58,11 +58,25 @@ class StageReport:
 
 class ShardedStage:
     """The store of a stage (``Store.create`` keyword arguments), opened on every rank: ``pending`` is
-    this rank's share of the shards still to write; :meth:`report` finishes the store and counts all ranks."""
+    this rank's share of the shards still to write; :meth:`report` finishes the store and counts all ranks.
+    ``redo``: called with the store once it is created or resumed (by the one process that does), returns
+    done shards to compute again."""
 
-    def __init__(self, stage: str, out: str | os.PathLike, *, t0: float, unit: str, **create) -> None:
+    def __init__(self, stage: str, out: str | os.PathLike, *, t0: float, unit: str,
+                 redo: Callable[[Store], list[int]] | None = None, **create) -> None:
         self.stage, self.out, self.t0, self.unit = stage, Path(out), t0, unit
-        self.store = _open(lambda journal: Store.create(out, journal=journal, **create), out)
+
+        def create_and_redo(journal: bool) -> Store:
+            store = Store.create(out, journal=journal, **create)
+            if redo is not None:
+                try:
+                    store.redo(redo(store))
+                except BaseException:
+                    store.close()
+                    raise
+            return store
+
+        self.store = _open(create_and_redo, out)
         summary = self.store.summary()
         self.resumed = summary.done + summary.failed
         self.pending = distributed.my_shards(self.store.pending_shards())

@@ -5,9 +5,11 @@ the evaluation protocol of :mod:`fvvae_fast.evaluation.protocol`. Each reads a s
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ from torch import Tensor
 from .. import distributed
 from ..encode import degenerate_message, degenerate_rows, fisher_encode
 from ..model import FVVAE
-from ..store import ShardResult, Store, StoreError, item_records
+from ..store import MANIFEST, ShardResult, Store, StoreError, item_records
 from ..threads import limit_torch_threads
 from .sharded import ShardedStage, StageReport
 
@@ -99,7 +101,8 @@ def encode_store(
 
     ``out`` has the same items, shards and order as ``src``, one row of D = C (d+1) per item
     (:func:`fvvae_fast.fisher_encode`, with ``fim`` and ``normalize``); items that failed in
-    ``src`` are failed here too. Resumable shard by shard like the descriptor stage.
+    ``src`` are failed here too. Resumable shard by shard like the descriptor stage; the store records the
+    fingerprint of ``src``, and a rerun after ``src`` was rebuilt (same settings, other contents) redoes it all.
     """
     t0 = time.perf_counter()
     if src.kind != "descriptors":
@@ -111,9 +114,12 @@ def encode_store(
     model = model.to(device).eval()
     records = item_records(_Row(r) for r in src.items())
     dim = model.in_dim * (model.latent_dim + 1)
-    config = {"stage": "encode", "descriptors": src.config, "normalize": normalize, **(extra_config or {})}
+    config = {"stage": "encode", "descriptors": src.config, "normalize": normalize, **(extra_config or {}),
+              "descriptors_fingerprint": src.fingerprint()}
+    rebuilt = _rebuilt_input(out, config, "descriptors_fingerprint")
     with ShardedStage("encode", out, t0=t0, unit="set", kind="fisher", dim=dim, items=records, classes=src.classes,
-                      dtype="float32", shard_items=src.shard_items, config=config, overwrite=overwrite) as stage:
+                      dtype="float32", shard_items=src.shard_items, config=config,
+                      overwrite=overwrite or rebuilt) as stage:
         store, pending = stage.store, stage.pending
         rows = src.items()
         by_shard: dict[int, list[dict]] = {}
@@ -137,7 +143,19 @@ def encode_store(
         zero, constant = (int(v) for v in distributed.all_reduce_sum(degenerate))
         computed = distributed.total(total)
         message = degenerate_message(zero, constant, computed, model.latent_dim)
-        return stage.report(computed=total, notes=[] if message is None else [f"warning: {message}"])
+        notes = [f"{src.path} changed since {out} was written: every vector redone"] if rebuilt else []
+        return stage.report(computed=total, notes=notes + ([] if message is None else [f"warning: {message}"]))
+
+
+def _rebuilt_input(out: str | os.PathLike, config: dict, key: str) -> bool:
+    """Whether ``out`` is a store written with this ``config`` except for ``config[key]``, the fingerprint of an
+    input rebuilt since: the store is stale and is redone (checked by the process that creates it)."""
+    if not distributed.is_main() or not (Path(out) / MANIFEST).is_file():
+        return False
+    with Store.open(out) as old:
+        before = old.config
+    now = json.loads(json.dumps(config))
+    return before.get(key) != now[key] and {**before, key: None} == {**now, key: None}
 
 
 class _Row:
