@@ -64,6 +64,12 @@ def _matrix_shape(G: Tensor) -> tuple[int, int] | None:
     return (int(G.shape[1]), int(G.shape[2])) if G.dim() == 3 else None
 
 
+def _plain_tensors(method):
+    """Run a method that creates or changes the statistics outside inference mode, under no_grad: tensors
+    made inside ``torch.inference_mode()`` could never be updated in place outside it again."""
+    return torch.inference_mode(False)(torch.no_grad()(method))
+
+
 class _ClassOrInstanceMethod:
     """``FisherInformation.load(path)`` builds a new estimator; ``fim.load(path)`` loads into ``fim``."""
 
@@ -222,7 +228,7 @@ class FisherInformation:
 
     # ------------------------------------------------------------------ streaming updates
 
-    @torch.no_grad()
+    @_plain_tensors
     def update(self, G: Tensor) -> FisherInformation:
         """Add a batch of training sets: G (S, C, d+1) or (S, D) float, raw gradient sums of any sign.
 
@@ -235,7 +241,7 @@ class FisherInformation:
         self._stats.update(rows)
         return self._added(rows.shape[0], rows.shape[1], _matrix_shape(G))
 
-    @torch.no_grad()
+    @_plain_tensors
     def update_descriptors(
         self, model: Any, x: Tensor, offsets: Tensor, *, backend: str | None = None
     ) -> FisherInformation:
@@ -288,7 +294,7 @@ class FisherInformation:
     def _same_config(self, other_mode: str, other_rank: int, other_sketch: int) -> bool:
         return (other_mode, other_rank, other_sketch) == (self.mode, self.rank, self.sketch_rows)
 
-    @torch.no_grad()
+    @_plain_tensors
     def merge(self, other: FisherInformation) -> FisherInformation:
         """Absorb ``other``'s data: self becomes the estimator over the union; returns self.
 
@@ -318,7 +324,7 @@ class FisherInformation:
         self._stats.merge(other._stats)
         return self._added(other.num_sets, self.dim, other.shape)
 
-    @torch.no_grad()
+    @_plain_tensors
     def all_reduce(self) -> FisherInformation:
         """Make every rank's estimator the one over all ranks' data (torch.distributed; alone, a no-op).
 
@@ -445,6 +451,7 @@ class FisherInformation:
             state.update(self._stats.state())
         return state
 
+    @_plain_tensors
     def load_state_dict(self, state: dict[str, Any], *, device: torch.device | str | None = None) -> FisherInformation:
         """Restore from :meth:`state_dict` (checks format, version, mode, rank and D); returns self."""
         if not isinstance(state, dict) or state.get("format") != FORMAT:
