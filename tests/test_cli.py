@@ -51,7 +51,7 @@ def run_cli(*argv: str) -> int:
 
 def descriptor_args(videos: Path, out: Path, *extra: str) -> list[str]:
     return ["descriptors", "--dataset", "folder", "--root", videos, *TINY, "--frames", "3", "--size", "64",
-            "--shard-items", "4", "--workers", "0", "--out", out, "--quiet", *extra]
+            "--levels", "4,2,1", "--shard-items", "4", "--workers", "0", "--out", out, "--quiet", *extra]
 
 
 def help_text(capsys, *argv: str) -> str:
@@ -114,6 +114,29 @@ def one_line_error(capsys, code: int, needle: str) -> None:
     assert code == 2
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("fvvae ") and needle in err, err
+
+
+def test_a_map_smaller_than_the_pyramid_and_a_vit_at_the_wrong_size_are_one_line_each(tmp_path, videos, capsys):
+    """--size 64 makes the tiny backbone's map 4 x 4, under the 6 x 6 grid: refused with the smallest --size
+    that fills it (nothing written), or taken with --levels that fit. A ViT built for 224 at --size 64:
+    one line naming the size (was a 57-line traceback). A --size over the weights' crop: one notice line."""
+    base = ["descriptors", "--dataset", "folder", "--root", videos, "--frames", "2", "--workers", "0", "--quiet",
+            "--subset", "test"]
+    one_line_error(capsys, run_cli(*base, *TINY, "--size", "64", "--out", tmp_path / "d"),
+                   "a 4 x 4 map is smaller than the pyramid's 6 x 6 grid (levels 6,3,2,1): only 42 of its 50 "
+                   "descriptors would be distinct; give size (--size) 81 or more, or levels of at most 4")
+    assert not (tmp_path / "d").exists()
+    one_line_error(capsys, run_cli(*base, "--backbone", "vit_b_16", "--layer", "conv_proj", "--random-weights",
+                                   "--size", "64", "--levels", "4,2,1", "--out", tmp_path / "vit"),
+                   "vit_b_16 up to conv_proj does not take 64 x 64 input")
+    assert run_cli(*base, *TINY, "--size", "96", "--out", tmp_path / "d96") == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "notice" in line] == [
+        "notice: --size 96 overrides the crop 224 of the ImageNet default (shorter side 256, crop 224): shorter "
+        "side 110, crop 96"]
+    source = Store.open(tmp_path / "d96").config["source"]
+    assert (source["size"], source["resize"], source["interpolation"], source["std"]) == (
+        96, 110, "bilinear", [0.229, 0.224, 0.225])
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, videos, capsys):
@@ -224,8 +247,8 @@ def test_encode_with_the_released_model(tmp_path, videos, capsys):
     released .mat model: 512 x 257 dimensional Fisher vectors."""
     desc = tmp_path / "desc"
     assert run_cli("descriptors", "--dataset", "folder", "--root", videos, "--backbone", "resnet18", "--layer",
-                   "layer4", "--random-weights", "--frames", "2", "--size", "64", "--map-scale", "158",
-                   "--workers", "0", "--out", desc, "--quiet", "--subset", "test") == 0
+                   "layer4", "--random-weights", "--frames", "2", "--size", "64", "--levels", "2,1", "--map-scale",
+                   "158", "--workers", "0", "--out", desc, "--quiet", "--subset", "test") == 0
     assert run_cli("encode", "--model", OFFICIAL, "--descriptors", desc, "--out", tmp_path / "fv", "--quiet") == 0
     X, _, _ = Store.open(tmp_path / "fv").vectors("test")
     assert X.shape == (4, 512 * 257)
@@ -302,7 +325,7 @@ def test_killed_run_restarts_to_identical_output(tmp_path):
         make_video(root / f"c{i % 2}" / f"v{i:02d}.mp4", frames=16, seed=i)
     make_corrupt(root / "c0" / "v99_bad.mp4")
     args = ["descriptors", "--dataset", "folder", "--root", str(root), *TINY, "--frames", "8", "--size", "64",
-            "--shard-items", "1", "--batch-frames", "8", "--workers", "1", "--quiet"]
+            "--levels", "4,2,1", "--shard-items", "1", "--batch-frames", "8", "--workers", "1", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "reference")]) == 0  # uninterrupted
 
     out = tmp_path / "killed"

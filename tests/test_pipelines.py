@@ -315,10 +315,10 @@ def test_gpu_decoder_runs_the_stage_in_the_main_process(tmp_path, monkeypatch, t
     refused) and writes the descriptors the CPU decoder gives."""
     ds = video_dataset(tmp_path / "videos", n=3)
     kwargs = {"shard_items": 3, "batch_frames": 3, "progress": False}
-    extract_descriptors(VideoSource(frames=2, size=64, decoder="torchcodec"), ds, tmp_path / "cpu", tiny_backbone,
+    extract_descriptors(VideoSource(frames=2, size=96, decoder="torchcodec"), ds, tmp_path / "cpu", tiny_backbone,
                         workers=0, **kwargs)
     asked = _gpu_decoder_on_the_cpu(monkeypatch)
-    source = VideoSource(frames=2, size=64, decoder="torchcodec-cuda")
+    source = VideoSource(frames=2, size=96, decoder="torchcodec-cuda")
     with pytest.raises(ValueError, match="need workers=0, got 2"):
         extract_descriptors(source, ds, tmp_path / "refused", tiny_backbone, workers=2, **kwargs)
     extract_descriptors(source, ds, tmp_path / "gpu", tiny_backbone, **kwargs)
@@ -492,11 +492,11 @@ def test_torchvision_preprocess_values():
 
 def test_video_source_load_and_descriptors(tmp_path, tiny_backbone):
     path = make_video(tmp_path / "v.mp4")
-    source = VideoSource(frames=3, size=64)
+    source = VideoSource(frames=3, size=96)
     frames = source.load(Item("v", path))
     assert frames.shape == (3, 3, 48, 64) and frames.dtype == torch.uint8  # workers hand over decoded frames
     prepared = source.prepare(frames)
-    assert prepared.shape == (3, 3, 64, 64) and prepared.dtype == torch.float32
+    assert prepared.shape == (3, 3, 96, 96) and prepared.dtype == torch.float32
     desc = descriptors_of(source, tiny_backbone, frames)
     assert desc.shape == (3 * 50, 40)
     np.testing.assert_array_equal(desc, descriptors_of(source, tiny_backbone, prepared))
@@ -658,7 +658,7 @@ def test_bf16_descriptors_are_close_to_fp32():
     fp32 = build_backbone(TINY["name"], TINY["layer"], random_weights=True, seed=seed)
     bf16 = build_backbone(TINY["name"], TINY["layer"], random_weights=True, seed=seed, precision="bf16")
     frames = torch.randint(0, 256, (5, 3, 70, 90), generator=generator(8), dtype=torch.uint8)
-    source = VideoSource(frames=5, size=64)
+    source = VideoSource(frames=5, size=96)
     a, b = descriptors_of(source, fp32, frames), descriptors_of(source, bf16, frames)
     assert a.dtype == b.dtype == np.float32 and a.shape == b.shape == (5 * 50, 40)
     rel = np.linalg.norm(b - a) / np.linalg.norm(a)
@@ -826,7 +826,7 @@ def video_dataset(root: Path, n: int = 4) -> Dataset:
 
 def test_extract_video_store_skips_bad_items(tmp_path, tiny_backbone):
     ds = video_dataset(tmp_path / "videos")
-    source = VideoSource(frames=3, size=64)
+    source = VideoSource(frames=3, size=96)
     report = extract_descriptors(source, ds, tmp_path / "store", tiny_backbone, shard_items=2, batch_frames=4,
                                  workers=0, progress=False)
     assert report.computed == 6 and report.failed_now == 2 and report.summary.done == 4
@@ -848,7 +848,7 @@ def test_extract_video_store_skips_bad_items(tmp_path, tiny_backbone):
 
 def test_extract_with_workers_is_byte_identical(tmp_path, tiny_backbone):
     ds = video_dataset(tmp_path / "videos", n=3)
-    source = VideoSource(frames=2, size=64)
+    source = VideoSource(frames=2, size=96)
     for name, workers in (("w0", 0), ("w1", 1)):
         extract_descriptors(source, ds, tmp_path / name, tiny_backbone, shard_items=3, batch_frames=3,
                             workers=workers, progress=False)
@@ -860,7 +860,7 @@ def test_writer_errors_reach_the_caller_and_the_run_resumes(tmp_path, tiny_backb
     """An error on the shard writer thread stops the run in the caller; the shards written before
     it are kept, and the rerun completes to the bytes of an uninterrupted run."""
     ds = video_dataset(tmp_path / "videos", n=4)  # 6 items: 3 shards of 2
-    source = VideoSource(frames=2, size=64)
+    source = VideoSource(frames=2, size=96)
 
     def fail(shard: int) -> None:
         if shard == 1:

@@ -177,8 +177,16 @@ class Backbone(nn.Module):
         if key not in self._channels:
             p = next(self.extractor.parameters(), None)
             device = p.device if p is not None else torch.device("cpu")
-            # forward, not __call__: a probe must not compile a graph for batch 1 (nn.Module.compile)
-            self._channels[key] = tuple(self.forward(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+            try:
+                # forward, not __call__: a probe must not compile a graph for batch 1 (nn.Module.compile)
+                self._channels[key] = tuple(self.forward(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+            except (BackboneError, torch.OutOfMemoryError):
+                raise
+            except (AssertionError, RuntimeError, ValueError) as err:  # e.g. a ViT built for one input size
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise BackboneError(f"{self.arch} up to {self.layer} does not take {height} x {width} input "
+                                    f"({reason}); choose the input size it was built for with size (--size), "
+                                    f"{self.transform.crop} for {self.transform.origin}") from None
         return self._channels[key]
 
     @staticmethod

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..model import normalize_map
 from ..official import RELEASE_CROP, RELEASE_RESIZE, release_preprocess
 from ..ops.validate import check_offsets
-from ..spp import PAPER_LEVELS, dense_descriptors, spp
+from ..spp import PAPER_LEVELS, check_pyramid, dense_descriptors, spp
 from .datasets import Item
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -262,8 +262,8 @@ def check_normalisation(interpolation: str, mean: Sequence[float], std: Sequence
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
     for name, values in (("mean", mean), ("std", std)):
         if len(values) != 3 or not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
-            raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel){', > 0' if name == 'std' else ''}, "
-                             f"got {values!r}")
+            positive = ", > 0" if name == "std" else ""
+            raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel){positive}, got {values!r}")
 
 
 def frame_settings(transform: Transform, kind: str, size: int | None, resize: int | None,
@@ -409,6 +409,40 @@ class VideoSource(FrameSource):
 
     def pool(self, maps: Tensor) -> Tensor:
         return spp(maps, self.levels)
+
+    def check_maps(self, backbone) -> None:
+        """:class:`~fvvae_fast.spp.PyramidError` when ``backbone``'s map of this source's frames is smaller
+        than the pyramid (``levels``), naming the smallest input size whose map fills it."""
+        height, width = self.input_size
+        _, map_h, map_w = backbone.output_shape(height, width)
+        if min(map_h, map_w) >= max(self.levels):
+            return
+        smallest = None if self.preprocess == "release" else smallest_input(backbone, max(self.levels), height)
+        larger = "another backbone or layer" if smallest is None else f"size (--size) {smallest} or more"
+        check_pyramid(map_h, map_w, self.levels, f"{backbone.arch} up to {backbone.layer} at {height} x {width} input",
+                      larger)
+
+
+def smallest_input(backbone, side: int, start: int, limit: int = 4096) -> int | None:
+    """The smallest square input size > ``start`` whose map (``backbone.output_shape``) has both sides >= ``side``
+    (map sides grow with the input: doubling, then bisection); None beyond ``limit`` or when a size is refused."""
+    from .backbones import BackboneError
+
+    def fits(size: int) -> bool:
+        return min(backbone.output_shape(size, size)[1:]) >= side
+
+    low, high = start, 2 * start
+    try:
+        while not fits(high):
+            low, high = high, 2 * high
+            if high > limit:
+                return None
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid, high)
+    except BackboneError:
+        return None
+    return high
 
 
 @dataclass
