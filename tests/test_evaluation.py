@@ -50,8 +50,7 @@ def _data(train_sets=60, test_sets=30, dim=12, with_global=True):
     return EvalData(tr, te, *glob, name="generated")
 
 
-TINY = CompareConfig(latent_dim=3, iterations=5, sweep_iterations=4, batch_sets=16, rank=2, gmm_components=2, vlad_centres=3,
-                     latent_sweep=(1, 3), gmm_sweep=(1, 2), vlad_sweep=(2, 3), lambda3_sweep=(0.0, 10.0),
+TINY = CompareConfig(latent_dim=3, iterations=5, sweep_iterations=4, batch_sets=16, rank=2, latent_sweep=(1, 3), gmm_sweep=(1, 2), vlad_sweep=(2, 3), lambda3_sweep=(0.0, 10.0),
                      compress_latents=(1,), fit_descriptors=200, seeds=(0,))
 
 
@@ -64,7 +63,8 @@ def test_comparison_has_every_row_and_resumes(tmp_path):
     assert {p for m, p in table if m == "FV-VAE"} == {"FIM none", "FIM diagonal", "FIM lowrank k=2", "FIM kronecker"}
     dims = {r["method"]: r["dim"] for r in result.rows if r["group"] == "table"}
     c = data.train.dim
-    assert dims["BP"] == c * c and dims["FV (GMM)"] == 2 * 2 * c and dims["VLAD"] == 3 * c and dims["GA"] == 7
+    assert dims["BP"] == c * c and dims["GA"] == 7
+    assert dims["FV (GMM)"] == dims["VLAD"] == dims["FV-VAE"] == c * (3 + 1)  # sized for d = 3 by themselves
     assert {r["group"] for r in result.rows} == {"table", "fig4a", "fig4b", "fig4c"}
     assert all(0.0 <= r["top1"] <= r["top3"] <= 1.0 for r in result.rows)
     assert "| BP |" in format_table(result.summary)
@@ -78,6 +78,18 @@ def test_comparison_has_every_row_and_resumes(tmp_path):
     # other settings: everything is recomputed
     other = run_comparison(data, CompareConfig(**{**TINY.__dict__, "iterations": 6}), tmp_path, progress=False)
     assert other.rows[0]["top1"] >= 0.0
+
+
+@pytest.mark.parametrize("latent,gmm,vlad", [(31, 16, 32), (3, 2, 4), (4, 3, 5), (1, 1, 2), (254, 128, 255)])
+def test_baselines_are_sized_for_the_fvvae_dimension_at_any_latent_dim(latent, gmm, vlad):
+    """FV (GMM) 2 K C and VLAD K C nearest FV-VAE's C (d+1) (d + 1 odd: K rounded up), unless set; the
+    mixture-weight terms count when asked for."""
+    cfg = CompareConfig(latent_dim=latent)
+    assert cfg.baseline_sizes(384) == (gmm, vlad)
+    assert cfg.dimensions(384) == (f"dimensions at C=384: FV-VAE d={latent}: C (d+1) = {384 * (latent + 1):,}; "
+                                   f"FV (GMM) K={gmm}: {2 * gmm * 384:,}; VLAD K={vlad}: K C = {vlad * 384:,}")
+    assert CompareConfig(latent_dim=latent, gmm_components=5, vlad_centres=7).baseline_sizes(384) == (5, 7)
+    assert CompareConfig(latent_dim=31, gmm_weights=True).baseline_sizes(2) == (13, 32)  # 2 K C + K = 65 ~ 64
 
 
 def test_seeds_give_mean_and_spread_of_the_table_rows(tmp_path):
