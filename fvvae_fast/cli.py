@@ -30,6 +30,7 @@ import dataclasses
 import os
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -257,6 +258,19 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None) if argv else None
 
 
+def _one_line_warnings(command: str):
+    """A ``warnings.showwarning`` that prints the package's own warnings (a collapsing model's
+    CollapseWarning) as one ``fvvae <command>: warning: ...`` line; others as Python does."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not category.__module__.startswith(f"{__package__}."):
+            return default(message, category, filename, lineno, file, line)
+        print(f"fvvae {command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(argv)
@@ -270,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.init_from_env()
         from .threads import limit_torch_threads
 
-        with limit_torch_threads():  # the CPU quota (and share) this process runs under
+        with limit_torch_threads(), warnings.catch_warnings():  # the CPU quota (and share) this process runs under
+            warnings.showwarning = _one_line_warnings(args.command)
             return args.func(args)
     except KeyboardInterrupt:
         print(f"fvvae {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -406,3 +406,31 @@ def test_a_full_disk_at_the_manifest_commit_is_one_error_line(tmp_path, monkeypa
     monkeypatch.undo()
     assert _arrays_store(tmp_path, tmp_path / "desc") == 0  # the rerun, once there is room, completes the store
     assert Store.open(tmp_path / "desc").summary().done == 5
+
+
+def test_train_warns_in_one_line_and_names_the_extend_flag(tmp_path, capsys, monkeypatch):
+    """The collapse warning is one `fvvae train: warning: ...` line (was a raw Python warning line with its
+    source line); the refusal to resume a finished run names --extend; a folder as --out is one line."""
+    import importlib
+
+    import numpy as np
+
+    training = importlib.import_module("fvvae_fast.train")  # the module (fvvae_fast.train is the function)
+    g = np.random.default_rng(3)
+    np.save(tmp_path / "x.npy", g.random((40, 6), dtype=np.float32))
+    np.save(tmp_path / "offsets.npy", np.arange(0, 41, 4))
+    assert run_cli("descriptors", "--dataset", "arrays", "--source", "precomputed", "--arrays", tmp_path / "x.npy",
+                   "--offsets", tmp_path / "offsets.npy", "--out", tmp_path / "desc", "--quiet") == 0
+    monkeypatch.setattr(training, "LIVENESS_WARN", 2.0)  # every model counts as collapsing
+    monkeypatch.setattr(training, "LIVENESS_PATIENCE", 0)
+    train = ["train", "--descriptors", tmp_path / "desc", "--lambda3", "0", "--latent-dim", "2", "--quiet"]
+    capsys.readouterr()
+    assert run_cli(*train, "--iterations", "10", "--out", tmp_path / "m.pt") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fvvae train: warning: train: iteration 10: only "), err
+    assert "collapsing" in err[0] and "CollapseWarning" not in err[0]
+    one_line_error(capsys, run_cli(*train, "--iterations", "20", "--out", tmp_path / "m.pt"),
+                   "run is for iterations=10 (at 10), not 20; extend it with resume='extend' (--extend)")
+    (tmp_path / "folder").mkdir()
+    one_line_error(capsys, run_cli(*train, "--iterations", "10", "--out", tmp_path / "folder"),
+                   "folder: a folder, not a file; expected a fvvae_fast checkpoint")

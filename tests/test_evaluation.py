@@ -141,3 +141,16 @@ def test_attention_sums_to_the_fisher_vector(mode):
                          for t in range(9)])
     torch.testing.assert_close(terms.sum(0), fv)
     torch.testing.assert_close(att.double(), terms.abs().sum(1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which,labels,error,match", [
+    ("train_y", np.array([0, 1, 0.5, 1]), ValueError, r"evaluate_vectors: train_y must be integers, got 0.5 at 2"),
+    ("test_y", torch.tensor([0.0, 1.5]), ValueError, r"evaluate_vectors: test_y must be integers, got 1.5 at 1"),
+    ("train_y", np.array([True, False, True, False]), TypeError, r"train_y must be integers, got bool values"),
+], ids=["train 0.5", "test 1.5", "bool"])
+def test_fractional_labels_are_refused_not_truncated(which, labels, error, match):
+    """A label 0.5 was truncated into class 0."""
+    g = torch.Generator().manual_seed(1)
+    y = {"train_y": np.array([0, 1, 0, 1]), "test_y": np.array([0, 1]), which: labels}
+    with pytest.raises(error, match=match):
+        evaluate_vectors(torch.rand(4, 6, generator=g), y["train_y"], torch.rand(2, 6, generator=g), y["test_y"])

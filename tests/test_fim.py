@@ -517,3 +517,13 @@ def test_a_fim_fed_under_inference_mode_is_updated_merged_saved_and_loaded_later
                 (loaded_into, FisherInformation.load(tmp_path / "fim.pt").update_descriptors(model, x0, o0))]
     for est, reference in expected:
         torch.testing.assert_close(est.whiten(G), reference.whiten(G), rtol=1e-13, atol=1e-15)
+
+
+def test_a_fim_with_zero_sets_is_one_clear_value_error(tmp_path):
+    """A FIM file made from no data loads (its header), and whitening with it names the empty estimate (a
+    ValueError, one line on the command line; still a RuntimeError for callers that caught that)."""
+    FisherInformation().save(tmp_path / "empty.pt")
+    empty = FisherInformation.load(tmp_path / "empty.pt")
+    for call in (lambda: empty.whiten(torch.randn(3, 24)), lambda: empty.diagonal()):
+        with pytest.raises(ValueError, match=r"no data yet \(num_sets=0: the estimate holds no training set"):
+            call()

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..io import load_torch_file
 from ..ops.validate import check_offsets, opmath_dtype
 from .diagonal import DiagonalStatistics
@@ -62,6 +63,10 @@ _S = TypeVar("_S", bound=Statistics)
 def _matrix_shape(G: Tensor) -> tuple[int, int] | None:
     """(C, d+1) of G (S, C, d+1); None for G (S, D)."""
     return (int(G.shape[1]), int(G.shape[2])) if G.dim() == 3 else None
+
+
+class EmptyEstimateError(UserError, ValueError, RuntimeError):
+    """A FisherInformation asked for its estimate before any training set was added."""
 
 
 def _plain_tensors(method):
@@ -358,8 +363,9 @@ class FisherInformation:
 
     def _require_data(self, where: str) -> None:
         if self.num_sets == 0:
-            raise RuntimeError(f"FisherInformation.{where}: no data yet; call update(), update_descriptors() "
-                               f"or estimate() first")
+            raise EmptyEstimateError(f"FisherInformation.{where}: no data yet (num_sets=0: the estimate holds no "
+                                     f"training set, as a FIM file made from no data); call update(), "
+                                     f"update_descriptors() or estimate() first")
 
     def _only(self, kind: type[_S], where: str) -> _S:
         """This estimator's statistics, which ``where`` needs to be of mode ``kind.mode``, with data."""
