@@ -14,7 +14,7 @@ The release pools the 7 x 7 VGG-19 pool5 map with four max-pooling windows/strid
 and for any other map size we use the paper's generic pyramid 6x6, 3x3, 2x2, 1x1 by
 adaptive max pooling (window i of n over a side of length L covers
 [floor(i L / n), ceil((i + 1) L / n))). On a 7 x 7 map the two coincide exactly. A map with a
-side shorter than the finest grid (L < n) is refused (:class:`PyramidError`), never padded out
+side shorter than the finest grid (L < n) is refused (``PyramidError``), never padded out
 with repeated cells: a 2 x 2 map would give only 9 distinct of the 50 descriptors. Ask for a
 pyramid that fits instead (``levels``, e.g. (2, 1); ``--levels 2,1`` on the command line) or a
 larger input.
@@ -54,7 +54,7 @@ def distinct_cells(height: int, width: int, levels: Sequence[int] = PAPER_LEVELS
 
 def check_pyramid(height: int, width: int, levels: Sequence[int] = PAPER_LEVELS, where: str = "spp",
                   larger: str = "a larger input") -> None:
-    """:class:`PyramidError` unless every grid of ``levels`` fits a height x width map (n <= min(H, W));
+    """``PyramidError`` unless every grid of ``levels`` fits a height x width map (n <= min(H, W));
     ``larger`` says how to get a larger map."""
     side, finest = min(height, width), max(levels)
     if side >= finest:
@@ -83,7 +83,7 @@ def spp(maps: Tensor, levels: Sequence[int] = PAPER_LEVELS) -> Tensor:
     A 7 x 7 map with the default levels uses the release's fixed windows/strides
     2/1, 3/2, 4/3, 7/6 (``RELEASE_WINDOWS``); other sizes use adaptive max pooling
     (identical to the release's windows on 7 x 7); a map with a side shorter than the finest grid
-    raises :class:`PyramidError`. Order: finest level first,
+    raises ``PyramidError``. Order: finest level first,
     row-major within a level (module docstring). Deterministic, differentiable, batched.
 
     Example:
