@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import fvvae_fast as fv
-from fvvae_fast.train import ESTIMATE_AFTER
-from fvvae_fast.train import load_model
+from fvvae_fast.train import ESTIMATE_AFTER, load_model
 
 from .cases import generator
 from .test_io import held_elsewhere
