@@ -68,7 +68,8 @@ setup(
         # unpinned torchvision can pull in another torch; install the one matching your torch.
         "pipelines": PIPELINES,
         "yaml": ["pyyaml"],
-        "dev": [*PIPELINES, "pytest", "pytest-benchmark", "hypothesis", "tensorboard", "timm", "sphinx", "pandas"],
+        "dev": [*PIPELINES, "pytest", "pytest-benchmark", "hypothesis", "tensorboard", "timm", "sphinx", "pandas",
+                "scikit-image"],
     },
     entry_points={"console_scripts": ["fvvae = fvvae_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -256,24 +256,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _notices(command: str) -> Iterator[None]:
-    """Warnings whose category is marked ``one_line`` (e.g. a file of an earlier version) print as one
-    ``fvvae <command>: notice: ...`` line; the others as before."""
+def _warnings_as_lines(command: str) -> Iterator[None]:
+    """The package's own warnings print as one ``fvvae <command>: warning: ...`` line (``notice:`` for a category
+    marked ``one_line``: a file of an earlier version); others as Python prints them."""
     with warnings.catch_warnings():
-        show = warnings.showwarning
+        default = warnings.showwarning
 
-        def showwarning(message, category, filename, lineno, file=None, line=None):
-            if getattr(category, "one_line", False):
-                print(f"fvvae {command}: notice: {message}", file=sys.stderr)
-            else:
-                show(message, category, filename, lineno, file, line)
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not category.__module__.startswith(f"{__package__}."):
+                return default(message, category, filename, lineno, file, line)
+            kind = "notice" if getattr(category, "one_line", False) else "warning"
+            print(f"fvvae {command}: {kind}: {' '.join(str(message).split())}", file=sys.stderr)
 
-        warnings.showwarning = showwarning
+        warnings.showwarning = show
         yield
-
-
-def _command_of(argv: Sequence[str]) -> str | None:
-    return next((a for a in argv if not a.startswith("-")), None) if argv else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -289,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.init_from_env()
         from .threads import limit_torch_threads
 
-        with limit_torch_threads(), _notices(args.command):  # the CPU quota (and share) this process runs under
+        # torch threads: the CPU quota (and share) this process runs under
+        with limit_torch_threads(), _warnings_as_lines(args.command):
             return args.func(args)
     except KeyboardInterrupt:
         print(f"fvvae {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -156,6 +156,7 @@ def run_demo(config: DemoConfig | None = None, out: str | Path = "demo_out", *, 
         name = data.name
         print(f"data: descriptor store {descriptors}: {len(data.train)} {train_split!r} / {len(data.test)} "
               f"{test_split!r} sets, C={data.train.dim} (the store's split for every seed)")
+    print(cfg.compare.dimensions((builtin or data).train.dim))
     t_data = time.perf_counter() - t0
     result = run_comparison(data, cfg.compare, out, progress=progress)
     t_compare = time.perf_counter() - t0 - t_data

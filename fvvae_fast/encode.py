@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -135,6 +135,7 @@ def fisher_encode(
         >>> fisher_encode(model, torch.rand(2, 5, 8)).shape
         torch.Size([2, 32])
     """
+    check_encoder(model, fim, "fisher_encode")
     if fim is not None:
         check_fim_model(fim, model, "fisher_encode")
     return encode_unchecked(model, x, offsets, fim, normalize, backend)
@@ -142,7 +143,7 @@ def fisher_encode(
 
 def encode_unchecked(model: FVVAE, x: Tensor, offsets: Tensor | None, fim: Whitener | None, normalize: bool,
                      backend: str | None) -> Tensor:
-    """:func:`fisher_encode` without the check of ``fim`` against ``model`` (done once by the caller)."""
+    """:func:`fisher_encode` without the checks of ``model`` and ``fim`` (done once by the caller)."""
     x, offsets = as_sets(x, offsets)
     if normalize and not _needs_grad(model, x):
         scale = _diagonal_scale(fim, model, x)
@@ -152,6 +153,16 @@ def encode_unchecked(model: FVVAE, x: Tensor, offsets: Tensor | None, fim: White
     G = fisher_gradients(model, x, offsets, backend=backend)
     vec = G.reshape(G.shape[0], -1) if fim is None else fim.whiten(G)
     return power_l2_normalize(vec, negate=True) if normalize else -vec
+
+
+def check_encoder(model: Any, fim: Any, where: str) -> None:
+    """TypeError naming ``where`` unless ``model`` works as an FVVAE (preprocess, encoder, decoder, inv_var) and
+    ``fim`` is None or has ``whiten(G)``."""
+    if not all(hasattr(model, name) for name in ("preprocess", "encoder", "decoder", "inv_var")):
+        raise TypeError(f"{where}: model must be an FVVAE, got {type(model).__name__}")
+    if fim is not None and not callable(getattr(fim, "whiten", None)):
+        raise TypeError(f"{where}: fim must be None or have whiten(G) (e.g. a FisherInformation; "
+                        f"FisherInformation.load(path) reads a FIM file), got {type(fim).__name__} {fim!r:.80}")
 
 
 def _needs_grad(model: FVVAE, x: Tensor) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .encode import Whitener, encode_unchecked
+from .encode import Whitener, check_encoder, encode_unchecked
 from .model import FVVAE
 from .ops.validate import opmath_dtype
 from .provenance import check_fim_model
@@ -33,13 +33,16 @@ class FisherVectorHead(nn.Module):
         super().__init__()
         if not isinstance(model, FVVAE):
             raise TypeError(f"FisherVectorHead: model must be an FVVAE, got {type(model).__name__}")
-        if fim is not None and not callable(getattr(fim, "whiten", None)):
-            raise TypeError(f"FisherVectorHead: fim must have whiten(G) (e.g. FisherInformation), got {type(fim).__name__}")
+        check_encoder(model, fim, "FisherVectorHead")
         if fim is not None:
             check_fim_model(fim, model, "FisherVectorHead")
         self.model, self.fim, self.normalize = model, fim, bool(normalize)
 
     def forward(self, x: Tensor, offsets: Tensor | None = None) -> Tensor:
+        for name, value in (("x", x), ("offsets", offsets)):
+            if value is not None and not isinstance(value, Tensor):  # a layer takes tensors, as every nn.Module
+                raise TypeError(f"FisherVectorHead: {name} must be a torch.Tensor (torch.from_numpy for an array), "
+                                f"got {type(value).__name__}")
         with torch.autocast(x.device.type, enabled=False):
             return encode_unchecked(self.model, x.to(opmath_dtype(x.dtype)), offsets, self.fim, self.normalize, None)
 

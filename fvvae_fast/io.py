@@ -148,6 +148,8 @@ def load_torch_file(path: str | os.PathLike, what: str, *, error: type[Exception
     arbitrary globals: a crafted file (a model someone shares) cannot run code when read. A missing file raises
     FileNotFoundError; a file torch cannot read (damaged, not a torch file, or one that needs other globals) one
     ``error`` naming the path and ``what`` it should hold."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path}: a folder, not a file; expected a {what}")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such file; expected a {what}")
     try:

@@ -8,6 +8,7 @@ shared, learnt sigma_x; a linear softmax classifier reads z.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops.training import dropout_keep, linear_relu, normalize_dropout, reconstruction_error
+from .ops.validate import _needs_host_checks
 
 NORMS = ("descriptor", "map", "none")
 # init_from_data: sigma_x >= SIGMA_FLOOR x the data's RMS; the latent noise moves the decoder's
@@ -51,11 +53,32 @@ def normalize_map(maps: Tensor, scale: float = 1.0, eps: float = 1e-12) -> Tenso
     return maps * (scale / norms).view(-1, *([1] * (maps.dim() - 1)))
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_size(name: str, value: object, low: int) -> None:
+    if not _whole(value):
+        raise TypeError(f"FVVAE: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"FVVAE: {name} must be >= {low}, got {value}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"FVVAE: {name} must be a finite number > 0, got {value!r}")
+
+
 def _hidden_dims(hidden_dim: int | Sequence[int] | None, in_dim: int) -> tuple[int, ...]:
     if hidden_dim is None:
         return (in_dim,)
-    if isinstance(hidden_dim, int):
-        return (hidden_dim,) if hidden_dim > 0 else ()
+    if _whole(hidden_dim):
+        _check_size("hidden_dim", hidden_dim, 0)
+        return (int(hidden_dim),) if hidden_dim > 0 else ()
+    if isinstance(hidden_dim, (str, bytes)) or not isinstance(hidden_dim, Sequence) \
+            or not all(_whole(h) and h >= 1 for h in hidden_dim):
+        raise ValueError(f"FVVAE: hidden_dim must be None, an int >= 0 or a sequence of ints >= 1 (the hidden "
+                         f"layers' widths), got {hidden_dim!r}")
     return tuple(int(h) for h in hidden_dim)
 
 
@@ -96,13 +119,12 @@ class FVVAE(nn.Module):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"FVVAE: norm must be one of {NORMS}, got {norm!r}")
-        if in_dim < 1 or latent_dim < 1 or num_classes < 0:
-            raise ValueError(
-                f"FVVAE: need in_dim >= 1, latent_dim >= 1, num_classes >= 0; "
-                f"got {in_dim}, {latent_dim}, {num_classes}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"FVVAE: dropout must be in [0, 1), got {dropout}")
+        for name, value, low in (("in_dim", in_dim, 1), ("latent_dim", latent_dim, 1), ("num_classes", num_classes, 0)):
+            _check_size(name, value, low)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"FVVAE: dropout must be in [0, 1), got {dropout!r}")
+        _check_positive("norm_scale", norm_scale)
+        _check_positive("eps", eps)
         self.in_dim, self.latent_dim, self.num_classes = in_dim, latent_dim, num_classes
         self.hidden_dims = _hidden_dims(hidden_dim, in_dim)
         self.norm, self.norm_scale, self.dropout, self.eps = norm, float(norm_scale), float(dropout), eps
@@ -185,6 +207,10 @@ class FVVAE(nn.Module):
         at 1e-4 on entries of RMS about 1).
         """
         xp = self.preprocess(x).double()
+        if xp.shape[0] == 0 or not bool(torch.isfinite(xp).all()) or not bool(xp.abs().amax(1).gt(0).any()):
+            raise ValueError(f"FVVAE.init_from_data: x must hold finite values and at least one non-zero row, got "
+                             f"{xp.shape[0]} rows, {int((~torch.isfinite(xp)).any(1).sum())} with NaN or Inf, "
+                             f"{int(xp.abs().amax(1).eq(0).sum())} all zero")
         mean, std = xp.mean(0), xp.std(0, correction=0)
         floor = SIGMA_FLOOR * float(xp.pow(2).mean().sqrt().clamp_min(self.eps))
         spread = std.clamp_min(floor)
@@ -268,8 +294,17 @@ class FVVAE(nn.Module):
             return False
         if labels is None:
             raise ValueError("FVVAE.loss: labels (N,) are needed when lambda3 > 0")
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+                or labels.dtype == torch.bool:
+            raise TypeError(f"FVVAE.loss: labels must be an integer tensor (class indices), got "
+                            f"{getattr(labels, 'dtype', type(labels).__name__)}")
         if labels.shape != (n,):
             raise ValueError(f"FVVAE.loss: labels must be (N={n},), got {tuple(labels.shape)}")
+        if _needs_host_checks(labels):  # no ignore index: every descriptor's label is a class
+            bad = torch.nonzero((labels < 0) | (labels >= self.num_classes))
+            if bad.numel():
+                raise ValueError(f"FVVAE.loss: labels must be in [0, num_classes={self.num_classes}), got "
+                                 f"{int(labels[bad[0, 0]])} at {int(bad[0, 0])}")
         return True
 
     def forward(self, x: Tensor) -> Tensor:

@@ -17,6 +17,20 @@ from torch import Tensor
 from .ops.validate import check_offsets
 
 
+def integer_values(values: Any, name: str, where: str) -> np.ndarray:
+    """``values`` (an array, tensor or list of integers; whole-valued floats pass) as an int64 array; a
+    fractional, non-finite, boolean or non-numeric value is a ValueError/TypeError naming ``name`` and the
+    value (never truncated)."""
+    arr = np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values)
+    if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise TypeError(f"{where}: {name} must be integers, got {arr.dtype} values")
+    if np.issubdtype(arr.dtype, np.floating):
+        bad = np.flatnonzero(~np.isfinite(arr) | (arr != np.round(arr)))
+        if bad.size:
+            raise ValueError(f"{where}: {name} must be integers, got {arr.flat[bad[0]].item()!r} at {bad[0]}")
+    return arr.astype(np.int64)
+
+
 @dataclass
 class DescriptorSets:
     """Descriptors of S sets: ``x`` (N, C) float tensor or array (a NumPy memmap works),
@@ -28,12 +42,12 @@ class DescriptorSets:
     labels: Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.offsets = torch.as_tensor(np.asarray(self.offsets), dtype=torch.int64)
+        self.offsets = torch.from_numpy(integer_values(self.offsets, "offsets", "DescriptorSets"))
         if self.x.ndim != 2:
             raise ValueError(f"DescriptorSets: x must be (N, C), got shape {tuple(self.x.shape)}")
         check_offsets(self.offsets, self.x.shape[0], "DescriptorSets")
         if self.labels is not None:
-            self.labels = torch.as_tensor(np.asarray(self.labels), dtype=torch.int64)
+            self.labels = torch.from_numpy(integer_values(self.labels, "labels", "DescriptorSets"))
             if self.labels.shape != (len(self),):
                 raise ValueError(f"DescriptorSets: labels must be (S={len(self)},), got {tuple(self.labels.shape)}")
 

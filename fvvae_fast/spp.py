@@ -13,7 +13,11 @@ The release pools the 7 x 7 VGG-19 pool5 map with four max-pooling windows/strid
 
 and for any other map size we use the paper's generic pyramid 6x6, 3x3, 2x2, 1x1 by
 adaptive max pooling (window i of n over a side of length L covers
-[floor(i L / n), ceil((i + 1) L / n))). On a 7 x 7 map the two coincide exactly.
+[floor(i L / n), ceil((i + 1) L / n))). On a 7 x 7 map the two coincide exactly. A map with a
+side shorter than the finest grid (L < n) is refused (``PyramidError``), never padded out
+with repeated cells: a 2 x 2 map would give only 9 distinct of the 50 descriptors. Ask for a
+pyramid that fits instead (``levels``, e.g. (2, 1); ``--levels 2,1`` on the command line) or a
+larger input.
 
 Descriptor order, the same as the release's ``activations_spp.m`` (whose MATLAB blob is
 (W, H, C), flattened column-major, so x varies fastest): finest level first
@@ -29,9 +33,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import UserError
+
 PAPER_LEVELS: tuple[int, ...] = (6, 3, 2, 1)
 # (grid n, window, stride) of the release on a 7 x 7 map; finest first.
 RELEASE_WINDOWS: tuple[tuple[int, int, int], ...] = ((6, 2, 1), (3, 3, 2), (2, 4, 3), (1, 7, 6))
+
+
+class PyramidError(UserError, ValueError):
+    """A map too small for the pyramid's finest grid (its cells would repeat map positions)."""
+
+
+def distinct_cells(height: int, width: int, levels: Sequence[int] = PAPER_LEVELS) -> int:
+    """How many of the pyramid's sum n^2 cells pool distinct windows of a height x width map."""
+    def windows(length: int, n: int) -> list[tuple[int, int]]:
+        return [(i * length // n, -(-(i + 1) * length // n)) for i in range(n)]
+
+    return len({(r, c) for n in levels for r in windows(height, n) for c in windows(width, n)})
+
+
+def check_pyramid(height: int, width: int, levels: Sequence[int] = PAPER_LEVELS, where: str = "spp",
+                  larger: str = "a larger input") -> None:
+    """``PyramidError`` unless every grid of ``levels`` fits a height x width map (n <= min(H, W));
+    ``larger`` says how to get a larger map."""
+    side, finest = min(height, width), max(levels)
+    if side >= finest:
+        return
+    fits = ",".join(str(n) for n in levels if n <= side) or "1"
+    distinct, total = distinct_cells(height, width, levels), spp_size(levels)
+    waste = (f"only {distinct} of its {total} descriptors would be distinct" if distinct < total else
+             f"its {finest} cells a side would overlap on {side} map positions")
+    raise PyramidError(f"{where}: a {height} x {width} map is smaller than the pyramid's {finest} x {finest} grid "
+                       f"(levels {','.join(map(str, levels))}): {waste}; give {larger}, or levels of at "
+                       f"most {side} (e.g. {fits})")
 
 
 def spp_size(levels: Sequence[int] = PAPER_LEVELS) -> int:
@@ -48,7 +82,8 @@ def spp(maps: Tensor, levels: Sequence[int] = PAPER_LEVELS) -> Tensor:
 
     A 7 x 7 map with the default levels uses the release's fixed windows/strides
     2/1, 3/2, 4/3, 7/6 (``RELEASE_WINDOWS``); other sizes use adaptive max pooling
-    (identical to the release's windows on 7 x 7). Order: finest level first,
+    (identical to the release's windows on 7 x 7); a map with a side shorter than the finest grid
+    raises ``PyramidError``. Order: finest level first,
     row-major within a level (module docstring). Deterministic, differentiable, batched.
 
     Example:
@@ -62,6 +97,7 @@ def spp(maps: Tensor, levels: Sequence[int] = PAPER_LEVELS) -> Tensor:
     levels = tuple(int(n) for n in levels)
     if not levels or min(levels) < 1:
         raise ValueError(f"spp: levels must be positive grid sizes, got {levels}")
+    check_pyramid(maps.shape[2], maps.shape[3], levels)
     b, c = maps.shape[:2]
     if tuple(maps.shape[2:]) == (7, 7) and levels == PAPER_LEVELS:
         pooled = [F.max_pool2d(maps, kernel_size=k, stride=s) for _, k, s in RELEASE_WINDOWS]

@@ -78,11 +78,21 @@ class TrainConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "batch_sets", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig: {name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr}")
+        for name in ("iterations", "batch_sets", "checkpoint_every", "log_every", "descriptors_per_set"):
+            value = getattr(self, name)
+            if value is None and name == "descriptors_per_set":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"TrainConfig: {name} must be an int, got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"TrainConfig: {name} must be >= 1, got {value}")
+        for name, wanted, fits in (("lr", "> 0", lambda v: v > 0), ("rho", "in [0, 1]", lambda v: 0 <= v <= 1),
+                                   ("eps", "> 0", lambda v: v > 0), *((f"lambda{k}", ">= 0", lambda v: v >= 0)
+                                                                        for k in (1, 2, 3))):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                    or not fits(value):
+                raise ValueError(f"TrainConfig: {name} must be a finite number {wanted}, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or \
                 not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"TrainConfig: seed must be an integer from -2**63 to 2**63 - 1, got {self.seed!r}")
@@ -178,7 +188,7 @@ def _check_resume(path: str | os.PathLike, ckpt: dict, config, resume: str,
         return extended
     if resume != "extend" or config.iterations < ckpt["iteration"]:
         raise ValueError(f"{path}: the checkpoint's run is for iterations={before} (at {ckpt['iteration']}), "
-                         f"not {config.iterations}" + ("; extend it with resume='extend'" if
+                         f"not {config.iterations}" + ("; extend it with resume='extend' (--extend)" if
                                                       config.iterations > ckpt["iteration"] else ""))
     return [*extended, [before, config.iterations]]
 
@@ -201,12 +211,26 @@ def _deferred_interrupts():
             signal.signal(sig, handler)
 
 
+def torch_device(name: str | torch.device, where: str) -> torch.device:
+    """The torch device ``name``, checked to exist here: ValueError naming ``where`` and the value otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{where}: {name!r} is not a torch device (cpu, cuda, cuda:1, ...): {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{where}: {name!r} needs CUDA, which this machine lacks; use 'cpu'")
+    return device
+
+
 def _check_labels(model: FVVAE, data: DescriptorSets, config: TrainConfig) -> bool:
     use = model.classifier is not None and config.lambda3 != 0.0
     if use and data.labels is None:
         raise ValueError("train: data.labels are needed for the classification loss (or set lambda3=0)")
-    if use and len(data) and int(data.labels.max()) >= model.num_classes:
-        raise ValueError(f"train: labels must be < num_classes={model.num_classes}, got {int(data.labels.max())}")
+    if use and len(data):
+        low, high = int(data.labels.min()), int(data.labels.max())
+        if low < 0 or high >= model.num_classes:
+            raise ValueError(f"train: labels must be in [0, num_classes={model.num_classes}), got "
+                             f"{low if low < 0 else high}")
     return use
 
 
@@ -285,7 +309,11 @@ def train(
     rank 0 only) are those of the single-process run with the same settings, and a checkpoint
     resumes under any world size.
     """
-    config = config or TrainConfig()
+    config = TrainConfig() if config is None else config
+    for name, value, kind in (("model", model, FVVAE), ("data", data, DescriptorSets), ("config", config, TrainConfig)):
+        if not isinstance(value, kind):
+            hint = " (sets go in DescriptorSets(x, offsets, labels))" if name == "data" else ""
+            raise TypeError(f"train: {name} must be of type {kind.__name__}, got {type(value).__name__}{hint}")
     if data.dim != model.in_dim:
         raise ValueError(f"train: descriptors have C={data.dim} but the model expects in_dim={model.in_dim}")
     if len(data) == 0:
@@ -294,7 +322,7 @@ def train(
         raise ValueError(f"train: all {len(data)} sets of data are empty: no descriptor to train on")
     _check_finite_data(data)
     use_labels = _check_labels(model, data, config)
-    device = torch.device(config.device)
+    device = torch_device(config.device, "train: config.device")
     model.to(device).train()
     optimizer = Adadelta(model.parameters(), lr=config.lr, rho=config.rho, eps=config.eps, foreach=True)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)

@@ -66,13 +66,14 @@ def test_bad_input_is_refused(bad):
         average_pool(x, off)
 
 
+@pytest.mark.parametrize("weights", [False, True], ids=["mean-variance", "with-weights"])
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)
-def test_gmm_fisher_vector_matches_direct(lengths):
+def test_gmm_fisher_vector_matches_direct(lengths, weights):
     train, _ = _sets((60,), salt=1)
-    enc = GMMFisherVector(components=3, seed=0).fit([train])
+    enc = GMMFisherVector(components=3, weights=weights, seed=0).fit([train])
     x, off = _sets(lengths)
     fv = enc.encode(x, off)
-    assert fv.shape == (len(lengths), 2 * 3 * 5) and len(enc.get_feature_names_out()) == 30
+    assert fv.shape == (len(lengths), 2 * 3 * 5 + 3 * weights) and len(enc.get_feature_names_out()) == 30 + 3 * weights
     w, mu, sd = (t.double() for t in (enc.weights_, enc.means_, enc.sigmas_))
     for s, xs in enumerate(_each(x, off)):
         t = max(len(xs), 1)
@@ -85,7 +86,31 @@ def test_gmm_fisher_vector_matches_direct(lengths):
                                 torch.zeros(5, dtype=torch.float64)) / (t * w[k].sqrt()) for k in range(3)])
         g_sd = torch.stack([sum((gamma[i, k] * (((xs[i] - mu[k]) / sd[k]) ** 2 - 1) for i in range(len(xs))),
                                 torch.zeros(5, dtype=torch.float64)) / (t * (2 * w[k]).sqrt()) for k in range(3)])
-        torch.testing.assert_close(fv[s].double(), torch.cat([g_mu.flatten(), g_sd.flatten()]), atol=2e-4, rtol=1e-3)
+        g_w = torch.stack([sum((gamma[i, k] - w[k] for i in range(len(xs))), torch.zeros((), dtype=torch.float64))
+                           / (t * w[k].sqrt()) for k in range(3)])
+        want = torch.cat([g_w] * weights + [g_mu.flatten(), g_sd.flatten()])
+        torch.testing.assert_close(fv[s].double(), want, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["mean-variance", "with-weights"])
+def test_gmm_fisher_vector_matches_scikit_image(weights):
+    """scikit-image's ``fisher_vector`` on the same GMM (scikit-learn's, same seed): its weight terms first,
+    then the mean terms, then the variance terms with the opposite sign (its d_sigma is sigma^2 - (x - mu)^2)."""
+    feature = pytest.importorskip("skimage.feature")
+    from sklearn.mixture import GaussianMixture
+
+    train, _ = _sets((60,), salt=1)
+    enc = GMMFisherVector(components=3, weights=weights, seed=0).fit([train])
+    gmm = GaussianMixture(3, covariance_type="diag", reg_covar=1e-6, random_state=0).fit(train.double().numpy())
+    x, off = _sets((3, 1, 7), salt=4)
+    fv = enc.encode(x, off).double()
+    k, kc = 3, 3 * 5
+    for s, xs in enumerate(_each(x, off)):
+        ref = torch.from_numpy(feature.fisher_vector(xs.numpy(), gmm))
+        want = torch.cat([ref[:k]] * weights + [ref[k : k + kc], -ref[k + kc :]])
+        torch.testing.assert_close(fv[s], want, atol=2e-4, rtol=1e-3)
+    with pytest.raises(TypeError, match="weights must be True or False, got 1"):
+        GMMFisherVector(components=3, weights=1).fit([train])
 
 
 @pytest.mark.parametrize("lengths", LENGTHS, ids=str)

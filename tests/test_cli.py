@@ -51,7 +51,7 @@ def run_cli(*argv: str) -> int:
 
 def descriptor_args(videos: Path, out: Path, *extra: str) -> list[str]:
     return ["descriptors", "--dataset", "folder", "--root", videos, *TINY, "--frames", "3", "--size", "64",
-            "--shard-items", "4", "--workers", "0", "--out", out, "--quiet", *extra]
+            "--levels", "4,2,1", "--shard-items", "4", "--workers", "0", "--out", out, "--quiet", *extra]
 
 
 def help_text(capsys, *argv: str) -> str:
@@ -114,6 +114,29 @@ def one_line_error(capsys, code: int, needle: str) -> None:
     assert code == 2
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("fvvae ") and needle in err, err
+
+
+def test_a_map_smaller_than_the_pyramid_and_a_vit_at_the_wrong_size_are_one_line_each(tmp_path, videos, capsys):
+    """--size 64 makes the tiny backbone's map 4 x 4, under the 6 x 6 grid: refused with the smallest --size
+    that fills it (nothing written), or taken with --levels that fit. A ViT built for 224 at --size 64:
+    one line naming the size (was a 57-line traceback). A --size over the weights' crop: one notice line."""
+    base = ["descriptors", "--dataset", "folder", "--root", videos, "--frames", "2", "--workers", "0", "--quiet",
+            "--subset", "test"]
+    one_line_error(capsys, run_cli(*base, *TINY, "--size", "64", "--out", tmp_path / "d"),
+                   "a 4 x 4 map is smaller than the pyramid's 6 x 6 grid (levels 6,3,2,1): only 42 of its 50 "
+                   "descriptors would be distinct; give size (--size) 81 or more, or levels of at most 4")
+    assert not (tmp_path / "d").exists()
+    one_line_error(capsys, run_cli(*base, "--backbone", "vit_b_16", "--layer", "conv_proj", "--random-weights",
+                                   "--size", "64", "--levels", "4,2,1", "--out", tmp_path / "vit"),
+                   "vit_b_16 up to conv_proj does not take 64 x 64 input")
+    assert run_cli(*base, *TINY, "--size", "96", "--out", tmp_path / "d96") == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "notice" in line] == [
+        "notice: --size 96 overrides the crop 224 of the ImageNet default (shorter side 256, crop 224): shorter "
+        "side 110, crop 96"]
+    source = Store.open(tmp_path / "d96").config["source"]
+    assert (source["size"], source["resize"], source["interpolation"], source["std"]) == (
+        96, 110, "bilinear", [0.229, 0.224, 0.225])
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, videos, capsys):
@@ -224,8 +247,8 @@ def test_encode_with_the_released_model(tmp_path, videos, capsys):
     released .mat model: 512 x 257 dimensional Fisher vectors."""
     desc = tmp_path / "desc"
     assert run_cli("descriptors", "--dataset", "folder", "--root", videos, "--backbone", "resnet18", "--layer",
-                   "layer4", "--random-weights", "--frames", "2", "--size", "64", "--map-scale", "158",
-                   "--workers", "0", "--out", desc, "--quiet", "--subset", "test") == 0
+                   "layer4", "--random-weights", "--frames", "2", "--size", "64", "--levels", "2,1", "--map-scale",
+                   "158", "--workers", "0", "--out", desc, "--quiet", "--subset", "test") == 0
     assert run_cli("encode", "--model", OFFICIAL, "--descriptors", desc, "--out", tmp_path / "fv", "--quiet") == 0
     X, _, _ = Store.open(tmp_path / "fv").vectors("test")
     assert X.shape == (4, 512 * 257)
@@ -302,7 +325,7 @@ def test_killed_run_restarts_to_identical_output(tmp_path):
         make_video(root / f"c{i % 2}" / f"v{i:02d}.mp4", frames=16, seed=i)
     make_corrupt(root / "c0" / "v99_bad.mp4")
     args = ["descriptors", "--dataset", "folder", "--root", str(root), *TINY, "--frames", "8", "--size", "64",
-            "--shard-items", "1", "--batch-frames", "8", "--workers", "1", "--quiet"]
+            "--levels", "4,2,1", "--shard-items", "1", "--batch-frames", "8", "--workers", "1", "--quiet"]
     assert main([*args, "--out", str(tmp_path / "reference")]) == 0  # uninterrupted
 
     out = tmp_path / "killed"
@@ -383,3 +406,31 @@ def test_a_full_disk_at_the_manifest_commit_is_one_error_line(tmp_path, monkeypa
     monkeypatch.undo()
     assert _arrays_store(tmp_path, tmp_path / "desc") == 0  # the rerun, once there is room, completes the store
     assert Store.open(tmp_path / "desc").summary().done == 5
+
+
+def test_train_warns_in_one_line_and_names_the_extend_flag(tmp_path, capsys, monkeypatch):
+    """The collapse warning is one `fvvae train: warning: ...` line (was a raw Python warning line with its
+    source line); the refusal to resume a finished run names --extend; a folder as --out is one line."""
+    import importlib
+
+    import numpy as np
+
+    training = importlib.import_module("fvvae_fast.train")  # the module (fvvae_fast.train is the function)
+    g = np.random.default_rng(3)
+    np.save(tmp_path / "x.npy", g.random((40, 6), dtype=np.float32))
+    np.save(tmp_path / "offsets.npy", np.arange(0, 41, 4))
+    assert run_cli("descriptors", "--dataset", "arrays", "--source", "precomputed", "--arrays", tmp_path / "x.npy",
+                   "--offsets", tmp_path / "offsets.npy", "--out", tmp_path / "desc", "--quiet") == 0
+    monkeypatch.setattr(training, "LIVENESS_WARN", 2.0)  # every model counts as collapsing
+    monkeypatch.setattr(training, "LIVENESS_PATIENCE", 0)
+    train = ["train", "--descriptors", tmp_path / "desc", "--lambda3", "0", "--latent-dim", "2", "--quiet"]
+    capsys.readouterr()
+    assert run_cli(*train, "--iterations", "10", "--out", tmp_path / "m.pt") == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fvvae train: warning: train: iteration 10: only "), err
+    assert "collapsing" in err[0] and "CollapseWarning" not in err[0]
+    one_line_error(capsys, run_cli(*train, "--iterations", "20", "--out", tmp_path / "m.pt"),
+                   "run is for iterations=10 (at 10), not 20; extend it with resume='extend' (--extend)")
+    (tmp_path / "folder").mkdir()
+    one_line_error(capsys, run_cli(*train, "--iterations", "10", "--out", tmp_path / "folder"),
+                   "folder: a folder, not a file; expected a fvvae_fast checkpoint")

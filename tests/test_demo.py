@@ -40,6 +40,10 @@ def test_demo_smoke_on_a_tiny_subset(tmp_path, capsys):
         assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "table.md").is_file() and (tmp_path / "results.json").is_file()
     assert "data: Animal-MNIST (animal-mnist 0.4), 40 train / 20 test images" in out
+    # --latent-dim 3: every baseline at FV-VAE's 384 x 4 dimensions, and the line says so
+    assert ("dimensions at C=384: FV-VAE d=3: C (d+1) = 1,536; FV (GMM) K=2: 1,536; VLAD K=4: K C = 1,536"
+            in out.splitlines())
+    assert "| FV (GMM) | K=2 | 1,536 |" in out and "| VLAD | K=4 | 1,536 |" in out
     assert " ± " in out and "vs FV (GMM)" in out  # two seeds: mean ± std and the spread notes
 
 

@@ -104,3 +104,27 @@ def test_power_l2_normalize_chunked_path_matches_autograd_path(shape):
     slow = power_l2_normalize(v.clone().requires_grad_(), negate=True)
     torch.testing.assert_close(fast, want)
     torch.testing.assert_close(slow.detach(), want)
+
+
+def test_bad_encoders_are_one_clear_error_each():
+    """A non-model, a string as fim, a FIM with zero sets, NumPy input to the head: one TypeError or ValueError
+    naming the argument (were AttributeErrors, and a RuntimeError for the empty FIM)."""
+    import numpy as np
+
+    model = fv.FVVAE(in_dim=6, latent_dim=2, seed=0).eval()
+    x = torch.rand(2, 3, 6, generator=generator(9))
+    cases = [
+        (lambda: fv.fisher_encode("model.pt", x), TypeError, r"fisher_encode: model must be an FVVAE, got str"),
+        (lambda: fv.fisher_encode(model, x, fim="fim.pt"), TypeError,
+         r"fisher_encode: fim must be None or have whiten\(G\) .*got str 'fim.pt'"),
+        (lambda: fv.fisher_encode(model, x, fim=fv.FisherInformation()), ValueError,
+         r"FisherInformation.whiten: no data yet \(num_sets=0"),
+        (lambda: fv.FisherVectorHead(model)(x.numpy()), TypeError,
+         r"FisherVectorHead: x must be a torch.Tensor \(torch.from_numpy for an array\), got ndarray"),
+        (lambda: fv.FisherVectorHead(model)(x.reshape(6, 6), np.array([0, 3, 6])), TypeError,
+         r"FisherVectorHead: offsets must be a torch.Tensor .*got ndarray"),
+        (lambda: fv.FisherVectorHead(model, fim="diagonal"), TypeError, r"FisherVectorHead: fim must be None or have"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()

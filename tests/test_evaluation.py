@@ -50,8 +50,7 @@ def _data(train_sets=60, test_sets=30, dim=12, with_global=True):
     return EvalData(tr, te, *glob, name="generated")
 
 
-TINY = CompareConfig(latent_dim=3, iterations=5, sweep_iterations=4, batch_sets=16, rank=2, gmm_components=2, vlad_centres=3,
-                     latent_sweep=(1, 3), gmm_sweep=(1, 2), vlad_sweep=(2, 3), lambda3_sweep=(0.0, 10.0),
+TINY = CompareConfig(latent_dim=3, iterations=5, sweep_iterations=4, batch_sets=16, rank=2, latent_sweep=(1, 3), gmm_sweep=(1, 2), vlad_sweep=(2, 3), lambda3_sweep=(0.0, 10.0),
                      compress_latents=(1,), fit_descriptors=200, seeds=(0,))
 
 
@@ -64,7 +63,8 @@ def test_comparison_has_every_row_and_resumes(tmp_path):
     assert {p for m, p in table if m == "FV-VAE"} == {"FIM none", "FIM diagonal", "FIM lowrank k=2", "FIM kronecker"}
     dims = {r["method"]: r["dim"] for r in result.rows if r["group"] == "table"}
     c = data.train.dim
-    assert dims["BP"] == c * c and dims["FV (GMM)"] == 2 * 2 * c and dims["VLAD"] == 3 * c and dims["GA"] == 7
+    assert dims["BP"] == c * c and dims["GA"] == 7
+    assert dims["FV (GMM)"] == dims["VLAD"] == dims["FV-VAE"] == c * (3 + 1)  # sized for d = 3 by themselves
     assert {r["group"] for r in result.rows} == {"table", "fig4a", "fig4b", "fig4c"}
     assert all(0.0 <= r["top1"] <= r["top3"] <= 1.0 for r in result.rows)
     assert "| BP |" in format_table(result.summary)
@@ -78,6 +78,18 @@ def test_comparison_has_every_row_and_resumes(tmp_path):
     # other settings: everything is recomputed
     other = run_comparison(data, CompareConfig(**{**TINY.__dict__, "iterations": 6}), tmp_path, progress=False)
     assert other.rows[0]["top1"] >= 0.0
+
+
+@pytest.mark.parametrize("latent,gmm,vlad", [(31, 16, 32), (3, 2, 4), (4, 3, 5), (1, 1, 2), (254, 128, 255)])
+def test_baselines_are_sized_for_the_fvvae_dimension_at_any_latent_dim(latent, gmm, vlad):
+    """FV (GMM) 2 K C and VLAD K C nearest FV-VAE's C (d+1) (d + 1 odd: K rounded up), unless set; the
+    mixture-weight terms count when asked for."""
+    cfg = CompareConfig(latent_dim=latent)
+    assert cfg.baseline_sizes(384) == (gmm, vlad)
+    assert cfg.dimensions(384) == (f"dimensions at C=384: FV-VAE d={latent}: C (d+1) = {384 * (latent + 1):,}; "
+                                   f"FV (GMM) K={gmm}: {2 * gmm * 384:,}; VLAD K={vlad}: K C = {vlad * 384:,}")
+    assert CompareConfig(latent_dim=latent, gmm_components=5, vlad_centres=7).baseline_sizes(384) == (5, 7)
+    assert CompareConfig(latent_dim=31, gmm_weights=True).baseline_sizes(2) == (13, 32)  # 2 K C + K = 65 ~ 64
 
 
 def test_seeds_give_mean_and_spread_of_the_table_rows(tmp_path):
@@ -129,3 +141,16 @@ def test_attention_sums_to_the_fisher_vector(mode):
                          for t in range(9)])
     torch.testing.assert_close(terms.sum(0), fv)
     torch.testing.assert_close(att.double(), terms.abs().sum(1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which,labels,error,match", [
+    ("train_y", np.array([0, 1, 0.5, 1]), ValueError, r"evaluate_vectors: train_y must be integers, got 0.5 at 2"),
+    ("test_y", torch.tensor([0.0, 1.5]), ValueError, r"evaluate_vectors: test_y must be integers, got 1.5 at 1"),
+    ("train_y", np.array([True, False, True, False]), TypeError, r"train_y must be integers, got bool values"),
+], ids=["train 0.5", "test 1.5", "bool"])
+def test_fractional_labels_are_refused_not_truncated(which, labels, error, match):
+    """A label 0.5 was truncated into class 0."""
+    g = torch.Generator().manual_seed(1)
+    y = {"train_y": np.array([0, 1, 0, 1]), "test_y": np.array([0, 1]), which: labels}
+    with pytest.raises(error, match=match):
+        evaluate_vectors(torch.rand(4, 6, generator=g), y["train_y"], torch.rand(2, 6, generator=g), y["test_y"])

@@ -493,3 +493,40 @@ def test_full_size_d_never_forms_a_d_by_d_matrix(mode, rank):
     w = fim.whiten(G)
     assert w.shape == (6, 131072) and w.dtype == torch.float32 and bool(torch.isfinite(w).all())
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 256 * 1024
+
+
+@pytest.mark.parametrize("mode,rank", MODES, ids=MODE_IDS)
+def test_a_fim_fed_under_inference_mode_is_updated_merged_saved_and_loaded_later(tmp_path, mode, rank):
+    """Statistics first made under ``torch.inference_mode()`` (what ``FVVAEEncoder.fit`` does) are plain
+    tensors: a later update, merge, load into it and save in normal mode work and give what the same
+    steps give in normal mode."""
+    model = _model(salt=14)
+    x, offsets = _sets(60, 6, salt=14)
+    (x0, o0, _), (x1, o1, _) = _batches(x, offsets, [25, 35])
+    with torch.inference_mode():
+        fim = _fed(mode, rank, model, x0, o0)
+        other = _fed(mode, rank, model, x1, o1)
+        loaded_into = _fed(mode, rank, model, x1, o1)
+    fim.update_descriptors(model, x1, o1)
+    merged = _fed(mode, rank, model, x0, o0).merge(other)
+    fim.save(tmp_path / "fim.pt")
+    loaded_into.load(tmp_path / "fim.pt")
+    loaded_into.update_descriptors(model, x0, o0)
+    assert (fim.num_sets, merged.num_sets, loaded_into.num_sets) == (60, 60, 85)
+    G = fisher_gradients(model, x, offsets)
+    updated = _fed(mode, rank, model, x0, o0).update_descriptors(model, x1, o1)
+    expected = [(fim, updated), (FisherInformation.load(tmp_path / "fim.pt"), updated),
+                (merged, _fed(mode, rank, model, x0, o0).merge(_fed(mode, rank, model, x1, o1))),
+                (loaded_into, FisherInformation.load(tmp_path / "fim.pt").update_descriptors(model, x0, o0))]
+    for est, reference in expected:
+        torch.testing.assert_close(est.whiten(G), reference.whiten(G), rtol=1e-13, atol=1e-15)
+
+
+def test_a_fim_with_zero_sets_is_one_clear_value_error(tmp_path):
+    """A FIM file made from no data loads (its header), and whitening with it names the empty estimate (a
+    ValueError, one line on the command line; still a RuntimeError for callers that caught that)."""
+    FisherInformation().save(tmp_path / "empty.pt")
+    empty = FisherInformation.load(tmp_path / "empty.pt")
+    for call in (lambda: empty.whiten(torch.randn(3, 24)), lambda: empty.diagonal()):
+        with pytest.raises(ValueError, match=r"no data yet \(num_sets=0: the estimate holds no training set"):
+            call()

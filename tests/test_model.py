@@ -105,3 +105,70 @@ def test_bad_arguments():
         assert model.encode(torch.rand(4, 8, dtype=torch.bfloat16)).shape == (4, 2)
     with pytest.raises(ValueError, match="labels"):
         model.loss(torch.rand(4, 8))
+
+
+NAN = float("nan")
+BAD_CONSTRUCTIONS = [  # (keyword arguments, error, the message names the argument, the value and what is expected)
+    ({"hidden_dim": -5}, ValueError, r"hidden_dim must be >= 0, got -5"),
+    ({"hidden_dim": [8, 0]}, ValueError, r"hidden_dim must be None, an int >= 0 or a sequence of ints >= 1 .*\[8, 0\]"),
+    ({"hidden_dim": [-3]}, ValueError, r"hidden_dim must be None, an int >= 0 or a sequence of ints >= 1 .*\[-3\]"),
+    ({"hidden_dim": "512"}, ValueError, r"hidden_dim must be .*got '512'"),
+    ({"norm_scale": NAN}, ValueError, r"norm_scale must be a finite number > 0, got nan"),
+    ({"norm_scale": 0.0}, ValueError, r"norm_scale must be a finite number > 0, got 0.0"),
+    ({"eps": -1}, ValueError, r"eps must be a finite number > 0, got -1"),
+    ({"in_dim": True}, TypeError, r"in_dim must be an int, got bool True"),
+    ({"in_dim": "8"}, TypeError, r"in_dim must be an int, got str '8'"),
+    ({"in_dim": 8.0}, TypeError, r"in_dim must be an int, got float 8.0"),
+    ({"latent_dim": 0}, ValueError, r"latent_dim must be >= 1, got 0"),
+    ({"num_classes": -1}, ValueError, r"num_classes must be >= 0, got -1"),
+    ({"dropout": NAN}, ValueError, r"dropout must be in \[0, 1\), got nan"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD_CONSTRUCTIONS, ids=[str(k) for k, _, _ in BAD_CONSTRUCTIONS])
+def test_each_bad_constructor_argument_is_one_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fv.FVVAE(**{"in_dim": 8, "latent_dim": 2, **kwargs})
+
+
+def test_good_hidden_layers_still_build():
+    assert fv.FVVAE(8, 2, hidden_dim=0).hidden_dims == () and fv.FVVAE(8, 2, hidden_dim=()).hidden_dims == ()
+    assert fv.FVVAE(8, 2, hidden_dim=[6, 5]).hidden_dims == (6, 5) and fv.FVVAE(8, 2).hidden_dims == (8,)
+
+
+BAD_LABELS = [  # labels of 3 descriptors for a model of 4 classes
+    (torch.tensor([0, -100, 1]), ValueError, r"labels must be in \[0, num_classes=4\), got -100 at 1"),  # no ignore index
+    (torch.tensor([0, 7, 1]), ValueError, r"labels must be in \[0, num_classes=4\), got 7 at 1"),
+    (torch.tensor([-1, 0, 1]), ValueError, r"labels must be in \[0, num_classes=4\), got -1 at 0"),
+    (torch.tensor([0.0, 1.0, 2.0]), TypeError, r"labels must be an integer tensor \(class indices\), got torch.float32"),
+    (torch.tensor([True, False, True]), TypeError, r"labels must be an integer tensor .*torch.bool"),
+    ([0, 1, 2], TypeError, r"labels must be an integer tensor .*got list"),
+]
+
+
+@pytest.mark.parametrize("labels,error,match", BAD_LABELS, ids=["ignore-index", "7-of-4", "-1", "float", "bool", "list"])
+@pytest.mark.parametrize("training", [False, True], ids=["loss", "training-step"])
+def test_loss_labels_must_be_class_indices(labels, error, match, training):
+    """FVVAE.loss and the fused training step (ops.training.loss_backward) refuse the same labels."""
+    from fvvae_fast.ops.training import loss_backward
+
+    model = fv.FVVAE(8, 2, num_classes=4, seed=0).train(training)
+    x = torch.rand(3, 8, generator=generator(4))
+    with pytest.raises(error, match=match):
+        if training:
+            loss_backward(model, x, labels, model.draw_noise(3), (1.0, 1.0, 1.0))
+        else:
+            model.loss(x, labels)
+
+
+@pytest.mark.parametrize("rows,match", [
+    (torch.full((4, 8), NAN), r"finite values and at least one non-zero row, got 4 rows, 4 with NaN or Inf, 0 all zero"),
+    (torch.zeros(4, 8), r"finite values and at least one non-zero row, got 4 rows, 0 with NaN or Inf, 4 all zero"),
+    (torch.zeros(0, 8), r"finite values and at least one non-zero row, got 0 rows"),
+], ids=["nan", "all-zero", "empty"])
+def test_init_from_data_refuses_data_without_scale(rows, match):
+    model = fv.FVVAE(8, 2, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"FVVAE.init_from_data: x must hold {match}"):
+        model.init_from_data(rows)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed

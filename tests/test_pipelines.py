@@ -35,6 +35,7 @@ from fvvae_fast.pipelines import (  # noqa: E402
     default_workers,
     descriptors_of,
     extract_descriptors,
+    frame_settings,
     read_activitynet,
     read_cub,
     read_folder,
@@ -43,6 +44,7 @@ from fvvae_fast.pipelines import (  # noqa: E402
     sources,  # noqa: E402
     torchvision_preprocess,
 )
+from fvvae_fast.pipelines.backbones import timm_transform, torchvision_transform  # noqa: E402
 from fvvae_fast.store import Store  # noqa: E402
 
 from .cases import generator  # noqa: E402
@@ -313,10 +315,10 @@ def test_gpu_decoder_runs_the_stage_in_the_main_process(tmp_path, monkeypatch, t
     refused) and writes the descriptors the CPU decoder gives."""
     ds = video_dataset(tmp_path / "videos", n=3)
     kwargs = {"shard_items": 3, "batch_frames": 3, "progress": False}
-    extract_descriptors(VideoSource(frames=2, size=64, decoder="torchcodec"), ds, tmp_path / "cpu", tiny_backbone,
+    extract_descriptors(VideoSource(frames=2, size=96, decoder="torchcodec"), ds, tmp_path / "cpu", tiny_backbone,
                         workers=0, **kwargs)
     asked = _gpu_decoder_on_the_cpu(monkeypatch)
-    source = VideoSource(frames=2, size=64, decoder="torchcodec-cuda")
+    source = VideoSource(frames=2, size=96, decoder="torchcodec-cuda")
     with pytest.raises(ValueError, match="need workers=0, got 2"):
         extract_descriptors(source, ds, tmp_path / "refused", tiny_backbone, workers=2, **kwargs)
     extract_descriptors(source, ds, tmp_path / "gpu", tiny_backbone, **kwargs)
@@ -376,6 +378,110 @@ def test_torchvision_mode_equals_the_weights_transforms(hw):
     torch.testing.assert_close(VideoSource().prepare(frames), expected, rtol=0, atol=1e-6)
 
 
+def drawn_frames(height: int, width: int, count: int = 2) -> torch.Tensor:
+    """``count`` RGB pictures drawn with PIL (a colour gradient, filled shapes, thin lines: sharp edges and
+    smooth areas) as uint8 frames (count, 3, height, width)."""
+    from PIL import Image, ImageDraw
+
+    out = []
+    for k in range(count):
+        y, x = np.mgrid[0:height, 0:width]
+        base = np.stack([255 * x / width, 255 * y / height, 128 + 100 * np.sin((x + y + 17 * k) / 9)], axis=-1)
+        im = Image.fromarray(base.astype(np.uint8))
+        draw = ImageDraw.Draw(im)
+        draw.ellipse((width // 5, height // 6 + k, 3 * width // 5, 2 * height // 3), fill=(250, 20 * k, 30))
+        draw.rectangle((width // 2, height // 2, width - 9, height - 5 - k), fill=(10, 240, 60 * k))
+        for i in range(0, width, 11):
+            draw.line((i, 0, width - i, height - 1), fill=(255, 255, 255), width=1 + k)
+        out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+# (architecture, weights): transforms that differ in resize, crop and interpolation
+TORCHVISION_TRANSFORMS = [("resnet50", "IMAGENET1K_V2"), ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1"),
+                          ("inception_v3", "IMAGENET1K_V1"), ("efficientnet_b0", "IMAGENET1K_V1")]
+
+
+@pytest.mark.parametrize("arch,weights", TORCHVISION_TRANSFORMS, ids=[a for a, _ in TORCHVISION_TRANSFORMS])
+@pytest.mark.parametrize("hw", [(240, 320), (403, 299)])
+def test_each_torchvision_backbone_gets_its_weights_transforms(arch, weights, hw):
+    """The video source made from the weights' Transform preprocesses real pictures as that weights'
+    ``transforms()`` does (ResNet-50 V2: 232 then 224; ViT SWAG: 384 bicubic; Inception v3: 342 then 299;
+    EfficientNet-B0: 256 bicubic), to float32 rounding; the image source takes their interpolation and
+    normalisation at its own size."""
+    import torchvision
+    from torchvision import transforms as T
+
+    entry = torchvision.models.get_model_weights(arch)[weights]
+    transform = torchvision_transform(entry)
+    expected = entry.transforms()(drawn_frames(*hw))
+    settings, notice = frame_settings(transform, "video", None, None, 448)
+    assert notice is None and transform.origin == str(entry)
+    torch.testing.assert_close(VideoSource(**settings).prepare(drawn_frames(*hw)), expected, rtol=0, atol=1e-6)
+    settings, _ = frame_settings(transform, "image", None, None, 448)
+    image = ImageSource(**settings).prepare(drawn_frames(*hw))
+    t = entry.transforms()
+    square = T.Compose([T.Resize((448, 448), interpolation=t.interpolation), T.ConvertImageDtype(torch.float32),
+                        T.Normalize(t.mean, t.std)])
+    torch.testing.assert_close(image, square(drawn_frames(*hw)), rtol=0, atol=1e-6)
+
+
+TIMM_MODELS = ["resnet18", "vit_tiny_patch16_224", "convnext_atto"]
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_each_timm_backbone_gets_its_data_config(name):
+    """A timm model's Transform is its ``resolve_data_config``: the video source equals timm's own
+    evaluation transform (``create_transform``, applied to uint8 tensors: its to-tensor step becomes the
+    same /255 conversion) on real pictures, to float32 rounding."""
+    timm = pytest.importorskip("timm")
+    from timm.data import create_transform, resolve_data_config
+    from torchvision import transforms as T
+
+    model = timm.create_model(name, pretrained=False)
+    transform = timm_transform(model, name)
+    steps = create_transform(**resolve_data_config(model=model)).transforms
+    timm_own = T.Compose([T.ConvertImageDtype(torch.float32) if type(s).__name__ == "MaybeToTensor" else s
+                          for s in steps])
+    frames = drawn_frames(250, 330)
+    settings, _ = frame_settings(transform, "video", None, None, 448)
+    torch.testing.assert_close(VideoSource(**settings).prepare(frames), timm_own(frames), rtol=0, atol=1e-6)
+
+
+def test_build_backbone_reads_the_preprocessing_of_its_weights(tmp_path):
+    """A local file of torchvision's MobileNet V2 IMAGENET1K_V2 (by its file name) gets that weights'
+    preprocessing (232 before the 224 crop), the same file under another name and random weights the
+    ImageNet default (256); a timm model its data config. --size overrides the crop with one notice."""
+    import torchvision
+
+    entry = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V2
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), tmp_path / Path(entry.url).name)
+    os.link(tmp_path / Path(entry.url).name, tmp_path / "mine.pth")
+    assert build_backbone("mobilenet_v2", weights=tmp_path / Path(entry.url).name).transform == \
+        torchvision_transform(entry)
+    for other in (build_backbone("mobilenet_v2", weights=tmp_path / "mine.pth"),
+                  build_backbone("mobilenet_v2", random_weights=True)):
+        assert (other.transform.resize, other.transform.crop, other.transform.origin) == (256, 224,
+                                                                                          "the ImageNet default")
+    settings, notice = frame_settings(torchvision_transform(entry), "video", 112, None, 448)
+    assert (settings["size"], settings["resize"]) == (112, 116)
+    assert notice.startswith("notice: --size 112 overrides the crop 224 of MobileNet_V2_Weights.IMAGENET1K_V2")
+    assert "\n" not in notice
+    assert frame_settings(torchvision_transform(entry), "video", 112, 130, 448)[0]["resize"] == 130
+    pytest.importorskip("timm")
+    timm_bb = build_backbone("timm:resnet10t", "layer2", random_weights=True)
+    assert timm_bb.transform.origin == "timm resnet10t" and timm_bb.transform.interpolation == "bicubic"
+
+
+def test_frame_sources_check_their_normalisation():
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        VideoSource(interpolation="nearest")
+    with pytest.raises(ValueError, match="std must be 3 finite numbers"):
+        ImageSource(std=(0.2, 0.0, 0.2))
+    with pytest.raises(ValueError, match="mean must be 3 finite numbers"):
+        VideoSource(mean=(0.5, 0.5))
+
+
 def test_torchvision_preprocess_values():
     frames = torch.full((2, 3, 30, 40), 255, dtype=torch.uint8)
     out = torchvision_preprocess(frames, 20, 16)
@@ -386,11 +492,11 @@ def test_torchvision_preprocess_values():
 
 def test_video_source_load_and_descriptors(tmp_path, tiny_backbone):
     path = make_video(tmp_path / "v.mp4")
-    source = VideoSource(frames=3, size=64)
+    source = VideoSource(frames=3, size=96)
     frames = source.load(Item("v", path))
     assert frames.shape == (3, 3, 48, 64) and frames.dtype == torch.uint8  # workers hand over decoded frames
     prepared = source.prepare(frames)
-    assert prepared.shape == (3, 3, 64, 64) and prepared.dtype == torch.float32
+    assert prepared.shape == (3, 3, 96, 96) and prepared.dtype == torch.float32
     desc = descriptors_of(source, tiny_backbone, frames)
     assert desc.shape == (3 * 50, 40)
     np.testing.assert_array_equal(desc, descriptors_of(source, tiny_backbone, prepared))
@@ -552,7 +658,7 @@ def test_bf16_descriptors_are_close_to_fp32():
     fp32 = build_backbone(TINY["name"], TINY["layer"], random_weights=True, seed=seed)
     bf16 = build_backbone(TINY["name"], TINY["layer"], random_weights=True, seed=seed, precision="bf16")
     frames = torch.randint(0, 256, (5, 3, 70, 90), generator=generator(8), dtype=torch.uint8)
-    source = VideoSource(frames=5, size=64)
+    source = VideoSource(frames=5, size=96)
     a, b = descriptors_of(source, fp32, frames), descriptors_of(source, bf16, frames)
     assert a.dtype == b.dtype == np.float32 and a.shape == b.shape == (5 * 50, 40)
     rel = np.linalg.norm(b - a) / np.linalg.norm(a)
@@ -720,7 +826,7 @@ def video_dataset(root: Path, n: int = 4) -> Dataset:
 
 def test_extract_video_store_skips_bad_items(tmp_path, tiny_backbone):
     ds = video_dataset(tmp_path / "videos")
-    source = VideoSource(frames=3, size=64)
+    source = VideoSource(frames=3, size=96)
     report = extract_descriptors(source, ds, tmp_path / "store", tiny_backbone, shard_items=2, batch_frames=4,
                                  workers=0, progress=False)
     assert report.computed == 6 and report.failed_now == 2 and report.summary.done == 4
@@ -742,7 +848,7 @@ def test_extract_video_store_skips_bad_items(tmp_path, tiny_backbone):
 
 def test_extract_with_workers_is_byte_identical(tmp_path, tiny_backbone):
     ds = video_dataset(tmp_path / "videos", n=3)
-    source = VideoSource(frames=2, size=64)
+    source = VideoSource(frames=2, size=96)
     for name, workers in (("w0", 0), ("w1", 1)):
         extract_descriptors(source, ds, tmp_path / name, tiny_backbone, shard_items=3, batch_frames=3,
                             workers=workers, progress=False)
@@ -754,7 +860,7 @@ def test_writer_errors_reach_the_caller_and_the_run_resumes(tmp_path, tiny_backb
     """An error on the shard writer thread stops the run in the caller; the shards written before
     it are kept, and the rerun completes to the bytes of an uninterrupted run."""
     ds = video_dataset(tmp_path / "videos", n=4)  # 6 items: 3 shards of 2
-    source = VideoSource(frames=2, size=64)
+    source = VideoSource(frames=2, size=96)
 
     def fail(shard: int) -> None:
         if shard == 1:

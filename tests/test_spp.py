@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fvvae_fast.spp import PAPER_LEVELS, RELEASE_WINDOWS, dense_descriptors, spp, spp_size
+from fvvae_fast.spp import PAPER_LEVELS, RELEASE_WINDOWS, PyramidError, dense_descriptors, distinct_cells, spp, spp_size
 
 
 def direct_release_spp(m: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def test_release_windows_equal_the_adaptive_pyramid_on_7x7():
     assert [n * n for n, _, _ in RELEASE_WINDOWS] == [36, 9, 4, 1] and spp_size() == 50
 
 
-@pytest.mark.parametrize("hw", [(1, 1), (4, 4), (13, 13), (10, 7), (14, 14)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("hw", [(6, 6), (6, 9), (13, 13), (10, 7), (14, 14)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_adaptive_pyramid_other_sizes(hw):
     maps = torch.randn(2, 3, *hw, generator=torch.Generator().manual_seed(1))
     out = spp(maps)
@@ -102,3 +102,19 @@ def test_bad_input():
         spp(torch.ones(1, 1, 7, 7, dtype=torch.int64))
     with pytest.raises(ValueError, match="levels"):
         spp(torch.rand(1, 1, 7, 7), levels=(0,))
+
+
+@pytest.mark.parametrize("hw,distinct,waste", [((2, 2), 9, "only 9 of its 50 descriptors would be distinct"),
+                                               ((4, 4), 42, "only 42 of its 50"), ((1, 1), 1, "only 1 of its 50"),
+                                               ((5, 9), 50, "its 6 cells a side would overlap on 5 map positions")],
+                         ids=["2x2", "4x4", "1x1", "5x9"])
+def test_maps_smaller_than_the_pyramid_are_refused_not_padded(hw, distinct, waste):
+    """A side shorter than the finest grid repeats or overlaps map cells (a 2 x 2 map: 9 distinct of 50):
+    refused with what it would waste and the levels that fit; such levels are taken."""
+    maps = torch.rand(1, 256, *hw, generator=torch.Generator().manual_seed(3))  # distinct windows, distinct maxima
+    assert distinct_cells(*hw) == distinct == len(torch.unique(direct_adaptive_spp(maps[0], PAPER_LEVELS), dim=0))
+    with pytest.raises(PyramidError, match=rf"a {hw[0]} x {hw[1]} map is smaller than the pyramid's 6 x 6 grid "
+                                           rf"\(levels 6,3,2,1\): {waste}"):
+        spp(maps)
+    fits = tuple(n for n in PAPER_LEVELS if n <= min(hw))
+    assert torch.equal(spp(maps, fits)[0], direct_adaptive_spp(maps[0], fits))

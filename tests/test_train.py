@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fvvae_fast as fv
-from fvvae_fast.train import ESTIMATE_AFTER
+from fvvae_fast.train import ESTIMATE_AFTER, load_model
 
 from .cases import generator
 from .test_io import held_elsewhere
@@ -141,9 +141,13 @@ def test_a_diverged_model_is_never_saved(tmp_path):
     x[::10, 0] = np.nan  # one row of every set
     mm = np.lib.format.open_memmap(tmp_path / "x.npy", mode="w+", dtype=np.float32, shape=x.shape)
     mm[:] = x
+    on_disk = fv.DescriptorSets(mm, data.offsets, data.labels)
+    with pytest.raises(ValueError, match="FVVAE.init_from_data: x must hold finite values .* 48 with NaN"):
+        fv.train(fv.FVVAE(16, 5, num_classes=3), on_disk, _config(log_every=1), checkpoint=tmp_path / "m.pt",
+                 progress=False)  # the data-scaled start reads a sample of them
     with pytest.raises(ValueError, match="train: iteration 1: .* nothing was saved"):
-        fv.train(fv.FVVAE(16, 5, num_classes=3), fv.DescriptorSets(mm, data.offsets, data.labels),
-                 _config(log_every=1), checkpoint=tmp_path / "m.pt", progress=False)
+        fv.train(fv.FVVAE(16, 5, num_classes=3), on_disk, _config(log_every=1, data_init=False),
+                 checkpoint=tmp_path / "m.pt", progress=False)
     assert not (tmp_path / "m.pt").exists()
 
 
@@ -262,3 +266,69 @@ def test_progress_and_time_estimate_on_a_terminal_by_default(capsys, monkeypatch
     assert len(estimates) == int(shown) and ("train FV-VAE" in err) == shown, err
     assert not estimates or re.fullmatch(r"train: \d+ iterations take about \d+ s here \([\d.]+ ms each\)",
                                          estimates[0])
+
+
+NAN = float("nan")
+BAD_CONFIGS = [
+    ({"lr": 0.0}, ValueError, r"TrainConfig: lr must be a finite number > 0, got 0.0"),  # nan: in the test above
+    ({"lambda3": NAN}, ValueError, r"TrainConfig: lambda3 must be a finite number >= 0, got nan"),
+    ({"lambda1": -1.0}, ValueError, r"TrainConfig: lambda1 must be a finite number >= 0, got -1.0"),
+    ({"rho": 1.5}, ValueError, r"TrainConfig: rho must be a finite number in \[0, 1\], got 1.5"),
+    ({"eps": 0.0}, ValueError, r"TrainConfig: eps must be a finite number > 0, got 0.0"),
+    ({"descriptors_per_set": 0}, ValueError, r"TrainConfig: descriptors_per_set must be >= 1, got 0"),
+    ({"descriptors_per_set": -3}, ValueError, r"TrainConfig: descriptors_per_set must be >= 1, got -3"),
+    ({"iterations": 2.5}, TypeError, r"TrainConfig: iterations must be an int, got float 2.5"),
+    ({"batch_sets": True}, TypeError, r"TrainConfig: batch_sets must be an int, got bool True"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", BAD_CONFIGS, ids=[str(k) for k, _, _ in BAD_CONFIGS])
+def test_each_bad_train_config_is_one_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fv.TrainConfig(**kwargs)
+
+
+def _bad_train_calls(tmp_path):
+    data, model = _problem(), fv.FVVAE(16, 2, num_classes=3)
+    (tmp_path / "folder.pt").mkdir()
+    return {
+        "model=None": (lambda: fv.train(None, data), TypeError, r"train: model must be of type FVVAE, got NoneType"),
+        "data=None": (lambda: fv.train(model, None), TypeError, r"data must be of type DescriptorSets, got NoneType"),
+        "tuple data": (lambda: fv.train(model, (data.x, data.offsets)), TypeError,
+                       r"data must be of type DescriptorSets, got tuple \(sets go in DescriptorSets"),
+        "empty set list": (lambda: fv.train(model, []), TypeError, r"data must be of type DescriptorSets, got list"),
+        "config dict": (lambda: fv.train(model, data, {"iterations": 3}), TypeError,
+                        r"config must be of type TrainConfig, got dict"),
+        "cuda without CUDA": (lambda: fv.train(model, data, _config(device="cuda")), ValueError,
+                              r"train: config.device: 'cuda' needs CUDA, which this machine lacks"),
+        "bad device": (lambda: fv.train(model, data, _config(device="gpu0")), ValueError,
+                       r"train: config.device: 'gpu0' is not a torch device"),
+        "label -1": (lambda: fv.train(model, fv.DescriptorSets(data.x, data.offsets, -data.labels - 1), _config()),
+                     ValueError, r"train: labels must be in \[0, num_classes=3\), got -3"),
+        "checkpoint folder": (lambda: fv.train(model, data, _config(), checkpoint=tmp_path / "folder.pt"),
+                              IsADirectoryError, r"folder.pt: a folder, not a file; expected a fvvae_fast checkpoint"),
+        "load_model folder": (lambda: load_model(tmp_path / "folder.pt"), IsADirectoryError,
+                              r"folder.pt: a folder, not a file"),
+    }
+
+
+BAD_TRAIN_CALLS = ["model=None", "data=None", "tuple data", "empty set list", "config dict",
+                   "cuda without CUDA", "bad device", "label -1", "checkpoint folder", "load_model folder"]
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN_CALLS)
+def test_each_bad_train_argument_is_one_clear_error(tmp_path, case):
+    if case == "cuda without CUDA" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    call, error, match = _bad_train_calls(tmp_path)[case]
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_the_resume_refusal_names_the_api_argument_and_the_flag(tmp_path):
+    data = _problem()
+    fv.train(fv.FVVAE(16, 5, seed=0), data, _config(iterations=4, lambda3=0.0), checkpoint=tmp_path / "a.pt",
+             progress=False)
+    with pytest.raises(ValueError, match=r"extend it with resume='extend' \(--extend\)"):
+        fv.train(fv.FVVAE(16, 5), data, _config(iterations=8, lambda3=0.0), checkpoint=tmp_path / "a.pt",
+                 progress=False)

@@ -8,6 +8,15 @@ posteriors gamma_tk, and a set of T descriptors:
 
 computed from the sufficient statistics S0 = sum_t gamma_t (K,), S1 = sum_t gamma_t x_t^T (K, C)
 and S2 = sum_t gamma_t (x_t^2)^T (K, C) of each set: never an (N, K, C) tensor. 2 K C dimensions.
+
+With ``weights=True`` the mixture-weight terms come first (as in scikit-image's ``fisher_vector``),
+K more dimensions (0 for an empty set, as its other terms):
+
+    G_w_k     = 1 / (T sqrt(w_k))   sum_t (gamma_tk - w_k)
+
+The default leaves them out, as the paper's FV baseline does: Perronnin et al.'s improved FV (and
+VLFeat's ``vl_fisher``, which the paper's settings follow) keeps the mean and variance terms only, 2 K C
+dimensions (K = 128 gives the paper's 256 C); the K weight terms carry little (Sanchez et al. 2013).
 """
 
 from __future__ import annotations
@@ -27,13 +36,15 @@ from .pooling import check_sets
 
 
 class GMMFisherVector(SetTransformer):
-    """Fit a diagonal GMM on the descriptors of sets, then encode sets into (S, 2 K C) float32 Fisher vectors.
+    """Fit a diagonal GMM on the descriptors of sets, then encode sets into (S, 2 K C) float32 Fisher vectors
+    (K + 2 K C with ``weights=True``).
 
     A scikit-learn transformer of sets (:mod:`fvvae_fast.sklearn`): ``fit(X)`` fits the GMM on every descriptor
     of the sets X, ``transform(X)`` returns NumPy; :meth:`encode` is the same on tensors x (N, C) + offsets.
 
     Args:
         components: K.
+        weights: add the K mixture-weight terms (module docstring; default False: the paper's 2 K C).
         seed: seed of scikit-learn's initialisation.
         max_iter: EM iterations.
         reg_covar: variance floor added by scikit-learn (descriptors are L2-normalised, so small).
@@ -47,21 +58,25 @@ class GMMFisherVector(SetTransformer):
         (2, 16)
     """
 
-    def __init__(self, components: int = 16, *, seed: int = 0, max_iter: int = 100, reg_covar: float = 1e-6) -> None:
+    def __init__(self, components: int = 16, *, weights: bool = False, seed: int = 0, max_iter: int = 100,
+                 reg_covar: float = 1e-6) -> None:
         self.components = components
+        self.weights = weights
         self.seed = seed
         self.max_iter = max_iter
         self.reg_covar = reg_covar
 
     @property
     def _n_features_out(self) -> int:
-        return 2 * self.means_.numel()
+        return 2 * self.means_.numel() + (self.means_.shape[0] if self.weights else 0)
 
     def _fit(self, x: Tensor, offsets: Tensor, y: Any = None) -> None:
         from sklearn.mixture import GaussianMixture
 
         if not isinstance(self.components, numbers.Integral) or self.components < 1:
             raise ValueError(f"GMMFisherVector: components must be an int >= 1, got {self.components!r}")
+        if not isinstance(self.weights, bool):
+            raise TypeError(f"GMMFisherVector: weights must be True or False, got {self.weights!r}")
         if x.shape[0] < self.components:
             raise ValueError(f"GMMFisherVector.fit: the sets hold {x.shape[0]} descriptors, fewer than "
                              f"components={self.components}")
@@ -84,7 +99,8 @@ class GMMFisherVector(SetTransformer):
         return torch.softmax(log_p, dim=1)
 
     def encode(self, x: Tensor, offsets: Tensor) -> Tensor:
-        """Fisher vectors of the sets: x (N, C) float, offsets (S+1,) int64 -> (S, 2 K C) float32."""
+        """Fisher vectors of the sets: x (N, C) float, offsets (S+1,) int64 -> (S, 2 K C) float32, or
+        (S, K + 2 K C) with ``weights=True``."""
         check_sets(x, offsets, "GMMFisherVector.encode")
         check_is_fitted(self)
         if x.shape[1] != self.means_.shape[1]:
@@ -101,4 +117,7 @@ class GMMFisherVector(SetTransformer):
         g_mu = (s1 - s0[..., None] * mu) / sigma / (t * w.sqrt()[:, None])
         g_sigma = (s2 - 2 * mu * s1 + (mu * mu - sigma * sigma) * s0[..., None]) / sigma.pow(2)
         g_sigma = g_sigma / (t * (2 * w).sqrt()[:, None])
-        return torch.cat([g_mu.flatten(1), g_sigma.flatten(1)], dim=1)
+        parts = [g_mu.flatten(1), g_sigma.flatten(1)]
+        if self.weights:
+            parts.insert(0, (s0 - lengths.to(x.dtype)[:, None] * w) / (t[:, :, 0] * w.sqrt()))
+        return torch.cat(parts, dim=1)

@@ -50,9 +50,12 @@ FIM_MODES = ("none", "diagonal", "lowrank", "kronecker")
 class CompareConfig:
     """What the comparison runs. Defaults fit the built-in data (C = 384) in a few minutes on 2 cores.
 
-    Dimensions at C = 384: FV-VAE C (d+1) = 12,288 at d = 31; FV 2 K C = 12,288 at K = 16; VLAD K C =
-    12,288 at K = 32; BP C^2 = 147,456. Training samples ``descriptors_per_set`` descriptors of each
-    set per iteration (the paper trains on one frame of each video); None takes them all.
+    FV (GMM) and VLAD are sized for FV-VAE's dimension C (d+1) at any ``latent_dim`` unless
+    ``gmm_components`` / ``vlad_centres`` are set (:meth:`baseline_sizes`): at C = 384 and d = 31, FV 2 K C =
+    12,288 at K = 16 and VLAD K C = 12,288 at K = 32; BP is C^2 = 147,456. ``gmm_weights``: FV (GMM) with its
+    mixture-weight terms (K more dimensions; off as in the paper's FV). Training samples
+    ``descriptors_per_set`` descriptors of each set per iteration (the paper trains on one frame of each
+    video); None takes them all.
     """
 
     latent_dim: int = 31
@@ -69,8 +72,9 @@ class CompareConfig:
     # class-mean directions, and whitening them removes what the classifier needs (validation top-1 on
     # the built-in data, d = 31: k = 4 95.6%, 8 95.0%, 32 82.0%, 128 76.4%; diagonal 95.8%).
     rank: int = 4
-    gmm_components: int = 16
-    vlad_centres: int = 32
+    gmm_components: int | None = None  # None: sized for FV-VAE's dimension (baseline_sizes)
+    vlad_centres: int | None = None
+    gmm_weights: bool = False
     latent_sweep: tuple[int, ...] = (3, 7, 15, 31)
     gmm_sweep: tuple[int, ...] = (2, 4, 8, 16)
     vlad_sweep: tuple[int, ...] = (4, 8, 16, 32)
@@ -90,6 +94,21 @@ class CompareConfig:
             raise ValueError("CompareConfig: latent_dim, iterations and sweep_iterations must be >= 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"CompareConfig: seeds must be distinct and at least one, got {self.seeds}")
+
+    def baseline_sizes(self, c: int) -> tuple[int, int]:
+        """(K of FV (GMM), K of VLAD) for descriptors of C = c: the ones set, else the sizes whose dimension
+        (2 K C, plus K with ``gmm_weights``; K C) is nearest FV-VAE's C (d+1), rounding half up."""
+        target = c * (self.latent_dim + 1)
+        gmm = self.gmm_components or max(1, int(target / (2 * c + self.gmm_weights) + 0.5))
+        return gmm, self.vlad_centres or self.latent_dim + 1
+
+    def dimensions(self, c: int) -> str:
+        """One line: the table's FV-VAE, FV (GMM) and VLAD sizes and dimensions at C = c."""
+        gmm, vlad = self.baseline_sizes(c)
+        fv = 2 * gmm * c + (gmm if self.gmm_weights else 0)
+        weights = " with weight terms" if self.gmm_weights else ""
+        return (f"dimensions at C={c}: FV-VAE d={self.latent_dim}: C (d+1) = {c * (self.latent_dim + 1):,}; "
+                f"FV (GMM) K={gmm}{weights}: {fv:,}; VLAD K={vlad}: K C = {vlad * c:,}")
 
 
 @dataclass
@@ -218,6 +237,7 @@ def _jobs(r: _Runner, sweeps: bool) -> list[tuple[str, str, str, Callable]]:
     """(group, method, param, encoders) of the table and, with ``sweeps``, of the figures."""
     cfg, data, sample, seed = r.cfg, r.data, r.fit_sample, r.seed
     d, l3 = cfg.latent_dim, cfg.lambda3
+    gmm_k, vlad_k = cfg.baseline_sizes(data.train.dim)
     jobs: list[tuple[str, str, str, Callable]] = []
     if data.train_global is not None and data.test_global is not None:
         jobs.append(("table", "GA", "", r.global_features))
@@ -226,10 +246,9 @@ def _jobs(r: _Runner, sweeps: bool) -> list[tuple[str, str, str, Callable]]:
     if lengths.numel() and bool((lengths == lengths[0]).all()):
         jobs.append(("table", "Concatenation", "", lambda: r.timed(concatenate)))
     jobs += [
-        ("table", "FV (GMM)", f"K={cfg.gmm_components}",
-         lambda: r.timed(GMMFisherVector(cfg.gmm_components, seed=seed).fit([sample]).encode)),
-        ("table", "VLAD", f"K={cfg.vlad_centres}",
-         lambda: r.timed(VLAD(cfg.vlad_centres, seed=seed).fit([sample]).encode)),
+        ("table", "FV (GMM)", f"K={gmm_k}",
+         lambda: r.timed(GMMFisherVector(gmm_k, weights=cfg.gmm_weights, seed=seed).fit([sample]).encode)),
+        ("table", "VLAD", f"K={vlad_k}", lambda: r.timed(VLAD(vlad_k, seed=seed).fit([sample]).encode)),
         ("table", "BP", "", lambda: r.timed(bilinear_pool)),
         ("table", "FV-VAE-", f"d={d}, lambda3=0, FIM {cfg.sweep_fim}", lambda: r.fvvae(d, 0.0, cfg.sweep_fim)),
     ]
@@ -243,7 +262,7 @@ def _jobs(r: _Runner, sweeps: bool) -> list[tuple[str, str, str, Callable]]:
         jobs.append(("fig4a", "FV-VAE", f"d={latent}", lambda latent=latent: r.fvvae(latent, l3, cfg.sweep_fim, True)))
     for k in cfg.gmm_sweep:
         jobs.append(("fig4a", "FV (GMM)", f"K={k}",
-                     lambda k=k: r.timed(GMMFisherVector(k, seed=seed).fit([sample]).encode)))
+                     lambda k=k: r.timed(GMMFisherVector(k, weights=cfg.gmm_weights, seed=seed).fit([sample]).encode)))
     for k in cfg.vlad_sweep:
         jobs.append(("fig4a", "VLAD", f"K={k}", lambda k=k: r.timed(VLAD(k, seed=seed).fit([sample]).encode)))
     for lam in cfg.lambda3_sweep:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..encode import power_l2_normalize
+from ..sets import integer_values
 
 GRAM_MAX_SAMPLES = 20000
 GRAM_BLOCK = 4096  # columns per float32 GEMM of the Gram matrix; the blocks add up in float64
@@ -106,7 +107,7 @@ def svm_decisions(
     if normalize:
         xs = [power_l2_normalize(v) for v in xs]
     train_x, test_x = (v.numpy() for v in xs)
-    train_y = np.asarray(_array(train_y), dtype=np.int64)
+    train_y = integer_values(train_y, "train_y", "evaluate_vectors")
     if len(train_y) != len(train_x):
         raise ValueError("evaluate_vectors: one label per vector is needed")
     classes = np.unique(train_y)
@@ -133,7 +134,7 @@ def rank_scores(values: np.ndarray, classes: np.ndarray, test_y: Tensor | np.nda
     values (m, K) with columns ``classes`` (K,)."""
     from sklearn.metrics import average_precision_score
 
-    test_y = np.asarray(_array(test_y), dtype=np.int64)
+    test_y = integer_values(test_y, "test_y", "evaluate_vectors")
     if len(test_y) != len(values):
         raise ValueError("evaluate_vectors: one label per vector is needed")
     top1 = float((classes[values.argmax(1)] == test_y).mean())

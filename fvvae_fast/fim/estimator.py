@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..io import load_torch_file
 from ..provenance import model_fingerprint, notice_unknown, seal, short, verify
 from ..ops.validate import check_offsets, opmath_dtype
@@ -65,6 +66,16 @@ _S = TypeVar("_S", bound=Statistics)
 def _matrix_shape(G: Tensor) -> tuple[int, int] | None:
     """(C, d+1) of G (S, C, d+1); None for G (S, D)."""
     return (int(G.shape[1]), int(G.shape[2])) if G.dim() == 3 else None
+
+
+class EmptyEstimateError(UserError, ValueError, RuntimeError):
+    """A FisherInformation asked for its estimate before any training set was added."""
+
+
+def _plain_tensors(method):
+    """Run a method that creates or changes the statistics outside inference mode, under no_grad: tensors
+    made inside ``torch.inference_mode()`` could never be updated in place outside it again."""
+    return torch.inference_mode(False)(torch.no_grad()(method))
 
 
 class _ClassOrInstanceMethod:
@@ -227,7 +238,7 @@ class FisherInformation:
 
     # ------------------------------------------------------------------ streaming updates
 
-    @torch.no_grad()
+    @_plain_tensors
     def update(self, G: Tensor) -> FisherInformation:
         """Add a batch of training sets: G (S, C, d+1) or (S, D) float, raw gradient sums of any sign.
 
@@ -240,7 +251,7 @@ class FisherInformation:
         self._stats.update(rows)
         return self._added(rows.shape[0], rows.shape[1], _matrix_shape(G))
 
-    @torch.no_grad()
+    @_plain_tensors
     def update_descriptors(
         self, model: Any, x: Tensor, offsets: Tensor, *, backend: str | None = None
     ) -> FisherInformation:
@@ -303,7 +314,7 @@ class FisherInformation:
     def _same_config(self, other_mode: str, other_rank: int, other_sketch: int) -> bool:
         return (other_mode, other_rank, other_sketch) == (self.mode, self.rank, self.sketch_rows)
 
-    @torch.no_grad()
+    @_plain_tensors
     def merge(self, other: FisherInformation) -> FisherInformation:
         """Absorb ``other``'s data: self becomes the estimator over the union; returns self.
 
@@ -335,7 +346,7 @@ class FisherInformation:
         self._stats.merge(other._stats)
         return self._added(other.num_sets, self.dim, other.shape)
 
-    @torch.no_grad()
+    @_plain_tensors
     def all_reduce(self) -> FisherInformation:
         """Make every rank's estimator the one over all ranks' data (torch.distributed; alone, a no-op).
 
@@ -369,8 +380,9 @@ class FisherInformation:
 
     def _require_data(self, where: str) -> None:
         if self.num_sets == 0:
-            raise RuntimeError(f"FisherInformation.{where}: no data yet; call update(), update_descriptors() "
-                               f"or estimate() first")
+            raise EmptyEstimateError(f"FisherInformation.{where}: no data yet (num_sets=0: the estimate holds no "
+                                     f"training set, as a FIM file made from no data); call update(), "
+                                     f"update_descriptors() or estimate() first")
 
     def _only(self, kind: type[_S], where: str) -> _S:
         """This estimator's statistics, which ``where`` needs to be of mode ``kind.mode``, with data."""
@@ -463,6 +475,7 @@ class FisherInformation:
             state.update(self._stats.state())
         return state
 
+    @_plain_tensors
     def load_state_dict(self, state: dict[str, Any], *, device: torch.device | str | None = None) -> FisherInformation:
         """Restore from :meth:`state_dict` (checks format, version, mode, rank and D); returns self."""
         if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -19,6 +19,13 @@ Speed: the input and weights are kept in ``channels_last`` memory format, and ``
 (``"fp32"``, ``"bf16"``, ``"fp16"``: CUDA only) runs the forward pass under autocast in that
 type; the maps come back in float32 either way.
 
+Preprocessing (:attr:`Backbone.transform`, a :class:`.sources.Transform`): torchvision weights, named or a
+local file that is one of torchvision's (recognised by its file name or the SHA-256 prefix in it), use
+that weights' ``transforms()`` (resize, crop, interpolation, mean, std: ResNet-50 ``IMAGENET1K_V2``
+resizes to 232, Inception v3 crops 299, ViT SWAG takes 384 bicubic); a timm model uses
+``timm.data.resolve_data_config`` of the model; any other file and random weights use the ImageNet
+default (256, 224, bilinear, ImageNet mean and std).
+
 Any other torchvision model name, or a timm model as ``timm:<name>`` when timm is installed, works
 with an explicit ``layer``: a node name of
 :func:`torchvision.models.feature_extraction.get_graph_node_names` (the graph is cut there, so
@@ -28,6 +35,7 @@ by a forward hook that stops the forward pass at that module.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -36,6 +44,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..io import file_sha256, load_torch_file
+from .sources import Transform
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -135,15 +144,16 @@ class Backbone(nn.Module):
 
     Build with :func:`build_backbone`. ``config()`` names the architecture, layer, the
     weights (file name and SHA-256, or the random seed) and the precision so a store records
-    what made it.
+    what made it. ``transform``: the preprocessing its weights expect (module docstring).
     """
 
     def __init__(self, extractor: nn.Module, arch: str, layer: str, weights: str | None, digest: str | None,
-                 seed: int | None, precision: str = "fp32") -> None:
+                 seed: int | None, precision: str = "fp32", transform: Transform | None = None) -> None:
         super().__init__()
         self.extractor = extractor.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.arch, self.layer, self.weights, self.digest, self.seed = arch, layer, weights, digest, seed
         self.precision = precision
+        self.transform = transform or Transform()
         self._channels: dict[tuple[int, int], tuple[int, int, int]] = {}
 
     def forward(self, frames: Tensor) -> Tensor:
@@ -167,8 +177,16 @@ class Backbone(nn.Module):
         if key not in self._channels:
             p = next(self.extractor.parameters(), None)
             device = p.device if p is not None else torch.device("cpu")
-            # forward, not __call__: a probe must not compile a graph for batch 1 (nn.Module.compile)
-            self._channels[key] = tuple(self.forward(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+            try:
+                # forward, not __call__: a probe must not compile a graph for batch 1 (nn.Module.compile)
+                self._channels[key] = tuple(self.forward(torch.zeros(1, 3, height, width, device=device)).shape[1:])
+            except (BackboneError, torch.OutOfMemoryError):
+                raise
+            except (AssertionError, RuntimeError, ValueError) as err:  # e.g. a ViT built for one input size
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                raise BackboneError(f"{self.arch} up to {self.layer} does not take {height} x {width} input "
+                                    f"({reason}); choose the input size it was built for with size (--size), "
+                                    f"{self.transform.crop} for {self.transform.origin}") from None
         return self._channels[key]
 
     @staticmethod
@@ -212,6 +230,58 @@ def _architecture(arch: str) -> nn.Module:
     import torchvision
 
     return torchvision.models.get_model(arch, weights=None)
+
+
+def _torchvision_entry(arch: str, path: Path, digest: str):
+    """The torchvision weights enum entry of ``arch`` whose file ``path`` is: the same file name, or the
+    SHA-256 prefix of the entry's file name (torch hub's ``name-<sha256 prefix>.pth``); None if none."""
+    import torchvision
+
+    try:
+        entries = list(torchvision.models.get_model_weights(arch))
+    except (KeyError, ValueError):
+        return None
+    for entry in entries:
+        name = os.path.basename(entry.url)
+        prefix = Path(name).stem.rsplit("-", 1)[-1]
+        if name == path.name or (len(prefix) >= 8 and digest.startswith(prefix)):
+            return entry
+    return None
+
+
+def torchvision_transform(entry) -> Transform:
+    """The :class:`Transform` of a torchvision weights enum entry (``ResNet50_Weights.IMAGENET1K_V2``): its
+    ``transforms()``'s resize size, crop size, interpolation, mean and std."""
+    t = entry.transforms()
+    try:
+        return Transform(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), interpolation=t.interpolation.value,
+                         mean=tuple(t.mean), std=tuple(t.std), origin=str(entry))
+    except (AttributeError, ValueError) as err:
+        raise BackboneError(f"{entry}: its transforms() is not an image classification preprocessing ({err})") from None
+
+
+def timm_transform(model: nn.Module, name: str) -> Transform:
+    """The :class:`Transform` of a timm model from ``timm.data.resolve_data_config``: shorter side
+    floor(crop / crop_pct), centre crop, its interpolation, mean and std."""
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(model=model)
+    _, height, width = cfg["input_size"]
+    if height != width or cfg.get("crop_mode", "center") != "center":
+        raise BackboneError(f"timm model {name}: input {height} x {width} with crop mode {cfg.get('crop_mode')!r}; "
+                            f"only square centre crops are supported")
+    try:
+        return Transform(resize=math.floor(height / cfg["crop_pct"]), crop=height, interpolation=cfg["interpolation"],
+                         mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), origin=f"timm {name}")
+    except ValueError as err:
+        raise BackboneError(f"timm model {name}: {err}") from None
+
+
+def _transform(arch: str, model: nn.Module, path: Path | None, digest: str | None) -> Transform:
+    if arch.startswith(TIMM_PREFIX):
+        return timm_transform(model, arch.removeprefix(TIMM_PREFIX))
+    entry = None if path is None else _torchvision_entry(arch, path, digest)
+    return Transform() if entry is None else torchvision_transform(entry)
 
 
 def _extractor(model: nn.Module, layer: str) -> nn.Module:
@@ -287,10 +357,13 @@ def build_backbone(
                 raise BackboneError(f"{path}: tensor {k.removeprefix(prefix)} has shape {tuple(v.shape)}, "
                                     f"{arch} needs {tuple(wanted[k].shape)}")
         extractor.load_state_dict(sub, strict=True)
-        backbone = Backbone(extractor, arch, layer, os.fspath(path), file_sha256(path), None, precision)
+        digest = file_sha256(path)
+        backbone = Backbone(extractor, arch, layer, os.fspath(path), digest, None, precision,
+                            _transform(arch, model, path, digest))
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _architecture(arch)
-        backbone = Backbone(_extractor(model, layer), arch, layer, None, None, seed, precision)
+        backbone = Backbone(_extractor(model, layer), arch, layer, None, None, seed, precision,
+                            _transform(arch, model, None, None))
     return backbone.to(device)

@@ -36,7 +36,7 @@ from .backbones import Backbone
 from .datasets import Dataset, Item, crop_parent
 from .inputs import Signer, record, stale_shards
 from .sharded import ShardedStage, StageReport
-from .sources import DEVICE_DECODERS, FrameSource, PrecomputedSource
+from .sources import DEVICE_DECODERS, FrameSource, PrecomputedSource, VideoSource
 
 log = logging.getLogger("fvvae_fast")
 
@@ -324,6 +324,8 @@ def extract_descriptors(
             torch.backends.cudnn.benchmark = True  # fixed input size: autotuned convolutions pay off
         backbone = backbone.to(device).eval()
         dim = backbone.output_shape(*source.input_size)[0]
+        if isinstance(source, VideoSource):
+            source.check_maps(backbone)
         unit = source.kind
     on_device = getattr(source, "decoder", None) in DEVICE_DECODERS
     if on_device and workers:
@@ -403,5 +405,7 @@ def descriptors_of(source: FrameSource, backbone: Backbone, frames: Tensor) -> n
         frames = frames.to(p.device if p is not None else "cpu")
         if not frames.is_floating_point():
             frames = source.prepare(frames)
+        if isinstance(source, VideoSource):
+            source.check_maps(backbone)
         maps = backbone(frames)
         return source.descriptors(maps).float().cpu().reshape(-1, maps.shape[1]).numpy()

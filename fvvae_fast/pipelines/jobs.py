@@ -38,7 +38,7 @@ DATASETS = ("ucf101", "cub", "activitynet", "folder", "arrays")
 SOURCES = ("video", "image", "precomputed")
 DEFAULT_SOURCE = {"ucf101": "video", "activitynet": "video", "cub": "image", "folder": "video", "arrays": "precomputed"}
 DEFAULT_BACKBONE = {"video": "vgg19-pool5", "image": "vgg19-conv5_4"}
-DEFAULT_SIZE = {"video": 224, "image": 448}
+IMAGE_SIZE = 448  # the paper's image side (aspect ratio not kept)
 MODALITIES = ("rgb", "flow")
 TRAIN_SPLITS = ("train", "training")  # UCF101/CUB/folders, ActivityNet
 TEST_SPLITS = {"train": "test", "training": "validation"}
@@ -142,10 +142,11 @@ class MediaJob(Job):
                            group="source and backbone")
     frames: int = option(25, "video: frames sampled uniformly over the clip", parse=_positive,
                          group="sampling and pooling")
-    size: int | None = option(help="input size: video crop (default 224), image side (default 448)", parse=_positive,
-                              group="sampling and pooling")
-    resize: int | None = option(help="video, torchvision preprocessing: shorter side before the crop (default size * "
-                                "256 / 224)", parse=_positive, group="sampling and pooling")
+    size: int | None = option(help="input size: video crop (default: the backbone weights' crop, 224 for most), "
+                              "image side (default 448)", parse=_positive, group="sampling and pooling")
+    resize: int | None = option(help="video, torchvision preprocessing: shorter side before the crop (default: the "
+                                "weights' resize, scaled by --size / their crop)", parse=_positive,
+                                group="sampling and pooling")
     levels: tuple[int, ...] = option((6, 3, 2, 1), "video: SPP grid sizes", parse=integers(1),
                                      group="sampling and pooling")
     box: bool = option(False, "images: crop to the bounding box first (CUB '+box')", group="sampling and pooling")
@@ -196,17 +197,22 @@ class MediaJob(Job):
             raise JobError("--release is the released model's video pipeline: use it with --source video")
         return self.backbone or "vgg19-pool5", "release", self.map_scale or RELEASE_NORM_SCALE
 
-    def _frame_source(self, kind: str, preprocess: str, map_scale: float | None):
+    def _frame_source(self, kind: str, preprocess: str, map_scale: float | None, backbone, say):
+        """The source, preprocessed as ``backbone``'s weights expect (``say`` gets the notice when --size
+        overrides their crop)."""
         from . import FlowSource, ImageSource, VideoSource
+        from .sources import frame_settings
 
-        size = self.size or DEFAULT_SIZE[kind]
+        settings, notice = frame_settings(backbone.transform, kind, self.size, self.resize, IMAGE_SIZE)
+        if notice is not None and preprocess != "release":
+            say(notice)
         if kind != "video":
             if self.modality != "rgb":
                 raise JobError(f"--modality {self.modality} needs videos (optical flow between frames), not "
                                f"{kind} items")
-            return ImageSource(preprocess=preprocess, map_scale=map_scale, size=size, use_box=self.box)
-        video = dict(preprocess=preprocess, map_scale=map_scale, frames=self.frames, size=size,
-                     resize=self.resize or round(size * 256 / 224), levels=self.levels, decoder=self.decoder)
+            return ImageSource(preprocess=preprocess, map_scale=map_scale, use_box=self.box, **settings)
+        video = dict(preprocess=preprocess, map_scale=map_scale, frames=self.frames, levels=self.levels,
+                     decoder=self.decoder, **settings)
         if self.modality == "flow":
             return FlowSource(**video, flow_method=self.flow_method, flow_bound=self.flow_bound,
                               raft_weights=self.raft_weights, flow_cache=self.flow_cache)
@@ -314,8 +320,8 @@ class DescriptorsJob(MediaJob):
         if kind == "precomputed":
             source = PrecomputedSource(arrays=arrays)
         else:
-            source = self._frame_source(kind, preprocess, map_scale)
             backbone = self._backbone(backbone_name, kind, device)
+            source = self._frame_source(kind, preprocess, map_scale, backbone, say)
             if self.compile:
                 backbone.compile()
         encoding = None if self.model is None else Encoding(*load_model_and_fim(self.model, self.fim),
@@ -622,8 +628,8 @@ class FinetuneJob(MediaJob):
             raise JobError(f"{dataset.name}: no training split {split or ' or '.join(map(repr, TRAIN_SPLITS))} "
                            f"(splits: {', '.join(map(repr, dataset.splits()))}); choose one with --train-split")
         device = device_of(self.device)
-        source = self._frame_source(kind, preprocess, map_scale)
         backbone = self._backbone(backbone_name, kind, device)
+        source = self._frame_source(kind, preprocess, map_scale, backbone, say)
         init = load_any_model(self.init_model) if self.init_model else None
         config = FinetuneConfig(
             mode=self.mode, trainable=self.trainable, iterations=self.iterations, batch_items=self.batch_items,

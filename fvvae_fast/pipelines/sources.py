@@ -26,11 +26,12 @@ from ..errors import UserError
 from ..model import normalize_map
 from ..official import RELEASE_CROP, RELEASE_RESIZE, release_preprocess
 from ..ops.validate import check_offsets
-from ..spp import PAPER_LEVELS, dense_descriptors, spp
+from ..spp import PAPER_LEVELS, check_pyramid, dense_descriptors, spp
 from .datasets import Item
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic")
 PREPROCESS = ("torchvision", "release")
 DECODERS = ("pyav", "torchcodec", "torchcodec-cuda")
 # decoders that return frames on the GPU: they run in the main process (CUDA is not for worker processes)
@@ -238,23 +239,73 @@ def decode_video(path: str | os.PathLike, num_frames: int, *, decoder: str = "py
     return decode_frames(path, lambda total: sample_indices(total, num_frames), decoder=decoder)
 
 
-def torchvision_preprocess(frames: Tensor, resize: int | Sequence[int] | None, crop: int | None) -> Tensor:
+@dataclass(frozen=True)
+class Transform:
+    """A backbone's evaluation preprocessing, as torchvision's ``weights.transforms()`` or timm's data
+    config describe it: shorter side to ``resize``, centre crop ``crop``, /255, ``mean``/``std`` per RGB
+    channel; ``origin`` says where it was read (for messages)."""
+
+    resize: int = 256
+    crop: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    origin: str = "the ImageNet default"
+
+    def __post_init__(self) -> None:
+        check_normalisation(self.interpolation, self.mean, self.std)
+
+
+def check_normalisation(interpolation: str, mean: Sequence[float], std: Sequence[float]) -> None:
+    """ValueError unless ``interpolation`` is one of INTERPOLATIONS and mean, std are 3 finite numbers, std > 0."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != 3 or not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
+            positive = ", > 0" if name == "std" else ""
+            raise ValueError(f"{name} must be 3 finite numbers (one per RGB channel){positive}, got {values!r}")
+
+
+def frame_settings(transform: Transform, kind: str, size: int | None, resize: int | None,
+                   image_size: int) -> tuple[dict, str | None]:
+    """The preprocessing keywords of a :class:`VideoSource` (``kind="video"``) or :class:`ImageSource` made
+    from a backbone's ``transform``, and a notice when ``size`` overrides its crop (else None).
+
+    Video: crop ``size`` (default the transform's), shorter side ``resize`` (default the transform's,
+    scaled by size / crop when ``size`` overrides the crop). Image: the whole image to ``size`` x ``size``
+    (default ``image_size``). Both take the transform's interpolation, mean and std."""
+    common = {"interpolation": transform.interpolation, "mean": tuple(transform.mean), "std": tuple(transform.std)}
+    if kind != "video":
+        return {**common, "size": size or image_size}, None
+    crop = size or transform.crop
+    resize = resize or (transform.resize if crop == transform.crop else round(crop * transform.resize / transform.crop))
+    notice = None
+    if crop != transform.crop:
+        notice = (f"notice: --size {crop} overrides the crop {transform.crop} of {transform.origin} (shorter side "
+                  f"{transform.resize}, crop {transform.crop}): shorter side {resize}, crop {crop}")
+    return {**common, "size": crop, "resize": resize}, notice
+
+
+def torchvision_preprocess(frames: Tensor, resize: int | Sequence[int] | None, crop: int | None, *,
+                           interpolation: str = "bilinear", mean: Sequence[float] = IMAGENET_MEAN,
+                           std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """torchvision's ImageNet evaluation transform (``weights.transforms()``) on uint8 RGB
-    (T, 3, H, W) -> float32 (T, 3, h, w), on the frames' device: antialiased bilinear resize
-    (an int: the shorter side; (h, w): exactly) rounded to whole grey levels, torchvision's
-    centre crop, /255, ImageNet mean/std."""
+    (T, 3, H, W) -> float32 (T, 3, h, w), on the frames' device: antialiased ``interpolation``
+    (bilinear or bicubic) resize (an int: the shorter side; (h, w): exactly) clamped and rounded to
+    whole grey levels, torchvision's centre crop, /255, ``mean``/``std`` (ImageNet's by default)."""
     from torchvision.transforms.v2 import functional as TF
 
     x = frames.to(torch.float32)
     if resize is not None:
         size = [resize] if isinstance(resize, int) else list(resize)
-        # in float then rounded, as torchvision's transforms resize uint8 tensors (its uint8 CPU
-        # kernel rounds differently, by up to one grey level)
-        x = TF.resize(x, size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True).round_()
+        # in float then clamped (bicubic overshoots) and rounded, as torchvision's transforms resize uint8
+        # tensors (its uint8 CPU kernel rounds differently, by up to one grey level)
+        mode = TF.InterpolationMode(interpolation)
+        x = TF.resize(x, size, interpolation=mode, antialias=True).clamp_(0, 255).round_()
     if crop is not None:
         x = TF.center_crop(x, [crop, crop])
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return (x / 255.0 - mean) / std
 
 
@@ -262,7 +313,8 @@ def torchvision_preprocess(frames: Tensor, resize: int | Sequence[int] | None, c
 class FrameSource:
     """Shared settings of the video and image sources.
 
-    preprocess: ``"torchvision"`` (RGB, ImageNet mean/std; for torchvision weights) or
+    preprocess: ``"torchvision"`` (RGB, the backbone's ``interpolation``, ``mean`` and ``std``: ImageNet's
+        by default; :func:`frame_settings` reads them from the backbone's :class:`Transform`) or
         ``"release"`` (BGR, 0-255 minus the Caffe mean; for VGG-19 converted from Caffe).
     map_scale: None, or the release's whole-map L2 normalisation x scale (158) before pooling
         (for a model with ``norm="map"``).
@@ -270,6 +322,9 @@ class FrameSource:
 
     preprocess: str = "torchvision"
     map_scale: float | None = None
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     kind = "frames"
 
@@ -278,6 +333,8 @@ class FrameSource:
             raise ValueError(f"preprocess must be one of {PREPROCESS}, got {self.preprocess!r}")
         if self.map_scale is not None and not self.map_scale > 0:
             raise ValueError(f"map_scale must be > 0, got {self.map_scale}")
+        self.mean, self.std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        check_normalisation(self.interpolation, self.mean, self.std)
 
     def config(self) -> dict:
         return {"source": self.kind, **asdict(self)}
@@ -287,6 +344,10 @@ class FrameSource:
         (T, 3, h, w), on the frames' device. ``crop``: None for the single centre crop, k for crop k
         of :func:`.crops.ten_crop` (video)."""
         raise NotImplementedError
+
+    def _torchvision(self, frames: Tensor, resize: int | tuple[int, int] | None, crop: int | None) -> Tensor:
+        return torchvision_preprocess(frames, resize, crop, interpolation=self.interpolation, mean=self.mean,
+                                      std=self.std)
 
     def pool(self, maps: Tensor) -> Tensor:
         raise NotImplementedError
@@ -304,7 +365,8 @@ class VideoSource(FrameSource):
     backbone, spatial pyramid max pooling (``levels``, 6x6 3x3 2x2 1x1 = 50 descriptors per
     frame) of its map: one set of frames x 50 descriptors per video (paper section 4, 5.2).
 
-    torchvision preprocessing: shorter side to ``resize`` (256), centre crop ``size`` (224).
+    torchvision preprocessing: shorter side to ``resize`` (256), centre crop ``size`` (224), the
+    ``interpolation``, ``mean`` and ``std`` of :class:`FrameSource` (the backbone's: :func:`frame_settings`).
     Release preprocessing: resize to exactly 240 x 320, centre crop 224 (``size``/``resize`` unused).
     ``decoder``: ``"pyav"``, ``"torchcodec"`` or ``"torchcodec-cuda"`` (optional package; the last decodes on
     the GPU, in the main process), see :func:`decode_video`.
@@ -338,15 +400,49 @@ class VideoSource(FrameSource):
         side = RELEASE_CROP if release else self.size
         if crop is None:
             return release_preprocess(frames, RELEASE_RESIZE, side) if release else \
-                torchvision_preprocess(frames, self.resize, side)
+                self._torchvision(frames, self.resize, side)
         from .crops import ten_crop
 
         whole = release_preprocess(frames, RELEASE_RESIZE, None) if release else \
-            torchvision_preprocess(frames, self.resize, None)
+            self._torchvision(frames, self.resize, None)
         return ten_crop(whole, side)[crop]
 
     def pool(self, maps: Tensor) -> Tensor:
         return spp(maps, self.levels)
+
+    def check_maps(self, backbone) -> None:
+        """:class:`~fvvae_fast.spp.PyramidError` when ``backbone``'s map of this source's frames is smaller
+        than the pyramid (``levels``), naming the smallest input size whose map fills it."""
+        height, width = self.input_size
+        _, map_h, map_w = backbone.output_shape(height, width)
+        if min(map_h, map_w) >= max(self.levels):
+            return
+        smallest = None if self.preprocess == "release" else smallest_input(backbone, max(self.levels), height)
+        larger = "another backbone or layer" if smallest is None else f"size (--size) {smallest} or more"
+        check_pyramid(map_h, map_w, self.levels, f"{backbone.arch} up to {backbone.layer} at {height} x {width} input",
+                      larger)
+
+
+def smallest_input(backbone, side: int, start: int, limit: int = 4096) -> int | None:
+    """The smallest square input size > ``start`` whose map (``backbone.output_shape``) has both sides >= ``side``
+    (map sides grow with the input: doubling, then bisection); None beyond ``limit`` or when a size is refused."""
+    from .backbones import BackboneError
+
+    def fits(size: int) -> bool:
+        return min(backbone.output_shape(size, size)[1:]) >= side
+
+    low, high = start, 2 * start
+    try:
+        while not fits(high):
+            low, high = high, 2 * high
+            if high > limit:
+                return None
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid, high)
+    except BackboneError:
+        return None
+    return high
 
 
 @dataclass
@@ -387,7 +483,7 @@ class ImageSource(FrameSource):
             raise ValueError("crop: ten crops are for videos; an image is resized to the input size whole")
         if self.preprocess == "release":
             return release_preprocess(frames, (self.size, self.size), None)
-        return torchvision_preprocess(frames, (self.size, self.size), None)
+        return self._torchvision(frames, (self.size, self.size), None)
 
     def pool(self, maps: Tensor) -> Tensor:
         return dense_descriptors(maps)
