@@ -63,9 +63,6 @@ Tables::
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import filecmp
 import hashlib
 import json
 import os
@@ -79,174 +76,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import UserError
-from .io import atomic_open, file_sha256, try_lock
+from .io import atomic_open, file_sha256
 from .provenance import describe, descriptor_kind
 from .sets import DescriptorSets
+from .store_array import ShardedArray, _checked_map
+from .store_manifest import (
+    _ITEM_COLUMNS,
+    _SHARD_COLUMNS,
+    MANIFEST,
+    StoreError,
+    _acquire,
+    _check_manifest,
+    _release,
+    _reseal,
+    _seal,
+    _transaction,
+    _write_manifest,
+    shard_file,
+)
 
 FORMAT = "fvvae_fast.store"
 VERSION = 2  # 2: the manifest's rows are sealed
-MANIFEST = "manifest.sqlite"
 KINDS = ("descriptors", "fisher")
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE items (
-    idx INTEGER PRIMARY KEY,
-    item_id TEXT NOT NULL UNIQUE,
-    label INTEGER NOT NULL,
-    split TEXT NOT NULL,
-    shard INTEGER NOT NULL,
-    row INTEGER,
-    rows INTEGER,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'done', 'failed')),
-    error TEXT
-);
-CREATE INDEX items_shard ON items (shard);
-CREATE TABLE shards (
-    shard INTEGER PRIMARY KEY,
-    file TEXT NOT NULL,
-    rows INTEGER NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'done')),
-    sha256 TEXT,
-    seal TEXT NOT NULL
-);
-"""
-_ITEM_COLUMNS = "idx, item_id, label, split, shard, row, rows, status, error"
-_SHARD_COLUMNS = "shard, file, rows, status, sha256"
-
-
-def _seal(*values: Any) -> str:
-    """SHA-256 of manifest values (as JSON): recorded beside them, it shows whether they changed since."""
-    return hashlib.sha256(json.dumps(values, separators=(",", ":")).encode()).hexdigest()
-
-
-def _meta_seal(meta: dict[str, str], items: int, shards: int) -> str:
-    return _seal(sorted((k, v) for k, v in meta.items() if k != "seal"), items, shards)
-
-
-def _shard_seal(db: sqlite3.Connection, shard: int, shard_items: int) -> str:
-    """The seal of shard ``shard``'s row and of the rows of the items it holds, as they are now."""
-    row = db.execute(f"SELECT {_SHARD_COLUMNS} FROM shards WHERE shard = ?", (shard,)).fetchone()
-    items = db.execute(f"SELECT {_ITEM_COLUMNS} FROM items WHERE idx >= ? AND idx < ? ORDER BY idx",
-                       (shard * shard_items, (shard + 1) * shard_items)).fetchall()
-    return _seal(row, items)
-
-
-def _reseal(db: sqlite3.Connection, shard: int, shard_items: int) -> None:
-    db.execute("UPDATE shards SET seal = ? WHERE shard = ?", (_shard_seal(db, shard, shard_items), shard))
-
-
-def _check_manifest(db: sqlite3.Connection, path: Path, meta: dict[str, str]) -> dict[int, str]:
-    """The shards whose manifest rows changed since they were written, each with why; a StoreError when the
-    rest changed (the settings, the numbers of items or shards), which no rerun can tell how to repair."""
-    items, first, last = db.execute("SELECT COUNT(*), MIN(idx), MAX(idx) FROM items").fetchone()
-    shards = db.execute("SELECT shard, file, seal FROM shards ORDER BY shard").fetchall()
-    if meta.get("seal") != _meta_seal(meta, items, len(shards)) or (items and (first, last) != (0, items - 1)) \
-            or [s[0] for s in shards] != list(range(len(shards))):
-        raise StoreError(f"{path}: the manifest {MANIFEST} is damaged (its settings or its numbers of items or "
-                         f"shards changed after it was written); rerun the stage that wrote it with --overwrite")
-    damaged = {}
-    for shard, file, seal in shards:
-        if file != shard_file(shard):
-            damaged[shard] = f"its file is {file!r}, not {shard_file(shard)}"
-        elif seal != _shard_seal(db, shard, int(meta["shard_items"])):
-            damaged[shard] = "its rows changed after they were written: checksum mismatch"
-    return damaged
-
-
-def _write_manifest(path: Path, meta: dict[str, str], items: Sequence[Sequence], shards: Sequence[Sequence]) -> None:
-    """Write the manifest of a store from its rows (``_ITEM_COLUMNS``, ``_SHARD_COLUMNS``), sealed, into a new file
-    and put that in place atomically, unless the manifest there has the same bytes. The same rows give the same
-    bytes, whatever the history of the store."""
-    tmp = path / f".{MANIFEST}.tmp"
-    tmp.unlink(missing_ok=True)
-    try:
-        db = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            db.executescript(_SCHEMA)
-            with _transaction(db, path):
-                db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", items)
-                db.executemany("INSERT INTO shards VALUES (?, ?, ?, ?, ?, '')", shards)
-                for shard in range(len(shards)):
-                    _reseal(db, shard, int(meta["shard_items"]))
-                meta = {**meta, "seal": _meta_seal(meta, len(items), len(shards))}
-                db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
-        finally:
-            db.close()
-        if (path / MANIFEST).is_file() and filecmp.cmp(tmp, path / MANIFEST, shallow=False):
-            tmp.unlink()
-        else:
-            os.replace(tmp, path / MANIFEST)  # the manifest appears whole or not at all
-    except sqlite3.OperationalError as err:  # the schema's statements, outside the transaction
-        raise _unwritable(path, err) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class _LockFile:
-    """A store's ``lock`` file as this process holds it. Writers hold it exclusively, readers shared, so
-    that no writer changes a store under a reader of another process. POSIX record locks belong to a
-    process (a second descriptor would convert or drop the lock), so each process keeps one descriptor
-    per store and counts its own readers and writer. Forked DataLoader workers do not inherit the lock,
-    and it is released the moment the process dies (even by SIGKILL)."""
-
-    def __init__(self, path: Path) -> None:
-        self.readers, self.writer = 0, False
-        try:
-            self.f = open(path / "lock", "a+")
-        except OSError as err:  # another user's store, or read-only media: a shared lock needs only reading
-            if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            self.f = open(path / "lock")
-
-    def lock(self, exclusive: bool) -> bool:
-        """Take the lock without waiting; False when another process holds it."""
-        return try_lock(self.f, exclusive)
-
-
-_LOCKS: dict[str, _LockFile] = {}  # real path of a store -> this process's hold on it
-
-
-def _acquire(path: Path, exclusive: bool) -> str:
-    key = os.path.realpath(path)
-    held = _LOCKS.get(key)
-    if held is not None and held.writer and exclusive:
-        raise StoreError(f"{path}: the store is already open for writing in this process")
-    if held is None:
-        try:
-            held = _LockFile(path)
-        except FileNotFoundError:  # a read-only folder without a lock file: nothing can write it either
-            return key
-    if held.readers == 0 and not held.writer or exclusive:
-        if not held.lock(exclusive):
-            busy = "read" if exclusive and held.lock(False) else "written"
-            if held.readers == 0 and not held.writer:
-                held.f.close()
-            raise StoreError(f"{path}: the store is being {busy} by another process (lock held)")
-    _LOCKS[key] = held
-    held.writer |= exclusive
-    held.readers += not exclusive
-    return key
-
-
-def _release(key: str, exclusive: bool) -> None:
-    held = _LOCKS.get(key)
-    if held is None:
-        return
-    if exclusive:
-        held.writer = False
-    else:
-        held.readers -= 1
-    if not held.writer and held.readers == 0:
-        del _LOCKS[key]
-        held.f.close()
-    elif exclusive:
-        held.lock(False)  # this process's readers keep the store from other writers
-
-
-class StoreError(UserError, ValueError):
-    """A store that cannot be used as asked (wrong kind, other configuration, locked, damaged)."""
 
 
 @dataclass(frozen=True)
@@ -291,136 +142,6 @@ class _HashingWriter:
     def write(self, data) -> int:
         self.hash.update(data)
         return self.f.write(data)
-
-
-# (shard file, sha256, mtime, size) checked in this process: a file is hashed again only when it changed
-_VERIFIED: set[tuple[str, str, int, int]] = set()
-
-
-def _checked_map(path: Path, sha256: str | None) -> np.ndarray:
-    """The memory map of a shard whose bytes were checked against the manifest's sha256 (once per
-    process and version of the file; None: nothing recorded to check)."""
-    if sha256 is not None:
-        try:
-            st = path.stat()
-        except FileNotFoundError:
-            raise StoreError(f"{path}: shard file missing; rerun the stage that wrote this store") from None
-        key = (str(path), sha256, st.st_mtime_ns, st.st_size)
-        if key not in _VERIFIED:
-            found = file_sha256(path)
-            if found != sha256:
-                raise StoreError(f"{path}: checksum mismatch (sha256 {found[:16]}..., the manifest records "
-                                 f"{sha256[:16]}...): the shard changed after it was written; rerun the stage "
-                                 f"that wrote this store to recompute it")
-            _VERIFIED.add(key)
-    return np.load(path, mmap_mode="r")
-
-
-class ShardedArray:
-    """A read-only 2-D array over row ranges of memory-mapped ``.npy`` shards.
-
-    Behaves like an (N, dim) NumPy array for what training and scikit-learn need:
-    ``shape``, ``ndim``, ``dtype``, ``len``, indexing by int, slice, or an integer index array
-    (or tensor), and ``np.asarray(a)`` (which copies everything into memory). Each row read
-    touches only the shard pages it needs. Each shard's bytes are checked against its recorded
-    sha256 (``digests``) when first mapped in the process. ``origin``: what the rows are (the store's descriptor
-    kind, its name and folder: :func:`fvvae_fast.provenance.data_record`), recorded by training.
-    """
-
-    def __init__(self, segments: Sequence[tuple[Path, int, int]], dim: int, dtype: np.dtype,
-                 digests: dict[Path, str] | None = None, origin: dict | None = None) -> None:
-        self._segments = [(Path(p), int(lo), int(n)) for p, lo, n in segments if n > 0]
-        self._digests = digests or {}
-        self.origin = origin
-        self._starts = np.cumsum([0] + [n for _, _, n in self._segments]).astype(np.int64)
-        self._maps: dict[Path, np.ndarray] = {}
-        self.dtype = np.dtype(dtype)
-        self.shape = (int(self._starts[-1]), int(dim))
-        self.ndim = 2
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __repr__(self) -> str:
-        return f"ShardedArray(shape={self.shape}, dtype={self.dtype}, segments={len(self._segments)})"
-
-    def fingerprint(self) -> str:
-        """SHA-256 (hex) of the rows from their shards' checksums and row ranges, without reading the shards
-        (a shard with no recorded checksum is hashed)."""
-        h = hashlib.sha256(f"{self.dtype}:{self.shape}".encode())
-        for path, lo, n in self._segments:
-            h.update(f"{path.name}:{self._digests.get(path) or file_sha256(path)}:{lo}:{n};".encode())
-        return h.hexdigest()
-
-    def _map(self, path: Path) -> np.ndarray:
-        arr = self._maps.get(path)
-        if arr is None:
-            arr = self._maps[path] = _checked_map(path, self._digests.get(path))
-        return arr
-
-    def _rows(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
-        if len(rows) == 0:
-            return out
-        if rows.min() < 0 or rows.max() >= self.shape[0]:
-            raise IndexError(f"ShardedArray: row index out of range for {self.shape[0]} rows")
-        seg = np.searchsorted(self._starts, rows, side="right") - 1
-        for s in np.unique(seg):
-            mask = seg == s
-            path, lo, _ = self._segments[s]
-            out[mask] = self._map(path)[lo + (rows[mask] - self._starts[s])]
-        return out
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        if isinstance(key, tuple):
-            first, rest = key[0], key[1:]
-            return self[first][(slice(None), *rest)] if not isinstance(first, (int, np.integer)) else self[first][rest]
-        if isinstance(key, (int, np.integer)):
-            k = int(key) + (self.shape[0] if key < 0 else 0)
-            return self._rows(np.array([k]))[0]
-        if isinstance(key, slice):
-            return self._rows(np.arange(*key.indices(self.shape[0])))
-        if isinstance(key, torch.Tensor):
-            key = key.cpu().numpy()
-        key = np.asarray(key)
-        if key.dtype == bool:
-            key = np.flatnonzero(key)
-        return self._rows(key.astype(np.int64).reshape(-1)).reshape(*key.shape, self.shape[1])
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype, copy=False)
-
-    def as_array(self) -> np.ndarray:
-        """The rows as one array: the memory map itself when they are one whole shard, else a copy."""
-        if len(self._segments) == 1:
-            path, lo, n = self._segments[0]
-            arr = self._map(path)
-            return arr if (lo, n) == (0, arr.shape[0]) else arr[lo : lo + n]
-        return np.asarray(self)
-
-
-def _unwritable(path: Path, err: sqlite3.OperationalError) -> StoreError:
-    return StoreError(f"{path}: could not write the manifest {MANIFEST} ({err}); the store keeps its last recorded "
-                      f"state, and rerunning the stage resumes it")
-
-
-@contextlib.contextmanager
-def _transaction(db: sqlite3.Connection, path: Path):
-    """One transaction on the manifest of the store at ``path``: all of it or, on any error, none of it. A full
-    disk (or another failure to write) is one StoreError."""
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.rollback()
-            raise
-        db.commit()
-    except sqlite3.OperationalError as err:
-        if db.in_transaction:
-            db.rollback()
-        raise _unwritable(path, err) from None
 
 
 class Store:
@@ -920,11 +641,6 @@ class Store:
             raise StoreError(f"{self.path}: holds sets of several rows per item ({self.kind}), not one vector per item")
         X = ShardedArray(self._segments(rows), self.dim, self.dtype, self._digests()).as_array()
         return X, np.array([r["label"] for r in rows], dtype=np.int64), [r["item_id"] for r in rows]
-
-
-def shard_file(shard: int, suffix: str = ".npy") -> str:
-    """The path of shard ``shard``'s array (or, with ``suffix='.journal.json'``, its journal) in a store."""
-    return f"shards/shard-{shard:05d}{suffix}"
 
 
 def item_records(items: Iterable[Any]) -> list[ItemRecord]:

@@ -329,7 +329,7 @@ def test_a_changed_manifest_row_is_refused_and_the_rerun_recomputes_its_shard(tm
 
 def test_a_shard_file_outside_the_store_is_refused_even_with_a_matching_checksum(tmp_path):
     """The confinement of shard files does not rest on the checksums, which anyone can recompute."""
-    from fvvae_fast.store import _reseal
+    from fvvae_fast.store_manifest import _reseal
 
     with make(tmp_path) as store:
         fill(store)
@@ -401,7 +401,7 @@ def _journaled(tmp_path) -> Path:
 
 def _overlapping_sets(text: str, reseal: bool = False) -> str:
     """Item 1's rows start inside item 0's; ``reseal``: with the journal's seal recomputed (a crafted journal)."""
-    from fvvae_fast.store import _seal
+    from fvvae_fast.store_manifest import _seal
 
     entry = json.loads(text)
     entry["items"][1][0] -= 1
@@ -445,7 +445,7 @@ def test_a_store_on_read_only_media_is_read_under_a_shared_lock(tmp_path, monkey
     reader takes its shared lock through a read-only descriptor, which still keeps writers out."""
     import builtins
 
-    from fvvae_fast import store as store_module
+    from fvvae_fast import store_manifest
 
     with make(tmp_path) as store:
         fill(store)
@@ -455,7 +455,7 @@ def test_a_store_on_read_only_media_is_read_under_a_shared_lock(tmp_path, monkey
             raise OSError(code, os.strerror(code), str(file))
         return builtins.open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(store_module, "open", read_only, raising=False)
+    monkeypatch.setattr(store_manifest, "open", read_only, raising=False)
     reader = Store.open(tmp_path / "s")
     np.testing.assert_array_equal(reader.sets().x[:1], item_array(0)[:1])
     script = ("import sys; from pathlib import Path; from tests.test_store import make\n"
