@@ -33,9 +33,10 @@ partials into a scratch buffer and ``_combine_kernel`` adds them in chunk order:
 no atomics.
 
 On sm_90+ (and under the interpreter) 16-bit inputs with C a multiple of 8 and d <= 255 take the
-tensor-descriptor forward and param kernel of ``fisher_tma.py`` instead (same grid, chunk table and epilogues;
-operands by TMA, G's bias column from a ones column of z): the launchers choose from shapes, dtypes and the
-device's capability, so the choice needs no host synchronisation either.
+tensor-descriptor forward, row and param kernels of ``fisher_tma.py`` instead (same grid, chunk table and
+epilogues; operands by TMA, G's bias column from a ones column of z; the backward's when grad in the input dtype
+has 16-byte rows, d + 1 a multiple of 8): the launchers choose from shapes, dtypes and the device's capability,
+so the choice needs no host synchronisation either.
 
 Backward (two fused kernels; nothing of size (N, C, d+1), and of size (N, C) only dx itself).
 With P = grad[s] = [P_z | p_b] (C, d+1) and q_t = P [z_t ; 1] = P_z z_t + p_b:
@@ -800,21 +801,26 @@ def fisher_accumulate_bwd(
     len_key = _len_key(n, s)
     meta_args = dict(ACC=acc_tl, USE_DOT=use_dot, PRECISION=precision)
     rows_kernel, params_kernel = _bwd_rows[kind], _bwd_params[kind]
-    tma = _tma_kernels() if _tma_kernels().params_usable(x, grad, d) else None
-    # z_aug's ones column meets W_aug's zero column and the row kernel masks P at d: it serves the row kernel too
-    z_rows, w_rows = tma.augmented(z, weight) if tma else (_aligned_rows(z), _aligned_rows(weight))
+    # the tensor-descriptor kernels take grad in x's dtype (dx through a descriptor: 16-byte aligned)
+    p_half = _tma_kernels().grad_for(x, grad, d) if dx.data_ptr() % 16 == 0 else None
+    tma = _tma_kernels() if p_half is not None else None
+    z_rows, w_rows = tma.augmented(z, weight, bias) if tma else (_aligned_rows(z), _aligned_rows(weight))
 
-    rows_kernel[lambda meta: (n_entries, triton.cdiv(d, meta["BLOCK_J"]))](
-        x, z_rows, w_rows, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, dx, dz,
-        s, c, d, z_rows.shape[1], len_key, **meta_args,
-    )
+    if tma:
+        tma.launch_rows(x, z_rows, w_rows, inv_var, p_half, offsets, chunk_set, chunk_ptr, dx, dz, s, d, n_entries,
+                        len_key)
+    else:
+        rows_kernel[lambda meta: (n_entries, triton.cdiv(d, meta["BLOCK_J"]))](
+            x, z_rows, w_rows, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, dx, dz,
+            s, c, d, z_rows.shape[1], len_key, **meta_args,
+        )
 
     tiles = triton.cdiv(c, 64) * triton.cdiv(d, 256)  # (C, d) tiles of the param kernel, about
     n_groups = groups or max(1, min(n_entries, triton.cdiv(_target_programs(x.device), tiles)))
     pw = _scratch((n_groups, c, d + 1), acc_dtype, x.device)
     pv = _scratch((n_groups, c), acc_dtype, x.device)
     if tma:
-        tma.launch_params(x, z_rows, w_rows, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv, s, d, len_key)
+        tma.launch_params(x, z_rows, w_rows, inv_var, p_half, offsets, chunk_set, chunk_ptr, pw, pv, s, d, len_key)
     else:
         params_kernel[lambda meta: (n_groups, triton.cdiv(c, meta["BLOCK_C"]), triton.cdiv(d, meta["BLOCK_J"]))](
             x, z_rows, w_rows, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv,

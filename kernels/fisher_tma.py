@@ -1,10 +1,11 @@
 """Tensor-descriptor (TMA on sm_90+) kernels of ``fisher_accumulate`` for bf16/fp16: the forward, clean by
-construction, and the backward's param kernel by the same rules.
+construction, and the backward's row and param kernels by the same rules.
 
 Chosen by the launchers of :mod:`fvvae_fast.kernels.fisher_accumulate` (``fisher_accumulate_fwd``,
 ``fisher_vectors_fwd``, ``fisher_accumulate_bwd``) for 16-bit inputs on a GPU of compute capability 9.0 or later,
-when x's rows are 16-byte aligned (C a multiple of 8) and d + 1 fits one tile (d <= 255), and for the param
-kernel when grad's rows are 16-byte aligned too; the fused kernels of that module serve every other case. Same
+when x's rows are 16-byte aligned (C a multiple of 8) and d + 1 fits one tile (d <= 255), and for the backward
+when grad's rows in the input dtype are 16-byte aligned too (d + 1 a multiple of 8: :func:`grad_for` converts
+grad once); the fused kernels of that module serve every other case. Same
 grid, chunk table, split-set partials and epilogues as the fused kernels; what differs is how operands arrive.
 
 Per 64-row step, orientation [C, rows] as flash attention with Q = a W tile and K = V = z:
@@ -28,7 +29,7 @@ Per 64-row step, orientation [C, rows] as flash attention with Q = a W tile and 
 Testing: the interpreter of Triton 3.8 runs ``tl.make_tensor_descriptor`` (bounds zero-filled as on the
 GPU), so these very kernels are checked against float64 under ``TRITON_INTERPRET=1``; tests/sm90_compile.py
 compiles them for sm_90a and checks their SASS (no spills, no local memory, at most 6 barriers and only
-HGMMA in the loop, vectorised stores; the param kernel still spills, listed there with its figures).
+HGMMA in the loop, vectorised or TMA stores; dz, rows of d = 255 elements, is stored 2 bytes at a time).
 Not done: loads are pipelined within a chunk, not across the chunks of a persistent program (a frame-sized set
 is one or two steps, so its first loads are not hidden). Device-side descriptors need a global scratch allocation
 (``triton.set_allocator``): :func:`launch` installs a torch one when the caller has none.
@@ -97,8 +98,10 @@ def usable(x: torch.Tensor, d: int) -> bool:
     return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())[0] >= 9
 
 
-def augmented(z: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z_aug, W_aug): z (N, d) as [z | 1 | 0...] and weight (C, d) as [W | 0...], rows of ``row_stride(d)``."""
+def augmented(z: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z_aug, W_aug): z (N, d) as [z | 1 | 0...] and weight (C, d) as [W | 0...], or [W | bias | 0...] with
+    ``bias`` (C,), rows of ``row_stride(d)``."""
     d = z.shape[1]
     ld = row_stride(d)
     z_aug = torch.empty((z.shape[0], ld), dtype=z.dtype, device=z.device)
@@ -107,6 +110,8 @@ def augmented(z: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torc
     z_aug[:, d + 1:].zero_()
     w_aug = torch.zeros((weight.shape[0], ld), dtype=weight.dtype, device=weight.device)
     w_aug[:, :d].copy_(weight)
+    if bias is not None:
+        w_aug[:, d].copy_(bias)
     return z_aug, w_aug
 
 
@@ -224,16 +229,16 @@ def launch(x, z_aug, w_aug, bias, inv_var, offsets, chunk_set, chunk_ptr, slot_p
 
 
 # ----------------------------------------------------------------------------------------------
-# The backward's param kernel by the same rules (the row kernel stays the fused one):
+# The backward's param kernel by the same rules:
 #     [dW | db] = v * sum_t (m q)_t [z_t ; 1]^T = v * (m q) @ z_aug        [BLOCK_C, BLOCK_J]
 #     dv        = sum_t diff_t q_t                                        [BLOCK_C]
-# with q^T = P z_aug^T, P = grad[s] = [P_z | p_b] itself (its rows, d + 1 wide, against z_aug's [z | 1]):
-# no row sum for db and no bias add for q; a row of z_aug past the set is zero, so q is 0 there and neither
-# GEMM nor dv needs a mask.
+# with q^T = P z_aug^T, P = grad[s] = [P_z | p_b] itself (its rows, d + 1 wide, against z_aug's [z | 1]), and
+# a^T = W_b z_aug^T, W_b = [W | b | 0...]: no row sum for db and no bias add for a or q; a row of z_aug past
+# the set is zero, so q is 0 there and neither GEMM nor dv needs a mask.
 # ----------------------------------------------------------------------------------------------
 @_batch_jit
 def _bwd_params_tma_kernel(
-    x_ptr, z_ptr, w_ptr, b_ptr, v_ptr, p_ptr, off_ptr,  # as the forward; p: grad (S, C, D+1), rows 16-byte aligned
+    x_ptr, z_ptr, w_ptr, v_ptr, p_ptr, off_ptr,  # w: W_b (C, LDA); p: grad (S, C, D+1) in z's dtype (grad_for)
     chunk_set_ptr, chunk_ptr_ptr,
     pw_ptr, pv_ptr,  # fp32 partials: (groups, C, D+1) of [dW | db], (groups, C) of dv
     S, C, D: tl.constexpr, LDA: tl.constexpr, LEN_KEY,
@@ -244,9 +249,8 @@ def _bwd_params_tma_kernel(
     cols = c0 + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     js = tl.arange(0, BLOCK_J)
-    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_C]
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[C, LDA], strides=[LDA, 1], block_shape=[BLOCK_C, BLOCK_J])
-    w_res = w_desc.load([c0, 0])  # [BLOCK_C, BLOCK_J] resident
+    w_res = w_desc.load([c0, 0])  # [BLOCK_C, BLOCK_J] resident, W_b's tile
     acc = tl.zeros((BLOCK_C, BLOCK_J), tl.float32)  # [BLOCK_C, BLOCK_J]  sum_t (m q)_t [z_t ; 1]^T
     acc_v = tl.zeros((BLOCK_C,), tl.float32)  # [BLOCK_C]  sum_t diff_t q_t
     zero_ct = tl.zeros((BLOCK_C, BLOCK_T), tl.float32)  # [BLOCK_C, BLOCK_T]
@@ -260,7 +264,7 @@ def _bwd_params_tma_kernel(
             hi32 = hi.to(tl.int32)
             p_desc = tl.make_tensor_descriptor(p_ptr + s * C * (D + 1), shape=[C, D + 1], strides=[D + 1, 1],
                                                block_shape=[BLOCK_C, BLOCK_J])
-            p_res = _rounded_for(p_desc.load([c0, 0]), z_ptr)  # [BLOCK_C, BLOCK_J] in z's dtype, 0 past D + 1
+            p_res = p_desc.load([c0, 0])  # [BLOCK_C, BLOCK_J] in shared memory as it arrives, 0 past D + 1
             z_desc = tl.make_tensor_descriptor(z_ptr, shape=[hi32, LDA], strides=[LDA, 1],
                                                block_shape=[BLOCK_T, BLOCK_J])
             x_desc = tl.make_tensor_descriptor(x_ptr, shape=[hi32, C], strides=[C, 1],
@@ -269,7 +273,7 @@ def _bwd_params_tma_kernel(
                 zt = z_desc.load([t0, 0])  # [BLOCK_T, BLOCK_J], zero past the set
                 a = _mm(w_res, tl.trans(zt), zero_ct, True, "tf32")  # [BLOCK_C, BLOCK_T]
                 q = _mm(p_res, tl.trans(zt), zero_ct, True, "tf32")  # [BLOCK_C, BLOCK_T]
-                m, diff = _relu_diff(a + b[:, None], tl.trans(x_desc.load([t0, c0])), tl.float32)
+                m, diff = _relu_diff(a, tl.trans(x_desc.load([t0, c0])), tl.float32)
                 acc = _mm((m * q).to(zt.dtype), zt, acc, True, "tf32")
                 acc_v += tl.sum(diff * q, axis=1)
     v = tl.load(v_ptr + cols, mask=col_ok, other=0.0)  # [BLOCK_C]
@@ -278,26 +282,99 @@ def _bwd_params_tma_kernel(
     tl.store(pv_ptr + g.to(tl.int64) * C + cols, acc_v, mask=col_ok)
 
 
-# [BLOCK_T, BLOCK_C]: wgmma takes 64 rows of C per warpgroup (8 warps split the rows and re-laid m q out
-# through shared memory every step); W and P resident (64 KB), 3 stages of z. 32 rows first: at 64, ptxas
-# spilled 34 STL/LDL into the loop (tests/sm90_compile.py).
-BWD_CONFIGS = [_cfg(16, 32, 4, 1)] if _INTERPRET else [_cfg(32, 64, 4, 3), _cfg(64, 64, 4, 3)]
+# [BLOCK_T, BLOCK_C]: wgmma takes 64 rows of C per warpgroup. With grad in z's dtype, W and P stay resident in
+# shared memory as loaded (a P converted in registers, 64 registers per thread at [64, 256] bf16, spilled 44-316 B
+# beside the 128 of the accumulator); steps of 16 rows leave a and q 8 registers each: at 32 rows ptxas spilled
+# 44-60 B, at 64 rows 236-252 B with STL/LDL in the loop (tests/sm90_compile.py).
+BWD_CONFIGS = [_cfg(16, 32, 4, 1)] if _INTERPRET else [_cfg(16, 128, 8, 3), _cfg(16, 64, 4, 4)]
 _bwd_params_tma = triton.autotune(configs=BWD_CONFIGS, key=["C", "D", "LEN_KEY"],
                                   prune_configs_by={"early_config_prune": _prune})(_bwd_params_tma_kernel)
 
 
-def params_usable(x: torch.Tensor, grad: torch.Tensor, d: int) -> bool:
-    """Whether the param kernel above serves these inputs: as :func:`usable`, and grad's rows 16-byte aligned."""
-    return usable(x, d) and ((d + 1) * grad.element_size()) % 16 == 0 and grad.data_ptr() % 16 == 0
+# ----------------------------------------------------------------------------------------------
+# The backward's row kernel by the same rules; orientation [rows, C], one chunk per program, the z_aug tile
+# resident in shared memory over a loop on C tiles (flash-attention dQ-like):
+#     a   = z_aug W_b^T,  q = z_aug P^T                      [BLOCK_T, BLOCK_C]  (b and p_b: the ones column)
+#     da  = v m q,  dx = -da                                 per C tile, by a descriptor store (TMA)
+#     dz += da W_b + (v diff) P                              [BLOCK_T, BLOCK_J]  (column d: unused, not stored)
+# W_b = [W | b | 0...] (augmented with the bias): no bias load or add per step. z, x and dx go through
+# descriptors bounded at the chunk's end (zeros past it; dx rows past it are not written). W and P come by
+# pointer loads (cp.async, 16 bytes, masks uniform along 16-byte vectors): as descriptor loads each added two
+# CTA barriers per step (8 in all).
+# ----------------------------------------------------------------------------------------------
+@_batch_jit
+def _bwd_rows_tma_kernel(
+    x_ptr, z_ptr, w_ptr, v_ptr, p_ptr, off_ptr,  # as the param kernel
+    chunk_set_ptr, chunk_ptr_ptr,
+    dx_ptr, dz_ptr,  # dx (N, C), dz (N, D)
+    S, C, D: tl.constexpr, LDA: tl.constexpr, LEN_KEY,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, tl.program_id(0), S, BLOCK_T)
+    if s < S:
+        hi32 = hi.to(tl.int32)
+        js = tl.arange(0, BLOCK_J)
+        p_set = p_ptr + s * C * (D + 1)
+        z_desc = tl.make_tensor_descriptor(z_ptr, shape=[hi32, LDA], strides=[LDA, 1], block_shape=[BLOCK_T, BLOCK_J])
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[hi32, C], strides=[C, 1], block_shape=[BLOCK_T, BLOCK_C])
+        dx_desc = tl.make_tensor_descriptor(dx_ptr, shape=[hi32, C], strides=[C, 1], block_shape=[BLOCK_T, BLOCK_C])
+        zero_tc = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)  # [BLOCK_T, BLOCK_C]
+        for t0 in range(lo.to(tl.int32), hi32, BLOCK_T):
+            zt = z_desc.load([t0, 0])  # [BLOCK_T, BLOCK_J] resident over C, zero past the chunk
+            dz = tl.zeros((BLOCK_T, BLOCK_J), tl.float32)  # [BLOCK_T, BLOCK_J]
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                col_ok = cols < C
+                w_cj = tl.load(w_ptr + cols[:, None] * LDA + js[None, :], mask=col_ok[:, None] & (js < LDA)[None, :],
+                               other=0.0)  # [BLOCK_C, BLOCK_J]
+                p_cj = tl.load(p_set + cols[:, None] * (D + 1) + js[None, :],
+                               mask=col_ok[:, None] & (js < D + 1)[None, :], other=0.0)  # [BLOCK_C, BLOCK_J]
+                a = _mm(zt, tl.trans(w_cj), zero_tc, True, "tf32")  # [BLOCK_T, BLOCK_C]
+                q = _mm(zt, tl.trans(p_cj), zero_tc, True, "tf32")  # [BLOCK_T, BLOCK_C]
+                v = tl.load(v_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]  # [1, BLOCK_C]
+                m, diff = _relu_diff(a, x_desc.load([t0, c0]), tl.float32)  # [BLOCK_T, BLOCK_C]
+                da = v * m * q  # [BLOCK_T, BLOCK_C]
+                dx_desc.store([t0, c0], (-da).to(dx_ptr.dtype.element_ty))
+                dz = _mm(da.to(zt.dtype), w_cj, dz, True, "tf32")
+                dz = _mm((diff * v).to(zt.dtype), p_cj, dz, True, "tf32")
+            rows = t0 + tl.arange(0, BLOCK_T)
+            tl.store(dz_ptr + rows.to(tl.int64)[:, None] * D + js[None, :], dz.to(dz_ptr.dtype.element_ty),
+                     mask=(rows < hi32)[:, None] & (js < D)[None, :])
 
 
-def launch_params(x, z_aug, w_aug, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv, s: int, d: int,
+# [BLOCK_T, BLOCK_C]: 128 rows over two warpgroups, then 64 rows for short sets (3 stages: 120 B spilled).
+ROWS_CONFIGS = [_cfg(16, 32, 4, 1)] if _INTERPRET else [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 2)]
+_bwd_rows_tma = triton.autotune(configs=ROWS_CONFIGS, key=["C", "D", "LEN_KEY"],
+                                prune_configs_by={"early_config_prune": _prune})(_bwd_rows_tma_kernel)
+
+
+def grad_for(x: torch.Tensor, grad: torch.Tensor, d: int) -> torch.Tensor | None:
+    """grad (S, C, d+1) in x's dtype for the backward kernels above, or None where they do not serve these inputs
+    (as :func:`usable`, and rows of d + 1 elements 16-byte aligned): converted once here, not per tile in the
+    kernels (the GEMMs read it rounded to x's dtype either way)."""
+    if not usable(x, d) or ((d + 1) * x.element_size()) % 16:
+        return None
+    grad = grad.to(x.dtype)
+    return grad if grad.data_ptr() % 16 == 0 else grad.clone()
+
+
+def launch_rows(x, z_aug, w_b, inv_var, grad, offsets, chunk_set, chunk_ptr, dx, dz, s: int, d: int,
+                n_entries: int, len_key: int) -> None:
+    """The row kernel, one program per chunk-table entry: dx and dz of the rows in each chunk; ``z_aug``, ``w_b``
+    from :func:`augmented` (with the bias), ``grad`` from :func:`grad_for`."""
+    if x.device.type == "cuda":
+        _ensure_allocator()
+    _bwd_rows_tma[(n_entries,)](x, z_aug, w_b, inv_var, grad, offsets, chunk_set, chunk_ptr, dx, dz, s,
+                                x.shape[1], d, z_aug.shape[1], len_key, BLOCK_J=block_j(d))
+
+
+def launch_params(x, z_aug, w_b, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv, s: int, d: int,
                   len_key: int) -> None:
     """The param kernel over ``pw.shape[0]`` groups of chunks: fp32 partials of [dW | db] into ``pw`` and of dv
-    into ``pv``, as the fused param kernel."""
+    into ``pv``, as the fused param kernel; operands as :func:`launch_rows`."""
     c = x.shape[1]
     if x.device.type == "cuda":
         _ensure_allocator()
     _bwd_params_tma[lambda meta: (pw.shape[0], triton.cdiv(c, meta["BLOCK_C"]))](
-        x, z_aug, w_aug, bias, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv, s, c, d, z_aug.shape[1],
+        x, z_aug, w_b, inv_var, grad, offsets, chunk_set, chunk_ptr, pw, pv, s, c, d, z_aug.shape[1],
         len_key, BLOCK_J=block_j(d))

@@ -7,10 +7,11 @@ with the argument specialisation Triton applies at run time at C = 512.
     python tests/sm90_compile.py [--dump DIR]      (TRITON_INTERPRET must be unset: it replaces the kernels)
 
 Rows with ``checked: true`` are the bf16/fp16 variants the launchers can pick at the paper's shapes on sm_90 (the
-tensor-descriptor forward for G and for the normalised vectors, the backward's row and param kernels); their
-``problems`` list what breaks the rules of a clean kernel (no spills; in the loop that holds the HGMMAs no local
-memory and at most 6 CTA barriers; HGMMA, never HMMA; some global store wider than 4 bytes). ``EXPECTED_FAILURES``
-names the checked variants known to break them, with the figures measured. fp16 is compiled only at the config
+tensor-descriptor forward for G and for the normalised vectors, the backward's tensor-descriptor row and param
+kernels); their ``problems`` list what breaks the rules of a clean kernel (no spills; in the loop that holds the
+HGMMAs no local memory and at most 6 CTA barriers; HGMMA, never HMMA; some global store wider than 4 bytes, a
+tensor-descriptor store (UTMASTG) counting as one). ``EXPECTED_FAILURES`` names the checked variants known to
+break them, with the figures measured (none now). fp16 is compiled only at the config
 each launcher tries first (its code differs from bf16's in the conversions only).
 
 ``--dump DIR``: one folder per variant with ``k.ttgir``, ``k.ptx``, ``k.sass`` (cuobjdump -sass of the cubin),
@@ -52,27 +53,18 @@ _INDICES = ("off_ptr", "chunk_set_ptr", "chunk_ptr_ptr", "slot_ptr_ptr", "split_
 _INTS = ("S", "C", "N_ENTRIES", "LEN_KEY", "N_SQ", "E")
 MAX_BARRIERS = 6  # CTA-wide BAR.SYNC in the loop that holds the HGMMAs
 # Checked variants known to break the rules: (kernel, BLOCK_T, BLOCK_C, BLOCK_J, warps) -> what was measured
-# (Triton 3.8.0, sm_90a, bf16; fp16 alike). The fused row kernel loads its operands with masked pointer loads;
-# its tiles of fewer than 64 rows run mma.sync (HMMA): wgmma takes 64 rows per warpgroup. Both backward kernels
-# use all 255 registers and spill a few scalars of the loop over chunks, the param kernel more with an fp32 grad.
-EXPECTED_FAILURES: dict[tuple, str] = {
-    ("bwd_rows", 64, 32, 256, 4): "68 B spilled (255 registers); loop: 36 HGMMA, 4 BAR.SYNC, 0 STL/LDL; dx in "
-                                  "128 scalar 2-byte stores",
-    ("bwd_rows", 128, 32, 256, 8): "64 B spilled (255 registers); loop: 36 HGMMA, 4 BAR.SYNC, 0 STL/LDL",
-    ("bwd_rows", 32, 32, 256, 4): "72 B spilled; loop: 128 HMMA, 6 BAR.SYNC",
-    ("bwd_rows", 32, 32, 128, 4): "loop: 16 HMMA, 2 BAR.SYNC",
-    ("bwd_rows", 32, 32, 64, 4): "loop: 16 HMMA, 2 BAR.SYNC",
-    ("bwd_params_tma", 32, 64, 256, 4): "316 B spilled (fp32 grad; bf16 grad 44 B), 4 STL/LDL in the loop; loop: "
-                                        "34 HGMMA, 6 BAR.SYNC, 4 SHFL, 390 instructions; 16-byte stores",
-    ("bwd_params_tma", 64, 64, 256, 4): "376 B spilled, 33 STL/LDL in the loop; loop: 36 HGMMA, 6 BAR.SYNC",
-}
+# (Triton 3.8.0, sm_90a, bf16; fp16 alike). None since the backward's row kernel is a tensor-descriptor one and
+# both backward kernels read grad in the input dtype (the fused row kernel, 64-72 B spilled and dx stored 2 bytes
+# at a time, and the param kernel's grad tile converted in registers, 44-316 B spilled, were listed here).
+EXPECTED_FAILURES: dict[tuple, str] = {}
 
 
 def _signature(fn, elem: str, out: str | None = None) -> dict[str, str]:
     acc = "*fp64" if elem == "fp64" else "*fp32"
     sig = {}
     for name in fn.arg_names:
-        if name in _INPUTS:
+        # the tensor-descriptor backward kernels read grad in the input dtype (fisher_tma.grad_for)
+        if name in _INPUTS or (name == "p_ptr" and fn in (T._bwd_rows_tma_kernel, T._bwd_params_tma_kernel)):
             sig[name] = f"*{elem}"
         elif name in _INDICES:
             sig[name] = "*i64"
@@ -136,7 +128,7 @@ def sass_figures(sass: str) -> dict:
 
     stores: dict[str, int] = {}
     for _, text in code:
-        op = re.search(r"\b(STG\.E(?:\.(?:U8|S8|U16|S16|64|128))?)\b", text)
+        op = re.search(r"\b(STG\.E(?:\.(?:U8|S8|U16|S16|64|128))?|UTMASTG)\b", text)
         if op:
             stores[op.group(1)] = stores.get(op.group(1), 0) + 1
     figures = None if loop is None else {
@@ -161,7 +153,7 @@ def problems(row: dict) -> list[str]:
         found.append(f"{loop['bar_sync']} BAR.SYNC in the loop (at most {MAX_BARRIERS})")
     if loop["hmma"] or not loop["hgmma"]:
         found.append(f"{loop['hmma']} HMMA, {loop['hgmma']} HGMMA in the loop")
-    if row["stores"] and not any(op.endswith((".64", ".128")) for op in row["stores"]):
+    if row["stores"] and not any(op.endswith((".64", ".128")) or op == "UTMASTG" for op in row["stores"]):
         found.append(f"only 4-byte or narrower global stores {row['stores']}")
     return found
 
@@ -207,11 +199,9 @@ def variants():
         bwd_first = _first(K._BWD_CONFIGS[kind])
         for cf in K._BWD_CONFIGS[kind]:
             for name, fn in (("bwd_rows", K._bwd_rows_kernel), ("bwd_params", K._bwd_params_kernel)):
-                # on sm_90 the tensor-descriptor param kernel serves 16-bit inputs at the paper's shapes
-                half_checked = kind == "half" and name == "bwd_rows"
-                for dtype in (elem, "fp16") if half_checked and cf is bwd_first else (elem,):
-                    yield (name, dtype, dict(cf.kwargs), fn, {**base, **cf.kwargs}, cf.num_warps, cf.num_stages,
-                           half_checked, cf is bwd_first and (kind != "half" or name == "bwd_rows"))
+                # on sm_90 the tensor-descriptor kernels serve 16-bit inputs at the paper's shapes
+                yield (name, elem, dict(cf.kwargs), fn, {**base, **cf.kwargs}, cf.num_warps, cf.num_stages,
+                       False, cf is bwd_first and kind != "half")
         for normalize in (False, True):
             yield ("combine", elem, {"normalize": normalize}, K._combine_kernel,
                    {"ACC": acc, "NORMALIZE": normalize, "HAS_SCALE": normalize, "BLOCK": 1024}, 4, 1, False, True)
@@ -226,11 +216,13 @@ def variants():
                 yield ("fwd_tma", dtype, {**cf.kwargs, "BLOCK_J": tma["BLOCK_J"], "normalize": normalize},
                        T._fwd_tma_kernel, {**tma, "NORMALIZE": normalize, "HAS_SCALE": normalize, **cf.kwargs},
                        cf.num_warps, cf.num_stages, True, first)
-    for cf in T.BWD_CONFIGS:
-        first = cf is _first(T.BWD_CONFIGS, T._prune)
-        for dtype in ("bf16", "fp16") if first else ("bf16",):
-            yield ("bwd_params_tma", dtype, {**cf.kwargs, "BLOCK_J": tma["BLOCK_J"]}, T._bwd_params_tma_kernel,
-                   {**tma, **cf.kwargs}, cf.num_warps, cf.num_stages, True, first)
+    for name, fn, configs in (("bwd_rows_tma", T._bwd_rows_tma_kernel, T.ROWS_CONFIGS),
+                              ("bwd_params_tma", T._bwd_params_tma_kernel, T.BWD_CONFIGS)):
+        for cf in configs:
+            first = cf is _first(configs, T._prune)
+            for dtype in ("bf16", "fp16") if first else ("bf16",):
+                yield (name, dtype, {**cf.kwargs, "BLOCK_J": tma["BLOCK_J"]}, fn, {**tma, **cf.kwargs}, cf.num_warps,
+                       cf.num_stages, True, first)
 
 
 def _key(row: dict) -> tuple:

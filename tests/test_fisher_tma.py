@@ -42,9 +42,10 @@ SPLIT = {"default": {}, "split": {"chunk_rows": 16}}  # 16: chunks of one interp
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The name of each forward or param kernel launched (tensor-descriptor or fused), in order."""
+    """The name of each forward, row or param kernel launched (tensor-descriptor or fused), in order."""
     seen = []
-    for kernel in (T._fwd_tma_kernel, K._fwd_kernel, T._bwd_params_tma_kernel, K._bwd_params_kernel):
+    for kernel in (T._fwd_tma_kernel, K._fwd_kernel, T._bwd_rows_tma_kernel, K._bwd_rows_kernel,
+                   T._bwd_params_tma_kernel, K._bwd_params_kernel):
         def spy(*args, _run=kernel.run, _name=kernel.__name__, **kwargs):
             seen.append(_name)
             return _run(*args, **kwargs)
@@ -122,8 +123,9 @@ def test_launcher_reads_no_tensor_values_on_the_host(monkeypatch, launches):
 @pytest.mark.parametrize("dtype", HALF, ids=HALF_IDS)
 @pytest.mark.parametrize("case", CASES[1:], ids=CASE_IDS[1:])
 def test_backward_matches_reference(case, dtype, split, grad_dtype, launches):
-    """The param kernel ([dW | db] from z_aug's ones column, dv) with the fused row kernel on z_aug; the upstream
-    grad in fp32 (G's default dtype) or the input dtype; 'split': one-step chunks in three row groups."""
+    """The row kernel (dx, dz; q's p_b from z_aug's ones column) and the param kernel ([dW | db] from the ones
+    column, dv); the upstream grad in fp32 (G's default dtype) or the input dtype, which both kernels read;
+    'split': one-step chunks in three row groups."""
     inputs = make_inputs(case, dtype, DEVICE)
     g = torch.Generator().manual_seed(SEED + 7)
     grad = torch.randn((len(case.lengths), case.c, case.d + 1), generator=g, dtype=torch.float64)
@@ -132,6 +134,7 @@ def test_backward_matches_reference(case, dtype, split, grad_dtype, launches):
     kw = {"chunk_rows": 16, "groups": 3} if split == "split" else {}
     got = K.fisher_accumulate_bwd(grad, *inputs, out=out, **kw)
     check_backward(got, grad, inputs, dtype, f"tma backward {case.id} {dtype}")
-    # a 16-bit grad's rows of d + 1 = 5, 20 elements are not 16-byte aligned: the fused param kernel
-    aligned = (case.d + 1) * grad.element_size() % 16 == 0
-    assert launches == ["_bwd_params_tma_kernel" if aligned else "_bwd_params_kernel"] * bool(sum(case.lengths))
+    # grad in the input dtype: its rows of d + 1 = 5, 20 elements are not 16-byte aligned: the fused kernels
+    aligned = (case.d + 1) * inputs[0].element_size() % 16 == 0
+    kernels = ["_bwd_rows_tma_kernel", "_bwd_params_tma_kernel"] if aligned else ["_bwd_rows_kernel", "_bwd_params_kernel"]
+    assert launches == kernels * bool(sum(case.lengths))

@@ -212,7 +212,7 @@ def test_every_kernel_variant_compiles_for_sm90(tmp_path):
     first_forward = [r for r in checked if r["kernel"] == "fwd_tma" and r["paper_shape_first"]]
     assert {(r["dtype"], r["normalize"]) for r in first_forward} == {(t, n) for t in ("bf16", "fp16")
                                                                           for n in (False, True)}
-    assert {r["kernel"] for r in checked} == {"fwd_tma", "bwd_rows", "bwd_params_tma"}
+    assert {r["kernel"] for r in checked} == {"fwd_tma", "bwd_rows_tma", "bwd_params_tma"}
     assert all(not r["problems"] for r in first_forward), first_forward
     broken = [r for r in checked if bool(r["problems"]) != r["expected_failure"]]
     assert not broken, broken
