@@ -8,7 +8,7 @@ of the forward (fused Triton, split GEMMs, plain torch, naive autograd) at the p
 4,096 sets x 50 rows, videos: 64 x 1,250; C = 512, d = 255) in bf16 and fp32, each with its error against
 float64, its wall time with a sync per call, its CUDA-graph replay time, its kernel time per call from
 torch.profiler (so host time shows apart) and its fraction of the roofline from the measured ceilings; the
-chooser's pick; the backward; then each CUDA path of the product once, small (fisher_vectors, the
+bf16 forward's time per step over one wave of CTAs (one busy program per SM); the chooser's pick; the backward; then each CUDA path of the product once, small (fisher_vectors, the
 backward, train, FisherVectorHead, finetune, ``fvvae descriptors --decoder torchcodec-cuda``, a one-rank
 NCCL group); and ``ncu --clock-control none`` on the chosen forward when ncu is installed.
 
@@ -142,6 +142,19 @@ def kernel_ms(fn, calls: int) -> tuple[float, float]:
     return total_us / 1e3 / calls, len(kernels) / calls
 
 
+def named_kernel_ms(fn, name: str, calls: int) -> float:
+    """Device milliseconds per call of the kernels whose name holds ``name`` (torch.profiler), the launcher's
+    other kernels left out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and name in e.name]
+    return sum(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0.0) for e in kernels) / 1e3 / calls
+
+
 def attempt(result: dict, key: str, fn) -> None:
     """result[key] = fn(), or the error it raised under key + "_error" (the row keeps its other numbers)."""
     try:
@@ -260,6 +273,47 @@ def section_designs(run: Run) -> None:
                             result["roofline_frac"] = floor / result.get("graph_ms", result["event_ms"])
                     run.row("forward", name, shape.name, dname, **result)
             del inputs, ref
+
+
+def section_wave(run: Run) -> None:
+    """Time per step over one wave of CTAs, bf16 forward (the Triton launcher's choice: the tensor-descriptor
+    kernel on sm_90+): as many busy programs as SMs (one CTA per SM fits), each one chunk of a set of ``length``
+    rows, so each runs length / BLOCK_T steps of the loop; the forward kernel's profiler time over those steps."""
+    from common import Shape
+
+    from fvvae_fast.ops import dispatch
+
+    fused = dispatch.import_kernels("fisher_accumulate")
+    c, d, length = (32, 13, 48) if run.dry else (512, 255, 2048)  # 2048: the videos' tuning bucket (LEN_KEY)
+    with run.guarded("wave", "forward per step", f"C={c} d={d} length={length}", "bf16") as ok:
+        if not ok:
+            return
+        sms = fused._programs(run.device, 1, 4)  # SMs; a handful under the interpreter
+        # autotunes at this length's key, unless the designs above did (videos: the same key)
+        probe = Shape("probe", c, d, max(1, sms // 4), length).inputs(torch.bfloat16, run.device)
+        tma = fused._tma_kernels()
+        kernel = tma._fwd_tma[False] if tma.usable(probe[0], d) else fused._fwd["half"]
+        fused.fisher_accumulate_fwd(*probe, chunk_rows=length)
+        config = kernel.best_config.kwargs
+        tiles = math.ceil(c / config["BLOCK_C"]) * math.ceil(d / config.get("BLOCK_J", d))  # (C, d) tiles
+        shape = Shape("wave", c, d, max(1, sms // tiles), length)
+        inputs = shape.inputs(torch.bfloat16, run.device)
+        steps = math.ceil(length / config["BLOCK_T"])
+
+        def fn():
+            return fused.fisher_accumulate_fwd(*inputs, chunk_rows=length)
+
+        fn()
+        sync(run)
+        name = kernel.base_fn.__name__
+        result = {"kernel": name, **config, "sms": sms, "busy_programs": shape.sets * tiles,
+                  "sets": shape.sets, "steps_per_program": steps}
+        if run.dry:
+            result["wall_ms_interpreted"] = wall_ms(run, fn, 1)
+        else:
+            ms = named_kernel_ms(fn, name, 10)
+            result.update(kernel_ms=ms, us_per_step=ms * 1e3 / steps)
+        run.row("wave", "forward per step", f"C={c} d={d} length={length}", "bf16", **result)
 
 
 def section_chooser(run: Run) -> None:
@@ -481,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     section_env(run)
     section_ceilings(run)
     section_designs(run)
+    section_wave(run)
     section_chooser(run)
     section_backward(run)
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,7 +30,9 @@ def test_dry_run_goes_through_every_section(tmp_path):
     errors = [r for r in rows if any(k.endswith("error") for k in r)]
     assert not errors, errors
     sections = {r["section"] for r in rows}
-    assert sections == {"env", "ceilings", "forward", "chooser", "backward", "product", "ncu", "done"}
+    assert sections == {"env", "ceilings", "forward", "wave", "chooser", "backward", "product", "ncu", "done"}
+    wave, = (r for r in rows if r["section"] == "wave")  # the interpreter's config: 16-row steps, 32-wide C tiles
+    assert (wave["kernel"], wave["busy_programs"], wave["steps_per_program"]) == ("_fwd_tma_kernel", 4, 3), wave
     forward = {(r["what"], r["shape"], r["dtype"]): r for r in rows if r["section"] == "forward"}
     assert {w for w, _, _ in forward} == {"fused", "split", "split-triton", "plain-torch", "naive-autograd"}
     assert len(forward) == 5 * 2 * 2
