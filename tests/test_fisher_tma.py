@@ -104,8 +104,10 @@ def test_fused_forward_serves_the_rest(c, d, dtype, launches):
 
 
 def test_launcher_reads_no_tensor_values_on_the_host(monkeypatch, launches):
-    """No host sync on this path either (CUDA graphs capture it)."""
+    """No host sync on this path either (CUDA graphs capture it), forward and backward."""
     inputs = make_inputs(CASES[3], torch.bfloat16, DEVICE)
+    aligned = make_inputs(CASES[4], torch.bfloat16, DEVICE)  # d + 1 = 16: the tensor-descriptor backward
+    grad = torch.ones((len(CASES[4].lengths), CASES[4].c, CASES[4].d + 1), device=DEVICE)
 
     def host_sync(*args):
         raise AssertionError("a launcher read a tensor value on the host")
@@ -115,7 +117,8 @@ def test_launcher_reads_no_tensor_values_on_the_host(monkeypatch, launches):
             mp.setattr(torch.Tensor, method, host_sync)
         K.fisher_accumulate_fwd(*inputs, chunk_rows=16)
         K.fisher_vectors_fwd(*inputs, None, EPS)
-    assert launches == ["_fwd_tma_kernel"] * 2
+        K.fisher_accumulate_bwd(grad, *aligned, chunk_rows=16)
+    assert launches == ["_fwd_tma_kernel"] * 2 + ["_bwd_rows_tma_kernel", "_bwd_params_tma_kernel"]
 
 
 @pytest.mark.parametrize("grad_dtype", ["f32", "input"])
@@ -138,3 +141,17 @@ def test_backward_matches_reference(case, dtype, split, grad_dtype, launches):
     aligned = (case.d + 1) * inputs[0].element_size() % 16 == 0
     kernels = ["_bwd_rows_tma_kernel", "_bwd_params_tma_kernel"] if aligned else ["_bwd_rows_kernel", "_bwd_params_kernel"]
     assert launches == kernels * bool(sum(case.lengths))
+
+
+def test_backward_into_a_misaligned_dx_takes_the_fused_kernels(launches):
+    """dx goes out through a tensor descriptor, which needs a 16-byte aligned base: a caller's ``out`` dx that
+    starts 2 bytes in is served by the fused kernels, with the same gradients."""
+    case = CASES[4]
+    inputs = make_inputs(case, torch.bfloat16, DEVICE)
+    g = torch.Generator().manual_seed(SEED + 7)
+    grad = torch.randn((len(case.lengths), case.c, case.d + 1), generator=g).to(DEVICE)
+    n, c = inputs[0].shape
+    dx = torch.full((n * c + 1,), float("nan"), dtype=torch.bfloat16, device=DEVICE)[1:].view(n, c)
+    out = (dx, *(_poisoned(t.shape, t.dtype) for t in inputs[1:5]))
+    check_backward(K.fisher_accumulate_bwd(grad, *inputs, out=out), grad, inputs, torch.bfloat16, "misaligned dx")
+    assert launches == ["_bwd_rows_kernel", "_bwd_params_kernel"]
