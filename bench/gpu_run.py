@@ -8,9 +8,10 @@ of the forward (fused Triton, split GEMMs, plain torch, naive autograd) at the p
 4,096 sets x 50 rows, videos: 64 x 1,250; C = 512, d = 255) in bf16 and fp32, each with its error against
 float64, its wall time with a sync per call, its CUDA-graph replay time, its kernel time per call from
 torch.profiler (so host time shows apart) and its fraction of the roofline from the measured ceilings; the
-bf16 forward's time per step over one wave of CTAs (one busy program per SM); the chooser's pick; the backward; then each CUDA path of the product once, small (fisher_vectors, the
-backward, train, FisherVectorHead, finetune, ``fvvae descriptors --decoder torchcodec-cuda``, a one-rank
-NCCL group); and ``ncu --clock-control none`` on the chosen forward when ncu is installed.
+bf16 forward's time per step over one wave of CTAs (one busy program per SM); the chooser's pick; the
+backward; then each CUDA path of the product once, small (fisher_vectors, the backward, train,
+FisherVectorHead, finetune, ``fvvae descriptors --decoder torchcodec-cuda``, a one-rank NCCL group); and
+``ncu --clock-control none`` on the chosen forward when ncu is installed.
 
 Each result is one JSON line of ``gpu_run.jsonl`` and one row of ``gpu_run.md`` in the output folder (--out,
 else $OUT, else ./gpu_run_out), written and flushed as it comes, so a cut run still leaves data. Every
