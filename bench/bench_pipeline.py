@@ -9,7 +9,8 @@ decoding workers.
 Inputs (generated, nothing downloads): ``FVVAE_BENCH_VIDEOS`` videos (default 4) of 320 x 240,
 50 frames (UCF101-like), through a random-weight ``FVVAE_BENCH_BACKBONE`` (default
 ``resnet18`` ``layer4``: C = 512 like VGG-19 pool5; set ``vgg19-pool5`` for the paper's) at
-``FVVAE_BENCH_SIZE`` (default 112; 224 is the paper's) input in ``FVVAE_BENCH_PRECISION``
+``FVVAE_BENCH_SIZE`` (default 192, the smallest whose ResNet-18 map fills the 6 x 6 grid of the pyramid; 224 is
+the paper's) input in ``FVVAE_BENCH_PRECISION``
 (fp32, bf16, fp16), compiled with ``torch.compile`` when ``FVVAE_BENCH_COMPILE=1`` (the warm-up
 call pays the compilation); FV-VAE with d = 255. Each timed round runs a stage from scratch into a
 fresh store (store creation and atomic shard writes included). Decoding: one clip per length
@@ -48,7 +49,7 @@ from fvvae_fast.store import Store  # noqa: E402
 VIDEOS = int(os.environ.get("FVVAE_BENCH_VIDEOS", "4"))
 BACKBONE = os.environ.get("FVVAE_BENCH_BACKBONE", "resnet18")
 LAYER = os.environ.get("FVVAE_BENCH_LAYER", "layer4" if BACKBONE == "resnet18" else "") or None
-SIZE = int(os.environ.get("FVVAE_BENCH_SIZE", "112"))
+SIZE = int(os.environ.get("FVVAE_BENCH_SIZE", "192"))
 PRECISION = os.environ.get("FVVAE_BENCH_PRECISION", "fp32")
 COMPILE = os.environ.get("FVVAE_BENCH_COMPILE", "0") == "1"
 CLIP_SECONDS = [int(t) for t in os.environ.get("FVVAE_BENCH_CLIP_SECONDS", "10,120").split(",")]

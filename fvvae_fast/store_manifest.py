@@ -103,6 +103,10 @@ def _write_manifest(path: Path, meta: dict[str, str], items: Sequence[Sequence],
     try:
         db = sqlite3.connect(tmp, isolation_level=None)
         try:
+            # a private file until it is renamed into place: no rollback journal and no sync per statement, one
+            # fsync below (a failure leaves a temporary file, removed, and the old manifest)
+            db.execute("PRAGMA journal_mode = OFF")
+            db.execute("PRAGMA synchronous = OFF")
             db.executescript(_SCHEMA)
             with _transaction(db, path):
                 db.executemany("INSERT INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", items)
@@ -113,6 +117,8 @@ def _write_manifest(path: Path, meta: dict[str, str], items: Sequence[Sequence],
                 db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
         finally:
             db.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         if (path / MANIFEST).is_file() and filecmp.cmp(tmp, path / MANIFEST, shallow=False):
             tmp.unlink()
         else:
