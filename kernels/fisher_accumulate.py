@@ -203,6 +203,15 @@ def _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T: tl.constex
 
 
 @triton.jit
+def _group_chunks(chunk_ptr_ptr, S, g):
+    """[first, end) of the chunk table's entries for parameter group ``g``: the chunks in use (the table's length
+    is an upper bound) split evenly over the groups, so that no group is left with only unused entries."""
+    n_used = tl.load(chunk_ptr_ptr + S)
+    per_group = tl.cdiv(n_used, tl.num_programs(0))
+    return g * per_group, tl.minimum((g + 1) * per_group, n_used)
+
+
+@triton.jit
 def _relu_diff(a, x, ACC: tl.constexpr):
     """m = [a > 0] and diff = (ReLU(a) - x) * m, elementwise in ACC.
 
@@ -481,12 +490,8 @@ def _bwd_params_kernel(
     acc_b = tl.zeros((BLOCK_C,), ACC)  # [BLOCK_C]  sum_t (m q)_t
     acc_v = tl.zeros((BLOCK_C,), ACC)  # [BLOCK_C]  sum_t diff_t q_t
     zero_ct = tl.zeros((BLOCK_C, BLOCK_T), ACC)  # [BLOCK_C, BLOCK_T]
-    # the chunks in use (the table's length is an upper bound) split evenly over the groups, so that no
-    # group is left with only unused entries
-    n_used = tl.load(chunk_ptr_ptr + S)
-    per_group = tl.cdiv(n_used, tl.num_programs(0))
-    e_end = tl.minimum((g + 1) * per_group, n_used)
-    for e in range(g * per_group, e_end):
+    e_first, e_end = _group_chunks(chunk_ptr_ptr, S, g)
+    for e in range(e_first, e_end):
         s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
         if s < S:
             p_set = p_ptr + s * C * (D + 1)

@@ -44,7 +44,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .fisher_accumulate import _batch_jit, _chunk_rows, _mm, _relu_diff, _rounded_for, _signed_sqrt, _whitened
+from .fisher_accumulate import (
+    _batch_jit,
+    _chunk_rows,
+    _group_chunks,
+    _mm,
+    _relu_diff,
+    _rounded_for,
+    _signed_sqrt,
+    _whitened,
+)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _ALIGN = 16  # elements of z_aug's and W_aug's row stride (32 bytes in 16-bit types)
@@ -254,11 +263,8 @@ def _bwd_params_tma_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_J), tl.float32)  # [BLOCK_C, BLOCK_J]  sum_t (m q)_t [z_t ; 1]^T
     acc_v = tl.zeros((BLOCK_C,), tl.float32)  # [BLOCK_C]  sum_t diff_t q_t
     zero_ct = tl.zeros((BLOCK_C, BLOCK_T), tl.float32)  # [BLOCK_C, BLOCK_T]
-    # the chunks in use split evenly over the groups (as the fused param kernel)
-    n_used = tl.load(chunk_ptr_ptr + S)
-    per_group = tl.cdiv(n_used, tl.num_programs(0))
-    e_end = tl.minimum((g + 1) * per_group, n_used)
-    for e in range(g * per_group, e_end):
+    e_first, e_end = _group_chunks(chunk_ptr_ptr, S, g)
+    for e in range(e_first, e_end):
         s, k, n_chunks, lo, hi = _chunk_rows(chunk_set_ptr, chunk_ptr_ptr, off_ptr, e, S, BLOCK_T)
         if s < S:
             hi32 = hi.to(tl.int32)
