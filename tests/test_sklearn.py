@@ -91,7 +91,9 @@ class ConcatenationRows(RowSets, Concatenation):
 
 
 ESTIMATORS = [
-    FVVAEEncoderRows(latent_dim=2, iterations=4, batch_sets=16),
+    # one set per batch: a set's vector then never depends on which sets share its batch (with 16, a row moved
+    # between a full batch and the tail one came out 1 ulp apart, failing sample-order invariance now and then)
+    FVVAEEncoderRows(latent_dim=2, iterations=4, batch_sets=1),
     GMMFisherVectorRows(components=1, max_iter=5),  # one component: the checks fit on a single sample too
     VLADRows(centres=1),
     AveragePoolingRows(),
